@@ -1,0 +1,172 @@
+"""The envd ASGI application: plain HTTP routes next to the two Connect services.
+
+Routing is a dict lookup, no framework. The connectrpc ASGI apps match on the full request path
+(``/process.Process/Start``), so they receive the untouched scope. The access-token check runs here,
+before dispatch, for everything but ``GET /health``, ``POST /init`` and ``/files`` (own check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from connectrpc.code import Code
+from connectrpc.codec import proto_binary_codec
+from connectrpc.errors import ConnectError
+
+from . import ENVD_VERSION
+from .auth import needs_token, tokens_equal
+from .files_http import FilesHandler
+from .filesystem_service import FilesystemService
+from .http_util import (
+    HTTPError,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_connect_error,
+    send_error,
+    send_json,
+    send_response,
+)
+from .metrics import Metrics
+from .process_manager import ProcessManager
+from .process_service import ProcessService
+from .rpc.filesystem.filesystem_connect import FilesystemASGIApplication
+from .rpc.process.process_connect import ProcessASGIApplication
+from .state import EnvdState
+from .streams import DISCONNECTED
+
+log = logging.getLogger("envd")
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+RPC_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
+
+
+class _JSONCodec:
+    """connectrpc's JSON codec, but a malformed request is ``invalid_argument``, not ``unknown``."""
+
+    def name(self) -> str:
+        return "json"
+
+    def encode(self, message: Any) -> bytes:
+        return message.to_json().encode()
+
+    def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
+        try:
+            return message_class.from_json(data, ignore_unknown_fields=True)
+        except Exception as e:  # the parser raises various types
+            raise ConnectError(Code.INVALID_ARGUMENT, f"invalid {message_class.__name__} JSON: {e}") from e
+
+
+CODECS = (_JSONCodec(), proto_binary_codec())
+
+
+def _watch_disconnect(receive: Receive) -> Receive:
+    """Wrap ``receive`` so stream handlers learn about a disconnect at once (see streams.py)."""
+    gone = asyncio.Event()
+    DISCONNECTED.set(gone)
+
+    async def wrapped() -> dict[str, Any]:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+        return message
+
+    return wrapped
+
+
+class EnvdApp:
+    """ASGI entry point; owns the state, the process manager and the services."""
+
+    def __init__(self, state: EnvdState | None = None) -> None:
+        self.state = state or EnvdState()
+        self.processes = ProcessManager()
+        self._files = FilesHandler(self.state)
+        self._metrics_source = Metrics()
+        self._rpc: dict[str, Handler] = {
+            "/process.Process/": ProcessASGIApplication(ProcessService(self.state, self.processes), codecs=CODECS),
+            "/filesystem.Filesystem/": FilesystemASGIApplication(FilesystemService(self.state), codecs=CODECS),
+        }
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/health"): self._health,
+            ("POST", "/init"): self._init,
+            ("GET", "/envs"): self._envs,
+            ("GET", "/metrics"): self._metrics,
+            ("GET", "/files"): self._files.download,
+            ("POST", "/files"): self._files.upload,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        is_rpc = path.startswith(RPC_PREFIXES)
+        token = self.state.access_token
+        if token is not None and needs_token(method, path):
+            if not tokens_equal(header(scope, "x-access-token"), token):
+                if is_rpc:
+                    await send_connect_error(send, 401, "unauthenticated", "invalid or missing access token")
+                else:
+                    await send_error(send, 401, "invalid or missing access token")
+                return
+        if is_rpc:
+            prefix = path[: path.index("/", 1) + 1]
+            await self._rpc[prefix](scope, _watch_disconnect(receive), send)
+            return
+        route = self._routes.get((method, path))
+        if route is None:
+            status = 405 if any(p == path for _, p in self._routes) else 404
+            await send_error(send, status, f"{method} {path} not found" if status == 404 else "method not allowed")
+            return
+        try:
+            await route(scope, receive, send)
+        except HTTPError as e:
+            await send_error(send, e.status, e.message)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                log.info("envd %s ready", ENVD_VERSION)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.processes.kill_all()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_response(send, 204)
+
+    async def _init(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await read_body(receive)
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError as e:
+            raise HTTPError(400, f"invalid JSON body: {e}") from e
+        if not isinstance(body, dict):
+            raise HTTPError(400, "JSON body must be an object")
+        current = self.state.access_token
+        if current is not None and not (
+            tokens_equal(header(scope, "x-access-token"), current) or tokens_equal(body.get("accessToken"), current)
+        ):
+            # Once locked, only someone who knows the token (the orchestrator) may re-init; a
+            # process inside the sandbox must not be able to swap the token or the default user.
+            raise HTTPError(401, "envd is already initialized with another access token")
+        self.state.apply_init(body)
+        log.info("init: default user %s, %d env vars, token %s", self.state.default_user,
+                 len(self.state.env_vars), "set" if self.state.access_token else "unset")
+        await send_response(send, 204)
+
+    async def _envs(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, self.state.env_vars)
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, await self._metrics_source.snapshot())

@@ -1,0 +1,70 @@
+"""``filesystem.EntryInfo`` from a path: type, size, mode, owner, times, symlink, metadata.
+
+Shared by the filesystem service (Stat, ListDir, MakeDir, Move). The SDK drops entries whose type is
+unspecified, so every entry gets a type; a symlink carries its target's type plus ``isSymlink``
+(newer upstream behaviour), a dangling one FILE_TYPE_SYMLINK.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
+
+from .rpc.filesystem import filesystem_pb as fpb
+from .users import group_name, user_name
+
+METADATA_XATTR_PREFIX = "user.e2b."
+
+
+def file_type(mode: int) -> fpb.FileType:
+    """Map st_mode to FileType; anything not a directory (sockets, fifos...) counts as a file."""
+    if stat.S_ISDIR(mode):
+        return fpb.FileType.DIRECTORY
+    if stat.S_ISLNK(mode):
+        return fpb.FileType.SYMLINK
+    return fpb.FileType.FILE
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """User metadata stored as ``user.e2b.<key>`` xattrs; empty where xattrs are unsupported."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for name in names:
+        if name.startswith(METADATA_XATTR_PREFIX):
+            try:
+                value = os.getxattr(path, name, follow_symlinks=False)
+            except OSError:
+                continue
+            out[name[len(METADATA_XATTR_PREFIX) :]] = value.decode("utf-8", "replace")
+    return out
+
+
+def entry_info(path: str, st: os.stat_result | None = None) -> fpb.EntryInfo:
+    """Describe ``path`` (not followed); raises OSError (FileNotFoundError...) like os.lstat."""
+    st = st or os.lstat(path)
+    kind = file_type(st.st_mode)
+    entry = fpb.EntryInfo(
+        name=os.path.basename(path) or path,
+        type=kind,
+        path=path,
+        size=st.st_size,
+        mode=stat.S_IMODE(st.st_mode),
+        permissions=stat.filemode(st.st_mode),
+        owner=user_name(st.st_uid),
+        group=group_name(st.st_gid),
+        modified_time=Timestamp(seconds=st.st_mtime_ns // 1_000_000_000, nanos=st.st_mtime_ns % 1_000_000_000),
+        metadata=read_metadata(path),
+    )
+    if kind == fpb.FileType.SYMLINK:
+        entry.is_symlink = True
+        entry.symlink_target = os.path.realpath(path)
+        try:
+            entry.type = file_type(os.stat(path).st_mode)
+        except OSError:
+            pass  # dangling: stays FILE_TYPE_SYMLINK
+    return entry

@@ -1,0 +1,380 @@
+"""Child processes started by envd: spawn, output fan-out, stdin, signals, exit status.
+
+Why not asyncio's subprocess: its ``wait()`` semantics around pipe closure changed between Python
+versions, and a grandchild that keeps stdout open (``nohup srv &``) must not keep a command's end
+event from being sent. So we spawn with :class:`subprocess.Popen`, read the raw fds with
+``loop.add_reader`` and wait for the exit in a small thread (``waitpid`` on our own child only; tini
+reaps everything else). This module knows nothing about protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import struct
+import subprocess
+import termios
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .users import User
+
+log = logging.getLogger("envd.process")
+
+READ_CHUNK = 32 * 1024  # upstream sends at most 32 KiB per data event
+DRAIN_GRACE_S = 0.5  # after exit, how long to wait for output still held by grandchildren
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """What the client asked for (echoed back by List)."""
+
+    cmd: str
+    args: tuple[str, ...]
+    envs: dict[str, str]
+    cwd: str | None
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a process ended, in upstream (Go ``os.ProcessState``) terms."""
+
+    exit_code: int
+    exited: bool
+    status: str
+    error: str | None
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class OutputEvent:
+    """A chunk of output; ``stream`` is ``stdout``, ``stderr`` or ``pty``."""
+
+    stream: str
+    data: bytes
+
+
+Event = OutputEvent | ExitInfo
+
+
+class SpawnError(Exception):
+    """The process could not be started (bad cwd, missing executable...): a client error."""
+
+
+def exit_info(wait_status: int, timed_out: bool = False) -> ExitInfo:
+    """Translate a waitpid status the way Go's ProcessState does (SIGKILL → -1, ``signal: killed``)."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    if code >= 0:
+        status = f"exit status {code}"
+        return ExitInfo(code, True, status, status if code else None, timed_out)
+    name = (signal.strsignal(-code) or f"signal {-code}").lower()
+    status = f"signal: {name}"
+    return ExitInfo(-1, False, status, status, timed_out)
+
+
+def set_winsize(fd: int, cols: int, rows: int) -> None:
+    """Resize a PTY (TIOCSWINSZ); the foreground job gets SIGWINCH from the kernel."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _make_controlling_tty() -> None:  # runs in the child, after setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@dataclass(eq=False)
+class ManagedProcess:
+    """One running child and everyone listening to it."""
+
+    pid: int
+    spec: ProcessSpec
+    popen: subprocess.Popen[bytes]
+    stdin_fd: int | None
+    pty_fd: int | None
+    subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
+    exit: ExitInfo | None = None
+    timed_out: bool = False
+    stdin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    deadline: asyncio.TimerHandle | None = None
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        """A queue receiving every event from now on (output chunks, then the ExitInfo)."""
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        if self.exit is not None:
+            q.put_nowait(self.exit)
+        else:
+            self.subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[Event]) -> None:
+        """Stop delivering to ``q``; the process keeps running (a disconnect never kills)."""
+        self.subscribers.discard(q)
+
+    def publish(self, event: Event) -> None:
+        """Fan an event out to every current subscriber."""
+        for q in self.subscribers:
+            q.put_nowait(event)
+
+    def signal(self, sig: int) -> None:
+        """Signal the whole process group (the command and what it spawned); the leader as fallback."""
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def write_input(self, data: bytes, pty: bool) -> None:
+        """Write to stdin (or the PTY) without blocking the loop if the child does not read."""
+        fd = self.pty_fd if pty else self.stdin_fd
+        if fd is None:
+            raise SpawnError("pty not enabled for this process" if pty else "stdin not enabled for this process")
+        async with self.stdin_lock:
+            view = memoryview(data)
+            while view:
+                n = await asyncio.to_thread(_blocking_write, fd, bytes(view))
+                view = view[n:]
+
+    async def close_stdin(self) -> None:
+        """Send EOF on stdin (non-PTY only)."""
+        if self.stdin_fd is None:
+            raise SpawnError("stdin not enabled or already closed")
+        async with self.stdin_lock:
+            fd, self.stdin_fd = self.stdin_fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Resize the PTY of a PTY process."""
+        if self.pty_fd is None:
+            raise SpawnError("process has no pty")
+        set_winsize(self.pty_fd, cols, rows)
+
+
+def _blocking_write(fd: int, data: bytes) -> int:
+    """os.write on a possibly non-blocking fd (a PTY master is shared with the reader)."""
+    while True:
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+
+
+class ProcessManager:
+    """All processes envd started and has not yet seen exit, by pid."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, ManagedProcess] = {}
+
+    def get(self, pid: int) -> ManagedProcess | None:
+        return self._procs.get(pid)
+
+    def by_tag(self, tag: str) -> ManagedProcess | None:
+        return next((p for p in self._procs.values() if p.spec.tag == tag), None)
+
+    def all(self) -> list[ManagedProcess]:
+        return list(self._procs.values())
+
+    def start(
+        self,
+        spec: ProcessSpec,
+        *,
+        user: User,
+        env: dict[str, str],
+        cwd: str,
+        stdin: bool,
+        pty_size: tuple[int, int] | None,
+        timeout_s: float | None,
+    ) -> tuple[ManagedProcess, asyncio.Queue[Event]]:
+        """Spawn and register a process; returns it with a queue already subscribed.
+
+        Synchronous on purpose: nothing can be published before the caller holds the queue.
+        """
+        if not os.path.isdir(cwd):
+            raise SpawnError(f"cwd '{cwd}' does not exist or is not a directory")
+        loop = asyncio.get_running_loop()
+        creds = _credentials(user)
+        if pty_size is not None:
+            popen, stdin_fd, pty_fd, readers = _spawn_pty(spec, env, cwd, creds, pty_size)
+        else:
+            popen, stdin_fd, pty_fd, readers = _spawn_pipes(spec, env, cwd, creds, stdin)
+        mp = ManagedProcess(popen.pid, spec, popen, stdin_fd, pty_fd)
+        queue = mp.subscribe()
+        self._procs[mp.pid] = mp
+        log.info("started pid=%d user=%s cmd=%r args=%r", mp.pid, user.name, spec.cmd, list(spec.args))
+        done = [_FdReader(loop, fd, name, mp.publish) for name, fd in readers]
+        if timeout_s is not None:
+            mp.deadline = loop.call_later(max(timeout_s, 0.0), self._deadline, mp)
+        _wait_in_thread(loop, mp.pid, lambda status: loop.create_task(self._finish(mp, status, done)))
+        return mp, queue
+
+    def _deadline(self, mp: ManagedProcess) -> None:
+        """Connect-Timeout-Ms passed: upstream treats it as the process lifetime, so kill it."""
+        if mp.exit is None:
+            log.info("pid=%d exceeded its timeout, killing", mp.pid)
+            mp.timed_out = True
+            mp.signal(signal.SIGKILL)
+
+    async def _finish(self, mp: ManagedProcess, status: int, readers: list[_FdReader]) -> None:
+        """After exit: let readers drain (bounded), then publish the end and forget the pid."""
+        pending = [r.closed for r in readers if not r.closed.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=DRAIN_GRACE_S)
+        for r in readers:
+            r.close()
+        for fd in (mp.stdin_fd, mp.pty_fd):
+            if fd is not None:
+                _close_quietly(fd)
+        mp.stdin_fd = mp.pty_fd = None
+        if mp.deadline is not None:
+            mp.deadline.cancel()
+        mp.popen.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
+        info = exit_info(status, mp.timed_out)
+        mp.exit = info
+        log.info("pid=%d ended: %s", mp.pid, info.status)
+        mp.publish(info)
+        mp.subscribers.clear()
+        self._procs.pop(mp.pid, None)
+
+    def kill_all(self) -> None:
+        """envd is shutting down: take every child with it."""
+        for mp in self.all():
+            mp.signal(signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class _Creds:
+    uid: int | None
+    gid: int | None
+    groups: list[int] | None
+
+
+def _credentials(user: User) -> _Creds:
+    """Switch identity only when we can (root); a non-root dev run spawns as itself."""
+    if os.geteuid() != 0:
+        return _Creds(None, None, None)
+    return _Creds(user.uid, user.gid, list(user.groups))
+
+
+def _spawn_pipes(
+    spec: ProcessSpec, env: dict[str, str], cwd: str, creds: _Creds, stdin: bool
+) -> tuple[subprocess.Popen[bytes], int | None, None, list[tuple[str, int]]]:
+    try:
+        popen = subprocess.Popen(
+            [spec.cmd, *spec.args],
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            user=creds.uid,
+            group=creds.gid,
+            extra_groups=creds.groups,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as e:
+        raise SpawnError(f"failed to start '{spec.cmd}': {e.strerror or e}") from e
+    stdin_fd = None
+    if popen.stdin is not None:
+        stdin_fd = os.dup(popen.stdin.fileno())
+        popen.stdin.close()
+    assert popen.stdout is not None and popen.stderr is not None
+    out, err = os.dup(popen.stdout.fileno()), os.dup(popen.stderr.fileno())
+    popen.stdout.close()
+    popen.stderr.close()
+    return popen, stdin_fd, None, [("stdout", out), ("stderr", err)]
+
+
+def _spawn_pty(
+    spec: ProcessSpec, env: dict[str, str], cwd: str, creds: _Creds, size: tuple[int, int]
+) -> tuple[subprocess.Popen[bytes], None, int, list[tuple[str, int]]]:
+    master, slave = os.openpty()
+    try:
+        set_winsize(master, *size)
+        if creds.uid is not None:
+            os.fchown(slave, creds.uid, -1)
+        popen = subprocess.Popen(
+            [spec.cmd, *spec.args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=cwd,
+            user=creds.uid,
+            group=creds.gid,
+            extra_groups=creds.groups,
+            start_new_session=True,
+            preexec_fn=_make_controlling_tty,
+            close_fds=True,
+        )
+    except OSError as e:
+        os.close(master)
+        raise SpawnError(f"failed to start '{spec.cmd}': {e.strerror or e}") from e
+    finally:
+        os.close(slave)
+    reader_fd = os.dup(master)
+    return popen, None, master, [("pty", reader_fd)]
+
+
+class _FdReader:
+    """Reads an fd on the event loop and publishes chunks until EOF (EIO on a PTY is EOF too)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, name: str, publish: Callable[[Event], None]):
+        self._loop, self._fd, self._name, self._publish = loop, fd, name, publish
+        self.closed: asyncio.Future[None] = loop.create_future()
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno not in (errno.EIO, errno.EBADF):
+                log.warning("read %s: %s", self._name, e)
+            data = b""
+        if not data:
+            self.close()
+            return
+        self._publish(OutputEvent(self._name, data))
+
+    def close(self) -> None:
+        if self.closed.done():
+            return
+        self._loop.remove_reader(self._fd)
+        _close_quietly(self._fd)
+        self.closed.set_result(None)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _wait_in_thread(loop: asyncio.AbstractEventLoop, pid: int, on_exit: Callable[[int], object]) -> None:
+    """waitpid(pid) in a daemon thread and hand the raw status back to the loop."""
+
+    def wait() -> None:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                status = 255 << 8  # someone else reaped it; report a failure rather than hang
+                break
+        loop.call_soon_threadsafe(on_exit, status)
+
+    threading.Thread(target=wait, name=f"wait-{pid}", daemon=True).start()
