@@ -1,0 +1,82 @@
+"""Server settings: embedded defaults, overridable by ``SANDBOXD_*`` environment variables.
+
+One frozen object is built at start-up and handed to every component, so nothing reads the
+environment behind anyone's back and tests can run a second server with other paths and names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = Path("/var/lib/sandboxd")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a sandboxd server needs to know about its node."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    host: str = "127.0.0.1"
+    port: int = 3000
+    #: Names of this server's network namespaces/veths start with this; two servers on one host
+    #: (a developer's and the test suite's) must use different prefixes and subnets.
+    net_prefix: str = "sbx"
+    net_cidr: str = "10.213.0.0/16"
+    max_sandboxes: int = 256
+    runtime: str = "gvisor"
+    gvisor_platform: str = "ptrace"
+    default_template: str = "base"
+    default_timeout_s: int = 300
+    max_timeout_s: int = 24 * 3600
+    #: How long envd may take to answer /health after the runtime started (ptrace is slow to boot Python).
+    envd_ready_timeout_s: float = 30.0
+    #: A failed start is cleaned up and retried this many times before the client gets the error.
+    start_attempts: int = 2
+    domain: str | None = None
+    cpu_count: int = 2
+    memory_mb: int = 512
+    disk_size_mb: int = 2048
+    database_url: str | None = field(default=None)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'db.sqlite'}"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.data_dir / "templates"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.data_dir / "sandboxes"
+
+    @property
+    def runsc_root(self) -> Path:
+        return self.data_dir / "runsc"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``SANDBOXD_<FIELD>`` variables, then explicit overrides (CLI flags)."""
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f"SANDBOXD_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _convert(f.type, raw)
+        settings = cls(**values)
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _convert(type_name: Any, raw: str) -> Any:
+    """Turn an environment string into the field's type (annotations are strings here)."""
+    t = str(type_name)
+    if t.startswith("int"):
+        return int(raw)
+    if t.startswith("float"):
+        return float(raw)
+    if t.startswith("Path"):
+        return Path(raw)
+    return raw or None if "None" in t else raw

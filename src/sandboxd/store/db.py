@@ -1,0 +1,182 @@
+"""The control plane's state: API keys, template aliases and sandbox records (SQLAlchemy 2.0).
+
+SQLite in the data dir by default; any SQLAlchemy URL (PostgreSQL for a cluster) works, because
+only portable column types are used. The repository functions below are the only code that
+touches the tables, so the API and the orchestrator never write SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Integer, String, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+API_KEY_PREFIX = "e2b_"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    """An API key, stored only as its SHA-256: a leaked database leaks no usable key."""
+
+    __tablename__ = "api_keys"
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    mask: Mapped[str] = mapped_column(String(32))  # e2b_ab…yz, to tell keys apart in listings
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TemplateAlias(Base):
+    """A template name (``base``) and the build id it currently points at."""
+
+    __tablename__ = "templates"
+    template_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(200), unique=True)
+    build_id: Mapped[str] = mapped_column(String(64))
+    runtime: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SandboxRow(Base):
+    """One sandbox on this node. ``state`` is ``starting`` until envd answered, then ``running``."""
+
+    __tablename__ = "sandboxes"
+    sandbox_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    template_id: Mapped[str] = mapped_column(String(64))
+    alias: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    build_id: Mapped[str] = mapped_column(String(64))
+    runtime: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    slot_index: Mapped[int] = mapped_column(Integer)
+    host_address: Mapped[str] = mapped_column(String(64))
+    envd_access_token: Mapped[str] = mapped_column(String(128))
+    envd_version: Mapped[str] = mapped_column(String(32))
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSON, default=dict)
+    env_vars: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    cpu_count: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    disk_size_mb: Mapped[int] = mapped_column(Integer)
+    allow_internet_access: Mapped[bool] = mapped_column(default=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    end_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {c.key: getattr(self, c.key) for c in self.__mapper__.column_attrs}
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """WAL so readers never wait for the writer; a busy timeout instead of 'database is locked'."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Database:
+    """Engine + sessions + the repository operations the server needs."""
+
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as s:
+            yield s
+
+    # -- API keys ----------------------------------------------------------------------------
+
+    def create_api_key(self, name: str = "default") -> str:
+        """A new key; the plain text is returned once and never stored."""
+        key = API_KEY_PREFIX + secrets.token_hex(20)
+        with self.session() as s:
+            s.add(ApiKey(key_hash=_hash_key(key), name=name, mask=f"{key[:6]}…{key[-4:]}"))
+        return key
+
+    def api_key_valid(self, key: str) -> bool:
+        with self.session() as s:
+            return s.get(ApiKey, _hash_key(key)) is not None
+
+    def count_api_keys(self) -> int:
+        with self.session() as s:
+            return len(s.scalars(select(ApiKey.key_hash)).all())
+
+    # -- templates ---------------------------------------------------------------------------
+
+    def set_template(self, alias: str, build_id: str, runtime: str | None = None) -> TemplateAlias:
+        """Point ``alias`` at ``build_id`` (creating the template on first use)."""
+        with self.session() as s:
+            row = s.scalars(select(TemplateAlias).where(TemplateAlias.alias == alias)).first()
+            if row is None:
+                row = TemplateAlias(template_id=new_id(), alias=alias, build_id=build_id, runtime=runtime)
+                s.add(row)
+            else:
+                row.build_id, row.runtime, row.updated_at = build_id, runtime, utcnow()
+            return row
+
+    def find_template(self, ref: str) -> TemplateAlias | None:
+        """By template id or alias; a ``:tag`` suffix other than ``default`` is not supported yet."""
+        with self.session() as s:
+            row = s.get(TemplateAlias, ref)
+            return row or s.scalars(select(TemplateAlias).where(TemplateAlias.alias == ref)).first()
+
+    # -- sandboxes ---------------------------------------------------------------------------
+
+    def add_sandbox(self, **fields: Any) -> SandboxRow:
+        with self.session() as s:
+            row = SandboxRow(**fields)
+            s.add(row)
+            return row
+
+    def update_sandbox(self, sandbox_id: str, **fields: Any) -> SandboxRow | None:
+        with self.session() as s:
+            row = s.get(SandboxRow, sandbox_id)
+            if row is not None:
+                for k, v in fields.items():
+                    setattr(row, k, v)
+            return row
+
+    def get_sandbox(self, sandbox_id: str) -> SandboxRow | None:
+        with self.session() as s:
+            return s.get(SandboxRow, sandbox_id)
+
+    def delete_sandbox(self, sandbox_id: str) -> bool:
+        with self.session() as s:
+            row = s.get(SandboxRow, sandbox_id)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    def list_sandboxes(self) -> list[SandboxRow]:
+        with self.session() as s:
+            return list(s.scalars(select(SandboxRow).order_by(SandboxRow.started_at, SandboxRow.sandbox_id)))
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_id() -> str:
+    """A DNS-label-safe random id (sandbox ids appear in ``<port>-<id>.<domain>`` host names)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(20))
+

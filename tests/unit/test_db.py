@@ -1,0 +1,35 @@
+"""The control-plane database (real SQLite files)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from sandboxd.store.db import Database
+
+
+def test_api_keys_are_stored_only_hashed(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    key = db.create_api_key("k")
+    assert key.startswith("e2b_") and db.api_key_valid(key)
+    assert not db.api_key_valid(key + "x") and not db.api_key_valid("")
+    raw = sqlite3.connect(tmp_path / "db.sqlite").execute("select * from api_keys").fetchall()
+    assert raw and all(key not in str(row) for row in raw)
+    assert db.count_api_keys() == 1
+
+
+def test_template_alias_repoints_without_new_id(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    first = db.set_template("base", "a" * 32)
+    second = db.set_template("base", "b" * 32)
+    assert first.template_id == second.template_id
+    found = db.find_template("base")
+    assert found is not None and found.build_id == "b" * 32
+    assert db.find_template(first.template_id).alias == "base"  # type: ignore[union-attr]
+    assert db.find_template("nope") is None
+
+
+def test_state_survives_reopen(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    key = Database(url).create_api_key()
+    assert Database(url).api_key_valid(key)
