@@ -1,0 +1,174 @@
+"""The sandbox proxy: forwards a client's HTTP traffic to a port inside a sandbox, streaming.
+
+It shares the API's listener. A request is sandbox traffic when it carries ``E2b-Sandbox-Id``
+(the SDK sends it on every envd call and never to the control plane) or when its Host is the
+``<port>-<sandboxId>.<domain>`` form; everything else goes to the API app.
+
+Bodies stream both ways chunk by chunk: Connect server-streams (process output) and client
+streams (stdin) are long-lived. When the client goes away, the upstream request is closed too,
+so a disconnected ``commands.run`` frees its connection (the process itself keeps running,
+which is what envd's protocol wants).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from sandboxd.templates.envd_bundle import ENVD_PORT
+
+log = logging.getLogger("sandboxd.proxy")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+ASGIApp = Callable[[Scope, Receive, Send], Any]
+Resolver = Callable[[str], str | None]
+
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+              b"trailer", b"transfer-encoding", b"upgrade", b"host"}
+_HOST_FORM = re.compile(r"^(?P<port>\d{1,5})-(?P<id>[a-z0-9]{1,64})\.")
+#: envd paths only the orchestrator may call (``/init`` would let anyone replace the access token).
+_INTERNAL_ENVD_PATHS = {"/init"}
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def route_of(scope: Scope) -> tuple[str, int] | None:
+    """(sandbox id, port) if this request is for a sandbox, else None."""
+    headers = {k.lower(): v for k, v in scope.get("headers", [])}
+    sandbox_id = headers.get(b"e2b-sandbox-id")
+    if sandbox_id:
+        port = headers.get(b"e2b-sandbox-port", str(ENVD_PORT).encode())
+        return sandbox_id.decode("latin-1"), _port(port.decode("latin-1"))
+    host = headers.get(b"host", b"").decode("latin-1")
+    m = _HOST_FORM.match(host)
+    if m:
+        return m["id"], _port(m["port"])
+    return None
+
+
+def _port(raw: str) -> int:
+    return int(raw) if raw.isdigit() and 0 < int(raw) < 65536 else -1
+
+
+class SandboxProxy:
+    """ASGI middleware: sandbox traffic to the sandbox, the rest to ``app``."""
+
+    def __init__(self, app: ASGIApp, resolve: Resolver) -> None:
+        self.app = app
+        self.resolve = resolve
+        # No read timeout: process streams stay open as long as the process runs.
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+                                        follow_redirects=False)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = route_of(scope) if scope["type"] == "http" else None
+        if route is None:
+            if scope["type"] == "lifespan":
+                return await self._lifespan(scope, receive, send)
+            return await self.app(scope, receive, send)
+        sandbox_id, port = route
+        address = self.resolve(sandbox_id)
+        if address is None:
+            return await _error(send, 502, "The sandbox was not found", sandbox_id=sandbox_id)
+        if port < 0:
+            return await _error(send, 400, "E2b-Sandbox-Port is not a valid port")
+        if port == ENVD_PORT and scope["path"] in _INTERNAL_ENVD_PATHS:
+            return await _error(send, 403, f"{scope['path']} is internal to the orchestrator")
+        await self._forward(scope, receive, send, f"http://{address}:{port}", sandbox_id, port)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass lifespan to the app, and close our upstream pool when it has shut down."""
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.client.aclose()
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, base: str,
+                       sandbox_id: str, port: int) -> None:
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+        has_body = any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+        body_done = asyncio.Event()
+        content = _request_body(receive, body_done) if has_body else None
+        if content is None:
+            body_done.set()
+        url = base + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        request = self.client.build_request(scope["method"], url, headers=headers, content=content)
+        try:
+            response = await self.client.send(request, stream=True)
+        except ClientDisconnected:
+            return
+        except httpx.ConnectError:
+            return await _error(send, 502, "The sandbox is running but port is not open",
+                                sandbox_id=sandbox_id, port=port)
+        except httpx.HTTPError as exc:
+            return await _error(send, 502, f"error reaching port {port} of the sandbox: {exc}",
+                                sandbox_id=sandbox_id, port=port)
+        try:
+            await _stream_response(response, receive, send, body_done)
+        finally:
+            await response.aclose()
+
+
+async def _request_body(receive: Receive, done: asyncio.Event) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            done.set()
+            return
+
+
+async def _stream_response(response: httpx.Response, receive: Receive, send: Send,
+                           body_done: asyncio.Event) -> None:
+    """Send the upstream response as it arrives; stop as soon as the client disconnects."""
+    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+
+    async def pump() -> None:
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def client_gone() -> None:
+        await body_done.wait()  # before that, the request body reader owns receive()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    pump_task = asyncio.ensure_future(pump())
+    watch_task = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pump_task, watch_task):
+            task.cancel()
+        await asyncio.gather(pump_task, watch_task, return_exceptions=True)
+    if pump_task.done() and not pump_task.cancelled() and pump_task.exception() is not None:
+        log.debug("stream from sandbox ended with %r", pump_task.exception())
+
+
+async def _error(send: Send, status: int, message: str, **extra: Any) -> None:
+    """The SDK keys on "was not found" and "port is not open" in 502 bodies."""
+    body = json.dumps({"code": status, "message": message, **extra}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
