@@ -6,6 +6,8 @@ the unmodified ``e2b`` SDK drives it. It runs from the self-contained bundle at 
 depends only on the stdlib, uvicorn (h11), connectrpc and protobuf-py.
 """
 
-#: The envd version we claim to be wire-compatible with (the SDK gates features on it, >= 0.6.4).
-ENVD_VERSION = "0.6.13"
+#: The envd protocol level we advertise to the SDK, which gates features on it (table 3.7 of the
+#: protocol note). 0.5.7 unlocks close_stdin and octet-stream/gzip uploads, which are tested; 0.6.4+
+#: (file metadata, watch entries, ...) is claimed only once the whole of issue 3 is verified.
+ENVD_VERSION = "0.5.7"
 DEFAULT_PORT = 49983
