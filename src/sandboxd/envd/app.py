@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ from .rpc.filesystem.filesystem_connect import FilesystemASGIApplication
 from .rpc.process.process_connect import ProcessASGIApplication
 from .state import EnvdState
 from .streams import DISCONNECTED
+from .sudo_broker import SUDO, SudoBroker, setuid_blocked
 
 log = logging.getLogger("envd")
 
@@ -135,6 +137,7 @@ class EnvdApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                _start_sudo_broker_if_needed()
                 log.info("envd %s ready", ENVD_VERSION)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -170,3 +173,12 @@ class EnvdApp:
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, await self._metrics_source.snapshot())
+
+
+def _start_sudo_broker_if_needed() -> None:
+    """Passwordless sudo must work even where setuid cannot (gVisor): see sudo_broker."""
+    if os.geteuid() == 0 and os.path.exists(SUDO) and setuid_blocked():
+        try:
+            SudoBroker().start()
+        except OSError as exc:
+            log.warning("sudo broker not started: %s", exc)
