@@ -1,0 +1,257 @@
+"""Sandbox lifecycle on one node: create, kill, timeouts, and recovery after a restart.
+
+``create`` reads top to bottom: resolve build → rootfs → network → runtime → envd init + health →
+record. Every step registers its undo on an ExitStack, so a failure at any point removes exactly
+what was made (no leaked namespaces, mounts or processes) and the client gets the console output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TypeVar
+
+from sandboxd.config import Settings
+from sandboxd.envd import ENVD_VERSION
+from sandboxd.orchestrator.envd_client import EnvdNotReady, init_envd, wait_healthy
+from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
+from sandboxd.orchestrator.rootfs import RootfsError, is_mounted, mount_overlay, unmount_overlay
+from sandboxd.runtimes.base import Runtime, RuntimeSpec, RuntimeStartError
+from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
+from sandboxd.templates.envd_bundle import envd_argv, envd_env
+from sandboxd.templates.store import TemplateStore, remove_tree
+
+log = logging.getLogger("sandboxd.orchestrator")
+T = TypeVar("T")
+
+
+class SandboxError(Exception):
+    """A create/kill failure with the HTTP status the API should answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    template: str
+    timeout_s: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    allow_internet_access: bool = True
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    reattached: list[str]
+    removed: list[str]
+    stale_containers: list[str]
+    stale_slots: list[int]
+    stale_dirs: list[str]
+
+
+class Orchestrator:
+    """Owns every sandbox on this node; the API and the proxy only go through it."""
+
+    def __init__(self, settings: Settings, db: Database, templates: TemplateStore,
+                 runtime: Runtime, slots: SlotPool) -> None:
+        self.settings = settings
+        self.db = db
+        self.templates = templates
+        self.runtime = runtime
+        self.slots = slots
+        self._routes: dict[str, str] = {}  # sandbox id → host address, read by the proxy per request
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def upstream(self, sandbox_id: str) -> str | None:
+        """The address the proxy dials for this sandbox, or None if it is not running here."""
+        return self._routes.get(sandbox_id)
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.settings.sandboxes_dir / sandbox_id
+
+    # -- create --------------------------------------------------------------------------------
+
+    def create(self, req: CreateRequest) -> SandboxRow:
+        """Start a sandbox and return its record once envd answered; retry a failed start."""
+        template = self.db.find_template(req.template.removesuffix(":default"))
+        if template is None:
+            raise SandboxError(404, f"template '{req.template}' not found")
+        if not self.templates.exists(template.build_id):
+            raise SandboxError(500, f"template '{req.template}' points at build {template.build_id}, "
+                                    "which is not in the template store; rebuild it")
+        last: SandboxError | None = None
+        for attempt in range(1, self.settings.start_attempts + 1):
+            try:
+                return self._create_once(req, template.template_id, template.alias, template.build_id)
+            except SandboxError as exc:
+                last = exc
+                log.warning("sandbox start attempt %d failed: %s", attempt, exc.message)
+                if exc.status < 500:
+                    break
+        assert last is not None
+        raise last
+
+    def _create_once(self, req: CreateRequest, template_id: str, alias: str, build_id: str) -> SandboxRow:
+        sandbox_id = new_id()
+        token = secrets.token_hex(24)
+        sdir = self.sandbox_dir(sandbox_id)
+        started = time.monotonic()
+        with contextlib.ExitStack() as undo:
+            sdir.mkdir(parents=True)
+            undo.callback(remove_tree, sdir)
+            rootfs = self._step("rootfs", lambda: mount_overlay(self.templates.get(build_id).rootfs, sdir))
+            undo.callback(unmount_overlay, sdir)
+            slot = self._step("network", self.slots.acquire)
+            undo.callback(self.slots.release, slot)
+            now = utcnow()
+            self.db.add_sandbox(
+                sandbox_id=sandbox_id, template_id=template_id, alias=alias, build_id=build_id,
+                runtime=self.runtime.name, state="starting", slot_index=slot.index,
+                host_address=slot.host_address, envd_access_token=token, envd_version=ENVD_VERSION,
+                metadata_=req.metadata, env_vars=req.env_vars, cpu_count=self.settings.cpu_count,
+                memory_mb=self.settings.memory_mb, disk_size_mb=self.settings.disk_size_mb,
+                allow_internet_access=req.allow_internet_access, started_at=now,
+                end_at=now + timedelta(seconds=req.timeout_s))
+            undo.callback(self.db.delete_sandbox, sandbox_id)
+            spec = RuntimeSpec(sandbox_id=sandbox_id, rootfs=rootfs.merged, sandbox_dir=sdir,
+                               netns_path=slot.guest_netns_path, argv=envd_argv(), env=envd_env(),
+                               cpu_count=self.settings.cpu_count, memory_mb=self.settings.memory_mb)
+            undo.callback(self.runtime.stop, sandbox_id)
+            self._step("runtime", lambda: self.runtime.start(spec), sdir)
+            self._step("envd", lambda: self._init_envd(slot, token, req.env_vars), sdir)
+            row = self.db.update_sandbox(sandbox_id, state="running")
+            assert row is not None
+            self._routes[sandbox_id] = slot.host_address
+            undo.pop_all()
+        log.info("sandbox %s (%s) ready in %.2fs", sandbox_id, alias, time.monotonic() - started)
+        return row
+
+    def _init_envd(self, slot: NetworkSlot, token: str, env_vars: dict[str, str]) -> None:
+        took = wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s)
+        log.debug("envd answered /health after %.2fs", took)
+        init_envd(slot.host_address, token, env_vars)
+
+    def _step(self, name: str, fn: Callable[[], T], sdir: Path | None = None) -> T:
+        """Run one create step; turn its failure into a SandboxError with the console's tail."""
+        try:
+            return fn()
+        except (RootfsError, NetworkError, RuntimeStartError, EnvdNotReady, OSError, KeyError) as exc:
+            console = self.runtime.console_log(sdir) if sdir is not None else ""
+            message = f"sandbox failed to start ({name}): {exc}"
+            if console and console not in message:
+                message += f"\n--- console ---\n{console}"
+            raise SandboxError(500, message) from exc
+
+    # -- kill / timeouts -----------------------------------------------------------------------
+
+    def _lock(self, sandbox_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(sandbox_id, threading.Lock())
+
+    def kill(self, sandbox_id: str) -> bool:
+        """Stop the sandbox and remove every trace of it; False if it does not exist."""
+        with self._lock(sandbox_id):
+            row = self.db.get_sandbox(sandbox_id)
+            if row is None:
+                return False
+            self._routes.pop(sandbox_id, None)
+            self._teardown(sandbox_id, row.slot_index)
+            self.db.delete_sandbox(sandbox_id)
+        with self._locks_guard:
+            self._locks.pop(sandbox_id, None)
+        log.info("sandbox %s killed", sandbox_id)
+        return True
+
+    def _teardown(self, sandbox_id: str, slot_index: int | None) -> None:
+        """Undo a sandbox's runtime, network, rootfs and directory; each step is idempotent and
+        runs even if an earlier one failed, so a half-dead sandbox is still cleaned up."""
+        steps: list[tuple[str, Callable[[], object]]] = [("runtime", lambda: self.runtime.stop(sandbox_id))]
+        if slot_index is not None:
+            steps.append(("network", lambda: self.slots.release(self.slots.slot(slot_index))))
+        sdir = self.sandbox_dir(sandbox_id)
+        steps += [("rootfs", lambda: unmount_overlay(sdir)),
+                  ("dir", lambda: remove_tree(sdir))]
+        for name, step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - keep going: the remaining steps must still run
+                log.exception("teardown of %s: %s step failed", sandbox_id, name)
+
+    def set_timeout(self, sandbox_id: str, timeout_s: int) -> bool:
+        """The sandbox now ends ``timeout_s`` from now (shorter or longer than before)."""
+        end = utcnow() + timedelta(seconds=timeout_s)
+        return self.db.update_sandbox(sandbox_id, end_at=end) is not None
+
+    def connect(self, sandbox_id: str, timeout_s: int | None) -> SandboxRow | None:
+        """A running sandbox's record; ``timeout_s`` only ever extends its life."""
+        row = self.db.get_sandbox(sandbox_id)
+        if row is None or row.state != "running":
+            return None
+        if timeout_s is not None:
+            end = utcnow() + timedelta(seconds=timeout_s)
+            if end > _aware(row.end_at):
+                row = self.db.update_sandbox(sandbox_id, end_at=end)
+        return row
+
+    def reap_expired(self, now: datetime | None = None) -> list[str]:
+        """Kill every running sandbox whose end time has passed."""
+        now = now or utcnow()
+        expired = [r.sandbox_id for r in self.db.list_sandboxes()
+                   if r.state == "running" and _aware(r.end_at) <= now]
+        for sandbox_id in expired:
+            log.info("sandbox %s timed out", sandbox_id)
+            self.kill(sandbox_id)
+        return expired
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """After a (re)start: reattach sandboxes that still run, clean up everything else, so the
+        database and the host agree."""
+        running = self.runtime.running()
+        slots_present = set(self.slots.existing())
+        reattached: list[str] = []
+        removed: list[str] = []
+        for row in self.db.list_sandboxes():
+            alive = (row.state == "running" and row.sandbox_id in running
+                     and row.slot_index in slots_present and is_mounted(self.sandbox_dir(row.sandbox_id) / "rootfs"))
+            if alive:
+                self._routes[row.sandbox_id] = row.host_address
+                reattached.append(row.sandbox_id)
+            else:
+                self._teardown(row.sandbox_id, row.slot_index)
+                self.db.delete_sandbox(row.sandbox_id)
+                removed.append(row.sandbox_id)
+        keep = set(reattached)
+        stale_containers = sorted(running - keep)
+        for sandbox_id in stale_containers:
+            self.runtime.stop(sandbox_id)
+        keep_slots = {r.slot_index for r in self.db.list_sandboxes()}
+        stale_slots = self.slots.cleanup_stale(keep_slots)
+        stale_dirs = []
+        for d in self.settings.sandboxes_dir.iterdir():
+            if d.name not in keep:
+                self._teardown(d.name, None)
+                stale_dirs.append(d.name)
+        report = RecoveryReport(reattached, removed, stale_containers, stale_slots, stale_dirs)
+        log.info("recovery: %s", report)
+        return report
+
+
+def _aware(dt: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they were stored as UTC."""
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
