@@ -1,0 +1,88 @@
+"""Request bodies and response shapes of E2B's REST API (the keys the SDK sends and requires)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandboxd.store.db import SandboxRow
+
+CLIENT_ID = "sandboxd"
+
+
+class NewSandbox(BaseModel):
+    """``POST /v2/sandboxes``. Unknown keys (network, mcp, volumeMounts, ...) are accepted and ignored
+    until they are supported, exactly like an older E2B server would."""
+
+    model_config = ConfigDict(extra="ignore")
+    templateID: str = Field(default="base", min_length=1, max_length=256)
+    timeout: int | None = Field(default=None, ge=1)
+    metadata: dict[str, str] | None = None
+    envVars: dict[str, str] | None = None
+    allow_internet_access: bool | None = None
+    autoPause: bool | None = None
+
+
+class TimeoutBody(BaseModel):
+    """``POST /sandboxes/{id}/timeout``."""
+
+    timeout: int = Field(ge=0)
+
+
+class ConnectBody(BaseModel):
+    """``POST /v2/sandboxes/{id}/connect``; the SDK usually sends ``{}``."""
+
+    model_config = ConfigDict(extra="ignore")
+    timeout: int | None = Field(default=None, ge=0)
+
+
+def iso(dt: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, as E2B answers (SQLite returns naive UTC datetimes)."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sandbox_json(row: SandboxRow, domain: str | None) -> dict[str, Any]:
+    """The ``Sandbox`` object of create and connect."""
+    return {
+        "sandboxID": row.sandbox_id,
+        "templateID": row.template_id,
+        "alias": row.alias,
+        "clientID": CLIENT_ID,
+        "envdVersion": row.envd_version,
+        "envdAccessToken": row.envd_access_token,
+        "trafficAccessToken": None,
+        "domain": domain,
+    }
+
+
+def listed_json(row: SandboxRow) -> dict[str, Any]:
+    """``ListedSandbox``: every required key, ``state`` exactly ``running`` or ``paused``."""
+    return {
+        "templateID": row.template_id,
+        "alias": row.alias,
+        "sandboxID": row.sandbox_id,
+        "clientID": CLIENT_ID,
+        "startedAt": iso(row.started_at),
+        "endAt": iso(row.end_at),
+        "cpuCount": row.cpu_count,
+        "memoryMB": row.memory_mb,
+        "diskSizeMB": row.disk_size_mb,
+        "state": row.state,
+        "envdVersion": row.envd_version,
+        "metadata": row.metadata_ or {},
+    }
+
+
+def detail_json(row: SandboxRow, domain: str | None) -> dict[str, Any]:
+    """``SandboxDetail`` of ``GET /sandboxes/{id}``."""
+    return {
+        **listed_json(row),
+        "envdAccessToken": row.envd_access_token,
+        "domain": domain,
+        "allowInternetAccess": row.allow_internet_access,
+        "lifecycle": {"autoResume": False, "onTimeout": "kill"},
+    }

@@ -1,0 +1,81 @@
+"""One sandboxd node: the API, the proxy and the orchestrator on one listener.
+
+``build_app(settings)`` wires the components; the ASGI lifespan recovers sandboxes left by a
+previous run and reaps the ones whose timeout passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from sandboxd.api.errors import install_error_handlers
+from sandboxd.api.sandboxes import router as sandboxes_router
+from sandboxd.config import Settings
+from sandboxd.orchestrator.network import SlotPool
+from sandboxd.orchestrator.sandboxes import Orchestrator
+from sandboxd.proxy.asgi import SandboxProxy
+from sandboxd.runtimes.base import Runtime
+from sandboxd.store.db import Database
+from sandboxd.templates.store import TemplateStore
+
+log = logging.getLogger("sandboxd")
+REAP_INTERVAL_S = 1.0
+
+
+def make_runtime(settings: Settings) -> Runtime:
+    if settings.runtime == "gvisor":
+        from sandboxd.runtimes.gvisor import GVisorRuntime
+
+        return GVisorRuntime(settings.runsc_root, platform=settings.gvisor_platform,
+                             template_root=settings.templates_dir)
+    raise ValueError(f"unknown runtime {settings.runtime!r} (available: gvisor)")
+
+
+def make_orchestrator(settings: Settings, db: Database | None = None) -> Orchestrator:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Orchestrator(settings, db or Database(settings.db_url), TemplateStore(settings.templates_dir),
+                        make_runtime(settings),
+                        SlotPool(settings.net_prefix, settings.net_cidr, settings.max_sandboxes))
+
+
+async def _reap_forever(orch: Orchestrator) -> None:
+    while True:
+        await asyncio.sleep(REAP_INTERVAL_S)
+        try:
+            await asyncio.to_thread(orch.reap_expired)
+        except Exception:  # noqa: BLE001 - the reaper must survive one bad sandbox
+            log.exception("reaper failed")
+
+
+def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxProxy:
+    """The ASGI app to serve: the proxy in front of the FastAPI control plane."""
+    orch = orch or make_orchestrator(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(orch.recover)
+        reaper = asyncio.create_task(_reap_forever(orch))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+
+    api = FastAPI(title="sandboxd", version="0.1.0", lifespan=lifespan)
+    api.state.settings = settings
+    api.state.db = orch.db
+    api.state.orchestrator = orch
+    install_error_handlers(api)
+    api.include_router(sandboxes_router)
+
+    @api.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return SandboxProxy(api, orch.upstream)
