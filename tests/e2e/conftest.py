@@ -1,0 +1,53 @@
+"""A real sandboxd server (subprocess, real gVisor sandboxes) and the real ``e2b`` SDK pointed at it.
+
+The server uses the shared test data dir (the base template build is cached there by build id)
+and its own network prefix and subnet, so it never touches a developer's server on the same host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandboxd.testing.server import Server, running_server, sdk_pointed_at
+
+__all__ = ["Server"]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = Path(os.environ.get("SANDBOXD_TEST_DATA_DIR", "/var/lib/sandboxd-test"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    try:
+        with running_server(data_dir, log_path) as srv:
+            yield srv
+    finally:
+        if log_path.exists():
+            print(f"--- server log ({log_path}) tail ---\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def sdk_env(server: Server) -> Iterator[Server]:
+    """The unchanged SDK, pointed at our server through its environment variables."""
+    with sdk_pointed_at(server):
+        yield server
+
+
+@pytest.fixture
+def sandbox(sdk_env: Server) -> Iterator[object]:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=120)
+    try:
+        yield sbx
+    finally:
+        sbx.kill()

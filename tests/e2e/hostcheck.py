@@ -1,0 +1,47 @@
+"""What a sandbox leaves on the host: namespaces, mounts, runtime containers, processes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from sandboxd.config import Settings
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def mounts_under(path: Path) -> list[str]:
+    real = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        return [m for m in (line.split()[4] for line in f) if m == real or m.startswith(real + "/")]
+
+
+def runsc_containers(settings: Settings) -> set[str]:
+    out = subprocess.run(["runsc", "--root", str(settings.runsc_root), "list", "-quiet"],
+                         capture_output=True, text=True).stdout
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
+
+
+def traces(settings: Settings, sandbox_id: str, slot_index: int | None) -> dict[str, object]:
+    """Everything of one sandbox still on the host; all empty means fully cleaned up."""
+    sdir = settings.sandboxes_dir / sandbox_id
+    ns = {n for n in netns_names() if slot_index is not None and n.startswith(f"{settings.net_prefix}-{slot_index}")
+          and n in (f"{settings.net_prefix}-{slot_index}", f"{settings.net_prefix}-{slot_index}-g")}
+    return {
+        "dir": sdir.exists(),
+        "mounts": mounts_under(sdir) if sdir.exists() else [],
+        "netns": sorted(ns),
+        "container": sandbox_id in runsc_containers(settings),
+        "processes": processes_mentioning(sandbox_id),
+    }
+
+
+CLEAN = {"dir": False, "mounts": [], "netns": [], "container": False, "processes": []}
