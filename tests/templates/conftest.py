@@ -14,7 +14,6 @@ import pytest
 
 from sandboxd.templates.store import TemplateStore
 
-import sandboxd
 
 
 def _log(msg: str) -> None:
@@ -43,14 +42,7 @@ def log():
     return _log
 
 
-def envd_present() -> bool:
-    """Whether sandboxd.envd has a runnable entry point yet (it is written concurrently)."""
-    return (Path(sandboxd.__file__).parent / "envd" / "__main__.py").is_file()
-
-
 @pytest.fixture(scope="session")
 def content_check_level() -> str:
-    """Gate for builds used by *content* tests (user, sudo, bash...): the production gate
-    ("health") once envd exists, else "python" (a different build id, never served in production).
-    The envd /health tests always use the production gate and fail until envd exists."""
-    return "health" if envd_present() else "python"
+    """Builds used by content tests (user, sudo, bash...) pass the production gate: envd answers."""
+    return "health"

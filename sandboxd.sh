@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The README's two commands, on a fresh Debian 12 machine, as root:
+#
+#   ./sandboxd.sh serve [--port N ...]   install what is missing, build the base template, and serve
+#                                        the E2B API + sandbox proxy on 127.0.0.1:3000
+#   ./sandboxd.sh test  [pytest args]    install what is missing, run the whole test suite
+#
+# Installing is idempotent and fast when nothing is missing: apt only runs for absent packages,
+# pip only when pyproject.toml changed since the last install.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+venv="$here/.venv"
+
+# runsc: gVisor; debootstrap: the base template; nftables/iproute2: per-sandbox networks;
+# tini: PID 1 of every sandbox; busybox-static: the libc-free test template; gcc/libc6-dev: the
+# gVisor statx shim; python3-venv: our venv.
+APT_PACKAGES=(runsc debootstrap nftables iproute2 e2fsprogs tini busybox-static gcc libc6-dev
+              python3 python3-venv ca-certificates util-linux procps)
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "sandboxd needs root (namespaces, mounts, gVisor): run it with sudo" >&2
+    exit 1
+  fi
+}
+
+install_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> installing apt packages: ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  fi
+}
+
+install_venv() {
+  local stamp="$venv/.sandboxd-installed"
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "==> creating venv $venv" >&2
+    python3 -m venv "$venv"
+  fi
+  if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+    echo "==> installing sandboxd and its test dependencies into the venv" >&2
+    "$venv/bin/pip" install -q --upgrade pip >&2
+    "$venv/bin/pip" install -q -e "$here[test]" >&2
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-serve}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  serve)
+    need_root; install_apt; install_venv
+    exec "$venv/bin/sandboxd" serve "$@"
+    ;;
+  test)
+    need_root; install_apt; install_venv
+    cd "$here"
+    exec "$venv/bin/pytest" "$@"
+    ;;
+  *)
+    echo "usage: $0 serve [--host H] [--port P] [--data-dir D] | test [pytest args]" >&2
+    exit 2
+    ;;
+esac
