@@ -66,6 +66,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            await asyncio.to_thread(orch.drain)
 
     api = FastAPI(title="sandboxd", version="0.1.0", lifespan=lifespan)
     api.state.settings = settings

@@ -23,6 +23,14 @@ def _slot(server: Server, sandbox_id: str) -> int:
     return row.slot_index
 
 
+def _cleaned_up(server: Server, sandbox_id: str, slot: int, within_s: float = 15) -> bool:
+    """Teardown runs in the background after kill (~1.5 s under ptrace): wait for it."""
+    deadline = time.monotonic() + within_s
+    while traces(server.settings, sandbox_id, slot) != CLEAN and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return traces(server.settings, sandbox_id, slot) == CLEAN
+
+
 def _all_ids(query: SandboxQuery | None = None) -> list[str]:
     paginator = Sandbox.list(query=query, limit=2)
     ids: list[str] = []
@@ -73,7 +81,7 @@ def test_kill_removes_everything(sdk_env: Server) -> None:
     slot = _slot(sdk_env, sbx.sandbox_id)
     assert traces(sdk_env.settings, sbx.sandbox_id, slot) != CLEAN
     assert sbx.kill() is True
-    assert traces(sdk_env.settings, sbx.sandbox_id, slot) == CLEAN
+    assert _cleaned_up(sdk_env, sbx.sandbox_id, slot)
     assert Sandbox.kill(sbx.sandbox_id) is False
     assert not sbx.is_running()
     with pytest.raises(NotFoundException):
@@ -88,7 +96,7 @@ def test_timeout_kills_and_cleans_up(sdk_env: Server) -> None:
     while sbx.sandbox_id in _all_ids() and time.monotonic() < deadline:
         time.sleep(0.25)
     assert sbx.sandbox_id not in _all_ids()
-    assert traces(sdk_env.settings, sbx.sandbox_id, slot) == CLEAN
+    assert _cleaned_up(sdk_env, sbx.sandbox_id, slot)
     assert not sbx.is_running()
     with pytest.raises(NotFoundException):
         Sandbox.connect(sbx.sandbox_id)

@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -72,6 +73,7 @@ class Orchestrator:
         self._routes: dict[str, str] = {}  # sandbox id → host address, read by the proxy per request
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
         settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
 
     # -- queries -------------------------------------------------------------------------------
@@ -162,19 +164,30 @@ class Orchestrator:
         with self._locks_guard:
             return self._locks.setdefault(sandbox_id, threading.Lock())
 
-    def kill(self, sandbox_id: str) -> bool:
-        """Stop the sandbox and remove every trace of it; False if it does not exist."""
+    def kill(self, sandbox_id: str, wait: bool = False) -> bool:
+        """Make the sandbox unreachable and forget it at once; False if it does not exist.
+
+        Tearing it down takes ~1.5 s (a ptrace'd gVisor sandbox is slow to die), so that runs in
+        the background unless ``wait``. Its slot stays reserved until then, and a crash midway
+        is finished by :meth:`recover` (the sandbox dir is there, its record is not)."""
         with self._lock(sandbox_id):
             row = self.db.get_sandbox(sandbox_id)
             if row is None:
                 return False
             self._routes.pop(sandbox_id, None)
-            self._teardown(sandbox_id, row.slot_index)
             self.db.delete_sandbox(sandbox_id)
         with self._locks_guard:
             self._locks.pop(sandbox_id, None)
+        future = self._teardowns.submit(self._teardown, sandbox_id, row.slot_index)
         log.info("sandbox %s killed", sandbox_id)
+        if wait:
+            future.result()
         return True
+
+    def drain(self) -> None:
+        """Wait for background teardowns (server shutdown, tests)."""
+        self._teardowns.shutdown(wait=True)
+        self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
 
     def _teardown(self, sandbox_id: str, slot_index: int | None) -> None:
         """Undo a sandbox's runtime, network, rootfs and directory; each step is idempotent and
