@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -66,10 +67,33 @@ class SandboxProxy:
     def __init__(self, app: ASGIApp, resolve: Resolver) -> None:
         self.app = app
         self.resolve = resolve
-        # No read timeout: process streams stay open as long as the process runs.
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
-                                        follow_redirects=False)
+        self._pools: dict[str, tuple[str, httpx.AsyncClient]] = {}
+        self._last_sweep = 0.0
+
+    def _pool(self, sandbox_id: str, address: str) -> httpx.AsyncClient:
+        """One connection pool per sandbox. Addresses are reused when a slot is, and a kept-alive
+        connection to a dead sandbox would be black-holed or reset: a pool dies with its sandbox."""
+        entry = self._pools.get(sandbox_id)
+        if entry is None or entry[0] != address:
+            if entry is not None:
+                asyncio.ensure_future(entry[1].aclose())
+            # No read timeout: process streams stay open as long as the process runs.
+            client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
+                                       follow_redirects=False)
+            entry = self._pools[sandbox_id] = (address, client)
+        return entry[1]
+
+    def _sweep(self) -> None:
+        """Close the pools of sandboxes that are gone (at most once a second)."""
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for sandbox_id, (address, client) in list(self._pools.items()):
+            if self.resolve(sandbox_id) != address:
+                del self._pools[sandbox_id]
+                asyncio.ensure_future(client.aclose())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = route_of(scope) if scope["type"] == "http" else None
@@ -85,20 +109,24 @@ class SandboxProxy:
             return await _error(send, 400, "E2b-Sandbox-Port is not a valid port")
         if port == ENVD_PORT and scope["path"] in _INTERNAL_ENVD_PATHS:
             return await _error(send, 403, f"{scope['path']} is internal to the orchestrator")
-        await self._forward(scope, receive, send, f"http://{address}:{port}", sandbox_id, port)
+        self._sweep()
+        await self._forward(scope, receive, send, self._pool(sandbox_id, address), f"http://{address}:{port}",
+                            sandbox_id, port)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan to the app, and close our upstream pool when it has shut down."""
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             if message["type"] == "lifespan.shutdown.complete":
-                await self.client.aclose()
+                for _, client in self._pools.values():
+                    await client.aclose()
+                self._pools.clear()
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, base: str,
-                       sandbox_id: str, port: int) -> None:
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, client: httpx.AsyncClient,
+                       base: str, sandbox_id: str, port: int) -> None:
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
         has_body = any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
         body_done = asyncio.Event()
@@ -108,9 +136,9 @@ class SandboxProxy:
         url = base + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
-        request = self.client.build_request(scope["method"], url, headers=headers, content=content)
+        request = client.build_request(scope["method"], url, headers=headers, content=content)
         try:
-            response = await self.client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except ClientDisconnected:
             return
         except httpx.ConnectError:
