@@ -18,6 +18,7 @@ import logging
 import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 from sandboxd.envd.sudo_broker import SUDO
@@ -69,8 +70,9 @@ class GVisorRuntime:
                   f"{flags} start {shlex.quote(spec.sandbox_id)}")
         fd = os.open(spec.sandbox_dir / CONSOLE_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         try:
+            # own session: a Ctrl-C or kill of the server's process group must not reach sandboxes
             proc = subprocess.run(["unshare", "-m", "sh", "-c", script], stdin=subprocess.DEVNULL,
-                                  stdout=fd, stderr=fd, timeout=60)
+                                  stdout=fd, stderr=fd, timeout=60, start_new_session=True)
         except subprocess.TimeoutExpired:
             proc = None
         finally:
@@ -84,10 +86,12 @@ class GVisorRuntime:
     def stop(self, sandbox_id: str) -> None:
         if not (self.state_dir / sandbox_id).exists() and sandbox_id not in self.running():
             return
-        self._runsc("kill", sandbox_id, "KILL")
-        res = self._runsc("delete", "--force", sandbox_id)
-        if res.returncode != 0 and sandbox_id in self.running():
-            log.warning("runsc delete %s failed: %s", sandbox_id, res.stderr.strip())
+        for attempt in range(3):  # a concurrent runsc on the same root can briefly hold its lock
+            res = self._runsc("delete", "--force", sandbox_id)
+            if res.returncode == 0 or sandbox_id not in self.running():
+                return
+            time.sleep(0.2 * (attempt + 1))
+        log.warning("runsc delete %s failed: %s", sandbox_id, (res.stderr or res.stdout).strip())
 
     def running(self) -> set[str]:
         res = self._runsc("list", "-quiet")
