@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import time
+
 import pytest
 from e2b import Sandbox
 
@@ -44,3 +47,39 @@ def test_two_sandboxes_see_only_their_own_writes_and_template_is_unchanged(sdk_e
         a.kill()
         b.kill()
     assert tree_checksum(build.rootfs)["sha256"] == before
+
+
+def _can_connect(sbx: Sandbox, host: str, port: int) -> bool:
+    probe = (f"python3 -c 'import socket; socket.create_connection((\"{host}\", {port}), timeout=2)' "
+             "2>/dev/null && echo open || echo closed")
+    return sbx.commands.run(probe).stdout.strip() == "open"
+
+
+def test_sandboxes_reach_neither_each_other_nor_the_host(sdk_env: Server) -> None:
+    """Guarantee 6 (first part): a sandbox's only peer is the host connecting *to* it."""
+    import socket
+
+    db = Database(sdk_env.settings.db_url)
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))  # a host service on every address, the sandbox's slot side too
+    listener.listen()
+    port = listener.getsockname()[1]
+    a, b = Sandbox.create(timeout=60), Sandbox.create(timeout=60)
+    try:
+        row_a, row_b = db.get_sandbox(a.sandbox_id), db.get_sandbox(b.sandbox_id)
+        assert row_a is not None and row_b is not None
+        host_side_a = str(ipaddress.ip_address(row_a.host_address) - 1)
+        b.commands.run("python3 -m http.server 8080 >/dev/null 2>&1", background=True)
+        deadline = time.monotonic() + 30  # python's http.server takes seconds to start under ptrace
+        while not _can_connect(b, "127.0.0.1", 8080) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _can_connect(b, "127.0.0.1", 8080)  # b's own server is up (and a probe can succeed)
+        assert not _can_connect(a, row_b.host_address, 8080)
+        assert not _can_connect(a, row_b.host_address, 49983)
+        assert not _can_connect(a, host_side_a, port)
+        assert not _can_connect(a, "169.254.0.22", port)
+        assert not _can_connect(a, "127.0.0.1", sdk_env.settings.port)  # its own loopback, not the host's
+    finally:
+        listener.close()
+        a.kill()
+        b.kill()

@@ -84,14 +84,16 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
-def isolated_settings(data_dir: Path) -> Settings:
-    return Settings.from_env({}, data_dir=data_dir, port=free_port(), net_prefix=NET_PREFIX, net_cidr=NET_CIDR)
+def isolated_settings(data_dir: Path, net_prefix: str = NET_PREFIX, net_cidr: str = NET_CIDR) -> Settings:
+    return Settings.from_env({}, data_dir=data_dir, port=free_port(), net_prefix=net_prefix, net_cidr=net_cidr)
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, log_path: Path) -> Iterator[Server]:
-    """A started server with a fresh API key; stopped (SIGTERM) on exit."""
-    settings = isolated_settings(data_dir)
+def running_server(data_dir: Path, log_path: Path, net_prefix: str = NET_PREFIX,
+                   net_cidr: str = NET_CIDR) -> Iterator[Server]:
+    """A started server with a fresh API key; stopped (SIGTERM) on exit. Two servers at once
+    need different data dirs and network prefixes/subnets."""
+    settings = isolated_settings(data_dir, net_prefix, net_cidr)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     key = Database(settings.db_url).create_api_key("tests")
     proc = spawn(settings, log_path)

@@ -1,0 +1,39 @@
+"""Guarantee 2: the gVisor runtime only accepts the rootfs provider's path, never a template's."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sandboxd.runtimes.base import RuntimeSpec
+from sandboxd.runtimes.gvisor import GVisorRuntime
+
+
+def _spec(rootfs: Path, tmp_path: Path) -> RuntimeSpec:
+    return RuntimeSpec(sandbox_id="guard-test", rootfs=rootfs, sandbox_dir=tmp_path / "sbx",
+                       netns_path="/nonexistent", argv=["/bin/true"])
+
+
+def test_refuses_template_storage_and_unmounted_dirs(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    (templates / "b1" / "rootfs").mkdir(parents=True)
+    runtime = GVisorRuntime(tmp_path / "runsc", template_root=templates)
+    with pytest.raises(ValueError, match="template storage"):
+        runtime.start(_spec(templates / "b1" / "rootfs", tmp_path))
+    (tmp_path / "link").symlink_to(templates / "b1")
+    with pytest.raises(ValueError, match="template storage"):
+        runtime.start(_spec(tmp_path / "link" / "rootfs", tmp_path))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(ValueError, match="not a mount point"):
+        runtime.start(_spec(plain, tmp_path))
+    assert runtime.running() == set()
+
+
+def test_statx_shim_is_built(tmp_path: Path) -> None:
+    runtime = GVisorRuntime(tmp_path / "runsc")
+    assert runtime.shim is not None and runtime.shim.stat().st_size > 0
+    symbols = subprocess.run(["nm", "-D", str(runtime.shim)], capture_output=True, text=True).stdout
+    assert " T statx" in symbols
