@@ -83,3 +83,16 @@ def test_sandboxes_reach_neither_each_other_nor_the_host(sdk_env: Server) -> Non
         listener.close()
         a.kill()
         b.kill()
+
+
+def test_envd_runs_in_a_template_without_python_or_libc(sdk_env: Server) -> None:
+    """The tiny template is busybox-static only: envd brings its own interpreter and loader."""
+    from sandboxd.templates.base import build_tiny
+
+    build = build_tiny(TemplateStore(sdk_env.settings.templates_dir), print)
+    Database(sdk_env.settings.db_url).set_template("tiny", build.build_id)
+    with Sandbox.create(template="tiny", timeout=60) as sbx:
+        r = sbx.commands.run("ls /usr/bin/python3 /lib/x86_64-linux-gnu/libc.so.6 2>&1; echo hi from busybox", user="root")
+        assert r.stdout.endswith("hi from busybox\n") and "No such file" in r.stdout
+        sbx.files.write("/root/note", "tiny", user="root")
+        assert sbx.files.read("/root/note", user="root") == "tiny"

@@ -230,7 +230,7 @@ def _busybox_applets() -> list[str]:
 
 
 def make_tiny_rootfs(rootfs: Path) -> None:
-    """busybox-static as /bin/busybox plus applet symlinks (bash → busybox sh), passwd/group with
+    """busybox-static as /bin/busybox plus applet symlinks (and a bash that is sh), passwd/group with
     root and user, network files. No libc, no Python, no envd bundle yet."""
     for d in ("bin", "dev", "etc", "proc", "sys", "root", "run", "opt", "var/tmp", HOME.lstrip("/")):
         (rootfs / d).mkdir(parents=True, exist_ok=True)
@@ -239,8 +239,10 @@ def make_tiny_rootfs(rootfs: Path) -> None:
     os.chmod(rootfs / "root", 0o700)
     shutil.copyfile(BUSYBOX, rootfs / "bin/busybox")
     os.chmod(rootfs / "bin/busybox", 0o755)
-    for applet in [*_busybox_applets(), "bash"]:
+    for applet in _busybox_applets():
         (rootfs / "bin" / applet).symlink_to("busybox")
+    # the SDK runs every command as `/bin/bash -l -c ...`; busybox has no bash applet, so bash is sh
+    _write(rootfs, "bin/bash", '#!/bin/sh\nexec /bin/sh "$@"\n', 0o755)
     (rootfs / "sbin").symlink_to("bin")
     (rootfs / "usr").mkdir()
     for d in ("bin", "sbin"):
