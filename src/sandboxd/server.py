@@ -32,7 +32,7 @@ def make_runtime(settings: Settings) -> Runtime:
         from sandboxd.runtimes.gvisor import GVisorRuntime
 
         return GVisorRuntime(settings.runsc_root, platform=settings.gvisor_platform,
-                             template_root=settings.templates_dir)
+                             template_root=settings.templates_dir, filestore_dir=settings.data_dir / "filestore")
     raise ValueError(f"unknown runtime {settings.runtime!r} (available: gvisor)")
 
 
@@ -79,4 +79,4 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    return SandboxProxy(api, orch.upstream)
+    return SandboxProxy(api, orch.upstream, orch.find_signed)

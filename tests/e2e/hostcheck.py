@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -26,8 +27,17 @@ def runsc_containers(settings: Settings) -> set[str]:
 
 
 def processes_mentioning(text: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
+    """Command lines (read whole from /proc: ``ps`` truncates them) that contain ``text``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(f"{entry.name} {cmdline}")
+    return found
 
 
 def traces(settings: Settings, sandbox_id: str, slot_index: int | None) -> dict[str, object]:

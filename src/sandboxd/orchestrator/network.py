@@ -2,29 +2,39 @@
 
 Slot N of prefix P::
 
-    host (root ns)            slot ns "P-N"                         guest ns "P-N-g"
-    PN-h 10.a.b.(4N+1)/30 ── eth-h 10.a.b.(4N+2)/30
-                              gl 169.254.0.22/30 ─────────────────── eth0 169.254.0.21/30 (runsc)
+    host (ns of this process)  slot ns "P-N"                        guest ns "P-N-g"
+    P-N-h 10.a.b.(4N+1)/30 ─── eth-h 10.a.b.(4N+2)/30
+                               gl 169.254.0.22/30 ─────────────────── eth0 169.254.0.21/30 (runtime)
 
 Why two namespaces: every guest has the same address (169.254.0.21), so snapshots and templates
 never embed a per-sandbox IP; the slot namespace gives each guest a unique, host-routable
 address (its ``host_address``) and DNATs it to the guest. Its forward chain lets only the host's
 connections in: nothing the guest starts leaves the slot (egress is a later, explicit policy).
+
+Why the guest address is put back only between runs: the runtime (gVisor's netstack) owns eth0
+through a packet socket and answers for 169.254.0.21 itself; runsc reads the address from eth0 at
+start and strips it, because a kernel holding it too would answer the guest's connections first,
+with RSTs. So :meth:`SlotPool.restore_guest_address` refuses while a process is in the guest
+namespace, and is called before each start or restore in a reused slot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 GUEST_ADDRESS = "169.254.0.21"
 GATEWAY_ADDRESS = "169.254.0.22"
 NETNS_DIR = Path("/var/run/netns")
+SYS_NET = Path("/sys/class/net")
+_PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,5}")  # "P-16383-h" must fit in 15 chars
 
 
 class NetworkError(RuntimeError):
@@ -34,11 +44,11 @@ class NetworkError(RuntimeError):
 @dataclass(frozen=True)
 class NetworkSlot:
     index: int
-    netns: str
-    guest_netns: str
-    host_address: str
-    host_side_address: str
-    host_veth: str
+    netns: str  # slot namespace
+    guest_netns: str  # the runtime's namespace (eth0 = 169.254.0.21)
+    host_address: str  # what the host dials to reach the guest (DNAT in the slot namespace)
+    host_side_address: str  # the host's end of the slot link (the guest must never reach it)
+    host_veth: str  # "P-N-h": the dashes keep prefixes "ab1" and "ab" apart (ab1-2-h, ab-12-h)
 
     @property
     def guest_netns_path(self) -> str:
@@ -51,26 +61,32 @@ def _run(*argv: str, stdin: str | None = None) -> None:
         raise NetworkError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
-def _nft_rules(slot: NetworkSlot) -> str:
-    """DNAT host → guest; forward only connections the host opened (and their replies)."""
+def _slot_nft(slot: NetworkSlot) -> str:
+    """DNAT host → guest; forward only connections the host opened (and their replies); the
+    slot namespace itself accepts nothing new (the guest must not reach its gateway either)."""
     return f"""
 table ip sbx {{
   chain dnat_to_guest {{ type nat hook prerouting priority dstnat; iifname "eth-h" ip daddr {slot.host_address} dnat to {GUEST_ADDRESS}; }}
-  chain guard_forward {{ type filter hook forward priority filter; policy drop;
+}}
+table inet sbx_guard {{
+  chain forward {{ type filter hook forward priority filter; policy drop;
     ct state established,related accept;
     iifname "eth-h" oifname "gl" ip daddr {GUEST_ADDRESS} accept; }}
-  chain guard_input {{ type filter hook input priority filter; policy drop;
+  chain input {{ type filter hook input priority filter; policy drop;
     ct state established,related accept; iifname "lo" accept; }}
 }}
 """
 
 
 class SlotPool:
-    """Creates and removes slots; indexes are unique per prefix on this host."""
+    """Creates and removes slots; indexes are unique per prefix on this host.
+
+    Two servers on one host need different prefixes *and* different base networks."""
 
     def __init__(self, prefix: str = "sbx", base_cidr: str = "10.213.0.0/16", max_slots: int = 1024) -> None:
-        if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", prefix):
-            raise ValueError("network prefix must be 1-6 lowercase letters/digits (interface names are ≤15 chars)")
+        if not _PREFIX_RE.fullmatch(prefix):
+            raise ValueError("network prefix must be 1-6 lowercase letters/digits starting with a letter "
+                             "(interface names are ≤15 chars)")
         self.prefix = prefix
         self.network = ipaddress.ip_network(base_cidr)
         self.max_slots = min(max_slots, self.network.num_addresses // 4)
@@ -82,29 +98,40 @@ class SlotPool:
         block = self.network.network_address + 4 * index
         return NetworkSlot(index=index, netns=f"{self.prefix}-{index}", guest_netns=f"{self.prefix}-{index}-g",
                            host_address=str(block + 2), host_side_address=str(block + 1),
-                           host_veth=f"{self.prefix}{index}-h")
+                           host_veth=f"{self.prefix}-{index}-h")
 
     def acquire(self) -> NetworkSlot:
-        """Create the lowest free slot; on failure remove whatever was made and raise."""
+        """Create the lowest free slot; on failure remove exactly what this call made and raise
+        :class:`NetworkError` (never anything another process made under the same names, e.g. a
+        leftover host veth, which :meth:`cleanup_stale` removes)."""
         slot = self.slot(self._reserve())
         try:
-            self._create(slot)
+            with contextlib.ExitStack() as undo:
+                self._create(slot, undo.callback)
+                undo.pop_all()
         except BaseException:
-            self._destroy(slot)
             with self._lock:
                 self._reserved.discard(slot.index)
             raise
         return slot
 
     def release(self, slot: NetworkSlot) -> None:
-        """Remove the slot's namespaces (and with them its veths); idempotent."""
-        self._destroy(slot)
+        """Remove the slot's veths and namespaces; idempotent."""
+        _delete_link(slot.host_veth)  # first, synchronously: namespace teardown is asynchronous
+        for ns in (slot.guest_netns, slot.netns):
+            _delete_netns(ns)
         with self._lock:
             self._reserved.discard(slot.index)
 
     def restore_guest_address(self, slot: NetworkSlot) -> None:
-        """runsc moves the guest address into gVisor's netstack and strips it from eth0; put it
-        back before the next start or restore of a sandbox in this slot."""
+        """Put 169.254.0.21/30 and the default route back on the guest's eth0 (idempotent).
+
+        runsc takes them from eth0 at every start or restore and strips them; call this before
+        starting or restoring a sandbox in a slot that had one. Never while one runs: the kernel
+        would then answer for the guest (connections to it get RSTs), so that raises."""
+        if users := _processes_in_netns(slot.guest_netns_path):
+            raise NetworkError(f"{slot.guest_netns} is in use by pids {users[:5]}: the runtime owns the "
+                               "guest address while it runs; restore it before the next start")
         _run("ip", "-n", slot.guest_netns, "-batch", "-", stdin=(
             f"addr replace {GUEST_ADDRESS}/30 dev eth0\nlink set eth0 up\n"
             f"route replace default via {GATEWAY_ADDRESS}\n"))
@@ -116,8 +143,9 @@ class SlotPool:
         return sorted({int(m[1]) for n in names if (m := pattern.match(n))})
 
     def cleanup_stale(self, keep: set[int]) -> list[int]:
-        """Remove every slot of this prefix not in ``keep`` (after a crash); return their indexes."""
-        stale = [i for i in self.existing() if i not in keep]
+        """Remove every slot of this prefix not in ``keep`` (after a crash), including host veths
+        left without a namespace; return the removed indexes. ``keep`` stays reserved."""
+        stale = sorted({i for i in [*self.existing(), *self._host_veth_indexes()] if i not in keep})
         for i in stale:
             self.release(self.slot(i))
         with self._lock:
@@ -135,13 +163,21 @@ class SlotPool:
                     return i
         raise NetworkError(f"all {self.max_slots} network slots are in use")
 
-    def _create(self, s: NetworkSlot) -> None:
-        _run("ip", "netns", "add", s.netns)
-        _run("ip", "netns", "add", s.guest_netns)
+    def _host_veth_indexes(self) -> list[int]:
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-(\d+)-h$")
+        names = os.listdir(SYS_NET) if SYS_NET.is_dir() else []
+        return [int(m[1]) for n in names if (m := pattern.match(n))]
+
+    def _create(self, s: NetworkSlot, on_undo: Callable[..., object]) -> None:
+        """Build the slot; register the undo of each step right after it succeeded, so a failure
+        (e.g. a name clash with an interface someone else made) removes only what this call made."""
+        for ns in (s.netns, s.guest_netns):
+            _run("ip", "netns", "add", ns)
+            on_undo(_delete_netns, ns)
+        _run("ip", "link", "add", s.host_veth, "type", "veth", "peer", "name", "eth-h", "netns", s.netns)
+        on_undo(_delete_link, s.host_veth)  # runs before the namespaces go (LIFO)
         _run("ip", "-batch", "-", stdin=(
-            f"link add {s.host_veth} type veth peer name eth-h netns {s.netns}\n"
-            f"addr add {s.host_side_address}/30 dev {s.host_veth}\n"
-            f"link set {s.host_veth} up\n"))
+            f"addr add {s.host_side_address}/30 dev {s.host_veth}\nlink set {s.host_veth} up\n"))
         _run("ip", "-n", s.netns, "-batch", "-", stdin=(
             f"link set lo up\naddr add {s.host_address}/30 dev eth-h\nlink set eth-h up\n"
             f"link add gl type veth peer name eth0 netns {s.guest_netns}\n"
@@ -150,11 +186,30 @@ class SlotPool:
             f"link set lo up\naddr add {GUEST_ADDRESS}/30 dev eth0\nlink set eth0 up\n"
             f"route add default via {GATEWAY_ADDRESS}\n"))
         _run("ip", "netns", "exec", s.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _run("ip", "netns", "exec", s.netns, "nft", "-f", "-", stdin=_nft_rules(s))
+        _run("ip", "netns", "exec", s.netns, "nft", "-f", "-", stdin=_slot_nft(s))
 
-    def _destroy(self, s: NetworkSlot) -> None:
-        for ns in (s.guest_netns, s.netns):
-            if (NETNS_DIR / ns).exists():
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        if Path(f"/sys/class/net/{s.host_veth}").exists():  # deleting the slot ns normally removes it
-            subprocess.run(["ip", "link", "del", s.host_veth], capture_output=True)
+
+def _delete_netns(name: str) -> None:
+    if (NETNS_DIR / name).exists():
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _delete_link(name: str) -> None:
+    if (SYS_NET / name).exists():
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+def _processes_in_netns(netns_path: str) -> list[int]:
+    """Pids whose network namespace is the one bound at ``netns_path``."""
+    try:
+        target = os.stat(netns_path)
+    except FileNotFoundError:
+        return []
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                st = os.stat(f"/proc/{entry.name}/ns/net")
+                if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                    pids.append(int(entry.name))
+    return pids

@@ -6,9 +6,13 @@ template below is never written, so any number of sandboxes share it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+_MAX_UNMOUNT_PASSES = 8  # stacked mounts on one target need one pass each
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 class RootfsError(RuntimeError):
@@ -17,30 +21,43 @@ class RootfsError(RuntimeError):
 
 @dataclass(frozen=True)
 class OverlayRootfs:
-    lower: Path
-    upper: Path
-    work: Path
-    merged: Path
+    lower: Path  # the template's rootfs: read-only, never written
+    upper: Path  # <sandbox_dir>/upper: every write of the sandbox
+    work: Path  # <sandbox_dir>/work: overlayfs scratch
+    merged: Path  # <sandbox_dir>/rootfs: the only path the runtime gets
 
 
 def _mountinfo_targets() -> list[str]:
+    """Mount points in mount order; mountinfo writes space, tab, newline and backslash as \\ooo."""
     with open("/proc/self/mountinfo") as f:
-        return [line.split()[4].encode().decode("unicode_escape") for line in f]
+        return [_OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), line.split()[4]) for line in f]
 
 
 def is_mounted(path: Path) -> bool:
     return str(Path(path).resolve()) in _mountinfo_targets()
 
 
+def _check_option_safe(path: Path) -> None:
+    """overlayfs options are split on ',' and lowerdir on ':'; such paths would silently mean
+    something else, so refuse them."""
+    if re.search(r"[,:\\\s]", str(path)):
+        raise RootfsError(f"path not usable in overlay options: {path!r}")
+
+
 def mount_overlay(lower: Path, sandbox_dir: Path) -> OverlayRootfs:
     """Mount ``sandbox_dir/rootfs`` = overlay(lower read-only, sandbox_dir/upper)."""
+    lower, sandbox_dir = Path(lower).resolve(), Path(sandbox_dir).resolve()
     if not lower.is_dir():
         raise RootfsError(f"template rootfs {lower} does not exist")
     ov = OverlayRootfs(lower=lower, upper=sandbox_dir / "upper", work=sandbox_dir / "work",
                        merged=sandbox_dir / "rootfs")
+    for p in (ov.lower, ov.upper, ov.work):
+        _check_option_safe(p)
+    if is_mounted(ov.merged):
+        raise RootfsError(f"{ov.merged} is already mounted")
     for d in (ov.upper, ov.work, ov.merged):
         d.mkdir(parents=True, exist_ok=True)
-    opts = f"lowerdir={lower},upperdir={ov.upper},workdir={ov.work}"
+    opts = f"lowerdir={ov.lower},upperdir={ov.upper},workdir={ov.work}"
     proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(ov.merged)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -48,13 +65,21 @@ def mount_overlay(lower: Path, sandbox_dir: Path) -> OverlayRootfs:
     return ov
 
 
+def _mounts_under(root: str) -> list[str]:
+    return [t for t in _mountinfo_targets() if t == root or t.startswith(root + "/")]
+
+
 def unmount_overlay(sandbox_dir: Path) -> None:
-    """Unmount everything under ``sandbox_dir`` (deepest first); idempotent. Falls back to a lazy
-    unmount so a busy mount never blocks cleanup forever."""
+    """Unmount everything under ``sandbox_dir`` (deepest first, so anything mounted inside
+    ``merged`` goes before it); idempotent. Falls back to a lazy unmount so a busy mount never
+    blocks cleanup forever."""
     root = str(Path(sandbox_dir).resolve())
-    targets = [t for t in _mountinfo_targets() if t == root or t.startswith(root + "/")]
-    for target in sorted(set(targets), key=len, reverse=True):
-        if subprocess.run(["umount", target], capture_output=True).returncode != 0:
-            proc = subprocess.run(["umount", "-l", target], capture_output=True, text=True)
-            if proc.returncode != 0 and is_mounted(Path(target)):
-                raise RootfsError(f"cannot unmount {target}: {proc.stderr.strip()}")
+    for _ in range(_MAX_UNMOUNT_PASSES):
+        targets = _mounts_under(root)
+        if not targets:
+            return
+        for target in sorted(set(targets), key=len, reverse=True):
+            if subprocess.run(["umount", target], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", target], capture_output=True)
+    if left := _mounts_under(root):
+        raise RootfsError(f"cannot unmount {left}")

@@ -46,6 +46,9 @@ class Runtime(Protocol):
     def console_log(self, sandbox_dir: Path) -> str:
         """The tail of the sandbox's console output."""
 
+    def disk_usage(self, sandbox_id: str) -> int | None:
+        """Bytes written by the sandbox, when the runtime can tell better than the guest."""
+
 
 def console_tail(sandbox_dir: Path) -> str:
     path = sandbox_dir / CONSOLE_LOG

@@ -7,16 +7,21 @@ How runsc is run on this kind of host (measured, see architecture.md):
   create/start run in a private mount namespace with a tmpfs over ``/proc/sys/net``, and the OCI
   spec names the slot's guest network namespace by path;
 - the console (runsc's and the sandbox's stdout/stderr) goes to ``console.log`` opened with
-  O_APPEND, so writers sharing it never overwrite each other.
+  O_APPEND, so writers sharing it never overwrite each other;
+- runsc reads the guest's address and routes from the guest namespace's eth0 at start (and
+  restore) and then strips them from it, so a slot reused for another start needs
+  ``SlotPool.restore_guest_address`` first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -41,10 +46,14 @@ class GVisorRuntime:
 
     name = "gvisor"
 
-    def __init__(self, state_dir: Path, platform: str = "ptrace", template_root: Path | None = None) -> None:
+    def __init__(self, state_dir: Path, platform: str = "ptrace", template_root: Path | None = None,
+                 filestore_dir: Path | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.platform = platform
+        self.filestore_dir = Path(filestore_dir) if filestore_dir else None
+        if self.filestore_dir:
+            self.filestore_dir.mkdir(parents=True, exist_ok=True)
         self.template_root = Path(template_root).resolve() if template_root else None
         self.shim = build_statx_shim(self.state_dir.parent / "lib")
         self.sudo_wrapper = write_sudo_wrapper(self.state_dir.parent / "lib")
@@ -52,7 +61,12 @@ class GVisorRuntime:
     # -- runsc ---------------------------------------------------------------------------------
 
     def _flags(self) -> list[str]:
-        return ["runsc", "--root", str(self.state_dir), f"--platform={self.platform}", "--network=sandbox"]
+        flags = ["runsc", "--root", str(self.state_dir), f"--platform={self.platform}", "--network=sandbox"]
+        if self.filestore_dir:
+            # gVisor's own overlay over the (host-overlay) root, its upper layer in an unlinked
+            # file in this dir: the gofer cannot store xattrs, this can (file metadata needs them)
+            flags.append(f"--overlay2=root:{self.filestore_dir}")
+        return flags
 
     def _runsc(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self._flags(), *args], capture_output=True, text=True, check=check)
@@ -81,21 +95,78 @@ class GVisorRuntime:
             self.stop(spec.sandbox_id)
             why = "timed out" if proc is None else f"exit code {proc.returncode}"
             console = console_tail(spec.sandbox_dir)
-            raise RuntimeStartError(f"runsc create/start failed ({why})", console)
+            raise RuntimeStartError(f"runsc create/start failed ({why}); console:\n{console}", console)
 
     def stop(self, sandbox_id: str) -> None:
-        if not (self.state_dir / sandbox_id).exists() and sandbox_id not in self.running():
-            return
-        for attempt in range(3):  # a concurrent runsc on the same root can briefly hold its lock
+        """Kill the sandbox's host processes, then let runsc delete its state; verified.
+
+        runsc alone is not enough under load: concurrent runsc calls on one root contend for its
+        lock, and a failed ``delete`` must never let teardown go on to unmount a rootfs under a
+        sandbox that still runs."""
+        for pid in self._host_pids(sandbox_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        res = None
+        for attempt in range(5):
+            if not any(self.state_dir.glob(f"*:{sandbox_id}.state")):  # "<sandbox>_sandbox:<id>.state"
+                break
             res = self._runsc("delete", "--force", sandbox_id)
-            if res.returncode == 0 or sandbox_id not in self.running():
-                return
+            if res.returncode == 0:
+                break
             time.sleep(0.2 * (attempt + 1))
-        log.warning("runsc delete %s failed: %s", sandbox_id, (res.stderr or res.stdout).strip())
+        deadline = time.monotonic() + 10
+        while (left := self._host_pids(sandbox_id)) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        if left:
+            raise RuntimeError(f"sandbox {sandbox_id} processes {left} survive SIGKILL")
+        if res is not None and res.returncode != 0:
+            log.warning("runsc delete %s failed (processes are gone): %s", sandbox_id,
+                        (res.stderr or res.stdout).strip()[-500:])
+
+    @staticmethod
+    def _host_pids(sandbox_id: str) -> list[int]:
+        """runsc's sandbox and gofer processes of this sandbox (ids are unique random names)."""
+        needle = sandbox_id.encode()
+        pids = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if cmdline.startswith(b"runsc") and needle in cmdline:
+                pids.append(int(entry.name))
+        return pids
 
     def running(self) -> set[str]:
+        """Containers runsc knows. Raises if runsc cannot tell: recovery must never mistake
+        "could not list" for "none are running" and tear live sandboxes down."""
         res = self._runsc("list", "-quiet")
+        if res.returncode != 0:
+            raise RuntimeError(f"runsc list failed: {res.stderr.strip()[-500:]}")
         return {line.strip() for line in res.stdout.splitlines() if line.strip()}
+
+    def disk_usage(self, sandbox_id: str) -> int | None:
+        """Bytes the sandbox has written: the allocated size of its (unlinked) overlay filestore,
+        found among the sandbox process's open files. None without a filestore."""
+        if not self.filestore_dir:
+            return None
+        res = self._runsc("state", sandbox_id)
+        try:
+            pid = json.loads(res.stdout)["pid"]
+            fd_dir = Path(f"/proc/{pid}/fd")
+            prefix = str(self.filestore_dir.resolve()) + "/"
+            for fd in fd_dir.iterdir():
+                if os.readlink(fd).startswith(prefix):
+                    return os.stat(fd).st_blocks * 512
+        except (ValueError, KeyError, OSError):
+            return None
+        return 0
 
     def console_log(self, sandbox_dir: Path) -> str:
         return console_tail(sandbox_dir)
@@ -149,8 +220,19 @@ class GVisorRuntime:
             "linux": {
                 "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                                {"type": "network", "path": spec.netns_path}],
+                "resources": resources(spec),
             },
         }
+
+
+def resources(spec: RuntimeSpec) -> dict:
+    """Memory limit and CPU quota. runsc (cgroups v1 hybrid here) puts the sandbox and gofer in a
+    cgroup named after the sandbox id, applies these to it, tells the guest the memory size
+    (``--total-memory``) and removes the cgroup on delete. The guest still sees the host's CPU
+    count (``--cpu-num-from-quota`` would round it up to at least 2)."""
+    period = 100_000
+    return {"memory": {"limit": spec.memory_mb * 1024 * 1024},
+            "cpu": {"quota": spec.cpu_count * period, "period": period}}
 
 
 def build_statx_shim(lib_dir: Path) -> Path | None:

@@ -1,0 +1,51 @@
+"""Fixtures shared by the orchestrator and runtime tests: a private network slot pool.
+
+Why a random prefix *and* a random /16: a developer's server (sbx, 10.213/16) and the e2e server
+(sbt, 10.214/16) may run on this host at the same time; a test pool must collide with neither
+their names nor their routes, and must clean up only what it made.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from sandboxd.orchestrator.network import SlotPool
+
+_RESERVED_SECOND_OCTETS = {213, 214}  # the default server and the e2e server
+
+
+def _used_second_octets() -> set[int]:
+    out = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    out += subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    return {int(word.split(".")[1]) for word in out.split() if word.startswith("10.") and word.count(".") >= 3}
+
+
+@pytest.fixture
+def net_prefix() -> str:
+    """``sbt`` + three random letters (≤6 chars), never the e2e server's prefix."""
+    return "sbt" + "".join(random.choices(string.ascii_lowercase, k=3))
+
+
+@pytest.fixture
+def net_cidr() -> str:
+    """A 10.X.0.0/16 (X in 200..250) that no route or address on this host uses right now."""
+    free = sorted(set(range(200, 251)) - _RESERVED_SECOND_OCTETS - _used_second_octets())
+    if not free:
+        pytest.skip("no free 10.200-250.0.0/16 network on this host")
+    return f"10.{random.choice(free)}.0.0/16"
+
+
+@pytest.fixture
+def slot_pool(net_prefix: str, net_cidr: str) -> Iterator[SlotPool]:
+    """A pool that leaves no slot of its prefix behind, whatever the test did."""
+    pool = SlotPool(prefix=net_prefix, base_cidr=net_cidr)
+    try:
+        yield pool
+    finally:
+        pool.cleanup_stale(set())
+        assert pool.existing() == [], "slots of the test prefix survived cleanup"
