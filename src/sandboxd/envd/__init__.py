@@ -7,7 +7,7 @@ depends only on the stdlib, uvicorn (h11), connectrpc and protobuf-py.
 """
 
 #: The envd protocol level we advertise to the SDK, which gates features on it (table 3.7 of the
-#: protocol note). 0.5.7 unlocks close_stdin and octet-stream/gzip uploads, which are tested; 0.6.4+
-#: (file metadata, watch entries, ...) is claimed only once the whole of issue 3 is verified.
-ENVD_VERSION = "0.5.7"
+#: protocol note). 0.6.4 unlocks every SDK feature; each is tested through the real SDK
+#: (tests/e2e/test_envd_protocol.py). Lower it to switch features off deliberately.
+ENVD_VERSION = "0.6.4"
 DEFAULT_PORT = 49983

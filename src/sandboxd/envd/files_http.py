@@ -8,6 +8,7 @@ create belong to the requesting user (``username`` query parameter, else the def
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -120,8 +121,10 @@ class FilesHandler:
             try:
                 async for chunk in body:
                     writer.write(chunk)
-            finally:
-                writer.close()
+            except BaseException:
+                writer.discard()
+                raise
+            writer.close()
             written = [writer.finish(metadata)]
         if not written:
             raise HTTPError(400, "no file in request")
@@ -156,8 +159,8 @@ class FilesHandler:
         except MultipartError as e:
             raise HTTPError(400, f"invalid multipart body: {e}") from e
         finally:
-            if writer is not None:
-                writer.close()
+            if writer is not None:  # a part that did not end: incomplete
+                writer.discard()
         if not parser.finished:
             raise HTTPError(400, "invalid multipart body: missing closing boundary")
         return written
@@ -195,6 +198,7 @@ class _FileWriter:
             if os.path.isdir(path):
                 raise HTTPError(400, f"path '{path}' is a directory")
             makedirs_owned(os.path.dirname(path), user)
+            self._created = not os.path.lexists(path)
             self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise HTTPError(_os_error_status(e), f"cannot write '{path}': {e.strerror}") from e
@@ -212,6 +216,15 @@ class _FileWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def discard(self) -> None:
+        """The upload failed: close, and remove the file if this upload created it (a partial new
+        file must not look like a finished one; an existing file was truncated in place, as
+        upstream envd does)."""
+        self.close()
+        if self._created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     def finish(self, metadata: dict[str, str]) -> dict[str, Any]:
         """Own the file, store metadata xattrs, and describe it for the response."""
