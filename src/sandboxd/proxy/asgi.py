@@ -18,10 +18,12 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
 
 import httpx
 
+from sandboxd.proxy.websocket import relay_websocket
 from sandboxd.templates.envd_bundle import ENVD_PORT
 
 log = logging.getLogger("sandboxd.proxy")
@@ -43,8 +45,34 @@ class ClientDisconnected(Exception):
     pass
 
 
+class SignedFinder(Protocol):
+    def __call__(self, path: str, operation: str, username: str, signature: str,
+                 expiration: int | None) -> str | None: ...
+
+
+def _files_params(scope: Scope) -> dict[str, str]:
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+
+
+def _is_signed_files(scope: Scope) -> bool:
+    return scope.get("path") == "/files" and bool(_files_params(scope).get("signature"))
+
+
+def signed_files_route(scope: Scope, find_signed: SignedFinder) -> tuple[str, int] | None:
+    """A pre-signed ``/files`` URL (no sandbox headers): the signature names the sandbox."""
+    if not _is_signed_files(scope) or scope.get("method") not in ("GET", "POST"):
+        return None
+    params = _files_params(scope)
+    signature = params["signature"]
+    raw_exp = params.get("signature_expiration")
+    expiration = int(raw_exp) if raw_exp and raw_exp.isdigit() else None
+    operation = "read" if scope["method"] == "GET" else "write"
+    sandbox_id = find_signed(params.get("path", ""), operation, params.get("username", ""), signature, expiration)
+    return (sandbox_id, ENVD_PORT) if sandbox_id else None
+
+
 def route_of(scope: Scope) -> tuple[str, int] | None:
-    """(sandbox id, port) if this request is for a sandbox, else None."""
+    """(sandbox id, port) if this request (HTTP or websocket) is for a sandbox, else None."""
     headers = {k.lower(): v for k, v in scope.get("headers", [])}
     sandbox_id = headers.get(b"e2b-sandbox-id")
     if sandbox_id:
@@ -64,9 +92,10 @@ def _port(raw: str) -> int:
 class SandboxProxy:
     """ASGI middleware: sandbox traffic to the sandbox, the rest to ``app``."""
 
-    def __init__(self, app: ASGIApp, resolve: Resolver) -> None:
+    def __init__(self, app: ASGIApp, resolve: Resolver, find_signed: SignedFinder | None = None) -> None:
         self.app = app
         self.resolve = resolve
+        self.find_signed = find_signed
         self._pools: dict[str, tuple[str, httpx.AsyncClient]] = {}
         self._last_sweep = 0.0
 
@@ -96,7 +125,13 @@ class SandboxProxy:
                 asyncio.ensure_future(client.aclose())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and (ws_route := route_of(scope)) is not None:
+            return await self._websocket(scope, receive, send, *ws_route)
         route = route_of(scope) if scope["type"] == "http" else None
+        if route is None and scope["type"] == "http" and self.find_signed is not None:
+            route = signed_files_route(scope, self.find_signed)
+            if route is None and _is_signed_files(scope):
+                return await _error(send, 401, "invalid signature: it matches no running sandbox")
         if route is None:
             if scope["type"] == "lifespan":
                 return await self._lifespan(scope, receive, send)
@@ -112,6 +147,15 @@ class SandboxProxy:
         self._sweep()
         await self._forward(scope, receive, send, self._pool(sandbox_id, address), f"http://{address}:{port}",
                             sandbox_id, port)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
+        address = self.resolve(sandbox_id)
+        if address is None or port < 0:
+            await receive()
+            return await send({"type": "websocket.close", "code": 1008, "reason": "The sandbox was not found"})
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        await relay_websocket(scope, receive, send, f"ws://{address}:{port}{path}" + (f"?{query}" if query else ""))
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan to the app, and close our upstream pool when it has shut down."""
