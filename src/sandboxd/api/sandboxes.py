@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated
 from urllib.parse import parse_qsl, unquote
 
@@ -19,6 +19,7 @@ from sandboxd.api.auth import require_api_key
 from sandboxd.api.errors import ApiError
 from sandboxd.api.models import ConnectBody, NewSandbox, TimeoutBody, detail_json, iso, listed_json, sandbox_json
 from sandboxd.config import Settings
+from sandboxd.orchestrator.envd_client import EnvdNotReady, fetch_metrics
 from sandboxd.orchestrator.sandboxes import CreateRequest, Orchestrator, SandboxError
 from sandboxd.store.db import SandboxRow
 
@@ -115,6 +116,32 @@ def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSO
     if row is None:
         raise ApiError(404, f"sandbox '{sandbox_id}' not found")
     return JSONResponse(sandbox_json(row, _settings(request).domain), status_code=200)
+
+
+@router.get("/sandboxes/{sandbox_id}/metrics")
+def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None, end: int | None = None) -> list[dict]:
+    """One live sample from envd (no history is kept yet); empty if it falls outside [start, end]."""
+    row = _visible(_orchestrator(request), sandbox_id)
+    address = _orchestrator(request).upstream(sandbox_id)
+    if address is None:
+        return []
+    try:
+        m = fetch_metrics(address, row.envd_access_token)
+    except EnvdNotReady as exc:
+        raise ApiError(502, str(exc)) from exc
+    disk_used, disk_total = m["disk_used"], m["disk_total"]
+    written = _orchestrator(request).runtime.disk_usage(sandbox_id)
+    if written is not None:  # the guest's statvfs of an in-sandbox overlay is meaningless
+        disk_used, disk_total = written, row.disk_size_mb * 1024 * 1024
+    ts = int(m["ts"])
+    if (start is not None and ts < start) or (end is not None and ts > end):
+        return []
+    return [{
+        "timestamp": iso(datetime.fromtimestamp(ts, timezone.utc)), "timestampUnix": ts,
+        "cpuCount": m["cpu_count"], "cpuUsedPct": m["cpu_used_pct"],
+        "memUsed": m["mem_used"], "memTotal": m["mem_total"], "memCache": m["mem_cache"],
+        "diskUsed": disk_used, "diskTotal": disk_total,
+    }]
 
 
 @router.post("/sandboxes/{sandbox_id}/pause")

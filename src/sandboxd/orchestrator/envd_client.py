@@ -63,3 +63,14 @@ def init_envd(address: str, access_token: str, env_vars: dict[str, str]) -> None
         raise EnvdNotReady(f"envd /init failed: {exc}") from exc
     if r.status_code != 204:
         raise EnvdNotReady(f"envd /init answered {r.status_code}: {r.text[:500]}")
+
+
+def fetch_metrics(address: str, access_token: str) -> dict:
+    """envd's ``GET /metrics`` (CPU, memory and disk of the sandbox as it sees them)."""
+    try:
+        r = httpx.get(f"{envd_url(address)}/metrics", headers={"X-Access-Token": access_token}, timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise EnvdNotReady(f"envd /metrics failed: {exc}") from exc
+    if r.status_code != 200:
+        raise EnvdNotReady(f"envd /metrics answered {r.status_code}: {r.text[:300]}")
+    return r.json()

@@ -8,6 +8,7 @@ what was made (no leaked namespaces, mounts or processes) and the client gets th
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import secrets
 import threading
@@ -21,6 +22,7 @@ from typing import TypeVar
 
 from sandboxd.config import Settings
 from sandboxd.envd import ENVD_VERSION
+from sandboxd.envd.auth import file_signature
 from sandboxd.orchestrator.envd_client import EnvdNotReady, init_envd, wait_healthy
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
 from sandboxd.orchestrator.rootfs import RootfsError, is_mounted, mount_overlay, unmount_overlay
@@ -71,6 +73,7 @@ class Orchestrator:
         self.runtime = runtime
         self.slots = slots
         self._routes: dict[str, str] = {}  # sandbox id → host address, read by the proxy per request
+        self._tokens: dict[str, str] = {}  # sandbox id → envd access token (signed file URLs)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
@@ -81,6 +84,19 @@ class Orchestrator:
     def upstream(self, sandbox_id: str) -> str | None:
         """The address the proxy dials for this sandbox, or None if it is not running here."""
         return self._routes.get(sandbox_id)
+
+    def find_signed(self, path: str, operation: str, username: str, signature: str,
+                    expiration: int | None) -> str | None:
+        """The sandbox whose envd token produced this pre-signed ``/files`` URL signature.
+
+        ``download_url()``/``upload_url()`` carry no sandbox id (with ``E2B_SANDBOX_URL`` they
+        point at the shared proxy), so the signature itself identifies the sandbox. envd checks
+        it again, expiration included."""
+        for sandbox_id, token in list(self._tokens.items()):
+            expected = file_signature(path, operation, username, token, expiration)
+            if hmac.compare_digest(expected.encode(), signature.encode()):
+                return sandbox_id
+        return None
 
     def sandbox_dir(self, sandbox_id: str) -> Path:
         return self.settings.sandboxes_dir / sandbox_id
@@ -138,6 +154,7 @@ class Orchestrator:
             row = self.db.update_sandbox(sandbox_id, state="running")
             assert row is not None
             self._routes[sandbox_id] = slot.host_address
+            self._tokens[sandbox_id] = token
             undo.pop_all()
         log.info("sandbox %s (%s) ready in %.2fs", sandbox_id, alias, time.monotonic() - started)
         return row
@@ -175,6 +192,7 @@ class Orchestrator:
             if row is None:
                 return False
             self._routes.pop(sandbox_id, None)
+            self._tokens.pop(sandbox_id, None)
             self.db.delete_sandbox(sandbox_id)
         with self._locks_guard:
             self._locks.pop(sandbox_id, None)
@@ -244,6 +262,7 @@ class Orchestrator:
                      and row.slot_index in slots_present and is_mounted(self.sandbox_dir(row.sandbox_id) / "rootfs"))
             if alive:
                 self._routes[row.sandbox_id] = row.host_address
+                self._tokens[row.sandbox_id] = row.envd_access_token
                 reattached.append(row.sandbox_id)
             else:
                 self._teardown(row.sandbox_id, row.slot_index)
