@@ -19,21 +19,9 @@ from .hostcheck import netns_names, runsc_containers
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def own_data_dir(tmp_path: Path, data_dir: Path) -> Path:
-    """A data dir of its own (its own database and sandboxes) sharing the cached template builds."""
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "templates").symlink_to(data_dir / "templates")
-    base = Database(f"sqlite:///{data_dir / 'db.sqlite'}").find_template("base")
-    assert base is not None
-    Database(f"sqlite:///{d / 'db.sqlite'}").set_template("base", base.build_id)
-    return d
-
-
-def test_restart_after_kill_9_reattaches_or_cleans_up(own_data_dir: Path, tmp_path: Path) -> None:
+def test_restart_after_kill_9_reattaches_or_cleans_up(data_dir: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "server.log"
-    with running_server(own_data_dir, log_path, net_prefix="sbr", net_cidr="10.217.0.0/16") as server:
+    with running_server(data_dir, log_path) as server:
         with sdk_pointed_at(server):
             survivor = Sandbox.create(timeout=300)
             victim = Sandbox.create(timeout=300)
@@ -65,5 +53,7 @@ def _check_recovered(server: Server, survivor_id: str, victim_id: str) -> None:
         assert not (server.settings.sandboxes_dir / victim_id).exists()
         row = db.get_sandbox(survivor_id)
         assert row is not None
-        assert {n for n in netns_names() if n.startswith("sbr-")} == {f"sbr-{row.slot_index}", f"sbr-{row.slot_index}-g"}
+        prefix = server.settings.net_prefix
+        assert {n for n in netns_names() if n.startswith(f"{prefix}-")} == {f"{prefix}-{row.slot_index}",
+                                                                            f"{prefix}-{row.slot_index}-g"}
         assert again.kill()

@@ -1,16 +1,21 @@
 """Run a real sandboxd server as a subprocess, for end-to-end tests and benchmarks.
 
-It uses its own network prefix and subnet, so it can run beside a developer's server on one host.
+Each server gets its own data dir (sharing the template store), network prefix and subnet, so
+test runs, benchmarks and a developer's server can share one host without touching each other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
+import re
+import string
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +25,8 @@ import httpx
 
 from sandboxd.config import Settings
 from sandboxd.store.db import Database
+from sandboxd.templates.store import BuildError, remove_tree
 
-NET_PREFIX = "sbt"
-NET_CIDR = "10.214.0.0/16"
 SDK_ENV_KEYS = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DEBUG", "E2B_DOMAIN")
 
 
@@ -84,17 +88,33 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
-def isolated_settings(data_dir: Path, net_prefix: str = NET_PREFIX, net_cidr: str = NET_CIDR) -> Settings:
-    return Settings.from_env({}, data_dir=data_dir, port=free_port(), net_prefix=net_prefix, net_cidr=net_cidr)
+def unique_network() -> tuple[str, str]:
+    """A network prefix and /16 no other server on this host uses: test servers started by
+    concurrent test runs must never clean up each other's slots."""
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    taken = {int(m) for m in re.findall(r"inet 10\.(\d+)\.", used)}
+    free = [n for n in range(100, 200) if n not in taken]
+    second = random.choice(free)
+    return "t" + "".join(random.choices(string.ascii_lowercase + string.digits, k=4)), f"10.{second}.0.0/16"
+
+
+def run_dir(shared_data_dir: Path) -> Path:
+    """A data dir of one server's own (database, sandboxes, runsc state) whose template store is
+    the shared, content-addressed one (builds are safe to share: never mutated, keyed by inputs)."""
+    shared_data_dir.mkdir(parents=True, exist_ok=True)
+    (shared_data_dir / "templates").mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="run-", dir=shared_data_dir))
+    (d / "templates").symlink_to(shared_data_dir / "templates")
+    return d
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, log_path: Path, net_prefix: str = NET_PREFIX,
-                   net_cidr: str = NET_CIDR) -> Iterator[Server]:
-    """A started server with a fresh API key; stopped (SIGTERM) on exit. Two servers at once
-    need different data dirs and network prefixes/subnets."""
-    settings = isolated_settings(data_dir, net_prefix, net_cidr)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+def running_server(shared_data_dir: Path, log_path: Path) -> Iterator[Server]:
+    """A started server with its own data dir, network prefix and a fresh API key; stopped
+    (SIGTERM, which drains teardowns) and its data dir removed on exit."""
+    prefix, cidr = unique_network()
+    data_dir = run_dir(shared_data_dir)
+    settings = Settings.from_env({}, data_dir=data_dir, port=free_port(), net_prefix=prefix, net_cidr=cidr)
     key = Database(settings.db_url).create_api_key("tests")
     proc = spawn(settings, log_path)
     url = f"http://127.0.0.1:{settings.port}"
@@ -103,6 +123,10 @@ def running_server(data_dir: Path, log_path: Path, net_prefix: str = NET_PREFIX,
         yield Server(url, key, settings, proc, log_path)
     finally:
         stop(proc)
+        try:
+            remove_tree(data_dir)
+        except (BuildError, OSError) as exc:
+            print(f"left {data_dir} in place: {exc}")
 
 
 @contextlib.contextmanager
