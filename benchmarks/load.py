@@ -1,0 +1,103 @@
+"""Load test (bounded, loopback only): create and kill 50 sandboxes with 8 in flight.
+
+Prints errors (must be 0), create p50/p95, and the host memory (PSS) per idle sandbox, measured
+over 10 idle sandboxes by summing the proportional set size of every host process that belongs
+to them (gVisor's sandbox and gofer processes name the sandbox id on their command line).
+
+Usage: benchmarks/run load [TOTAL] [IN_FLIGHT]   (default 50 8; needs root)
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sandboxd.testing.server import running_server, sdk_pointed_at
+
+DATA_DIR = Path(os.environ.get("SANDBOXD_BENCH_DATA_DIR", "/var/lib/sandboxd-test"))
+
+
+def one_cycle() -> float:
+    from e2b import Sandbox
+
+    t0 = time.perf_counter()
+    sbx = Sandbox.create(timeout=120)
+    took = time.perf_counter() - t0
+    assert sbx.commands.run("echo ok").stdout == "ok\n"
+    sbx.kill()
+    return took
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def memory_per_idle_sandbox(n: int = 10) -> float:
+    """MiB of host PSS per idle sandbox (processes whose command line names a sandbox id)."""
+    from e2b import Sandbox
+
+    sandboxes = [Sandbox.create(timeout=300) for _ in range(n)]
+    try:
+        time.sleep(3)  # let start-up garbage settle
+        ids = {s.sandbox_id for s in sandboxes}
+        total = 0
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if any(i in cmdline for i in ids):
+                total += pss_kib(pid)
+        return total / 1024 / n
+    finally:
+        for s in sandboxes:
+            s.kill()
+
+
+def main() -> None:
+    total = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    in_flight = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+    log_path = Path(tempfile.mkdtemp(prefix="sbx-load-")) / "server.log"
+    errors: list[str] = []
+    times: list[float] = []
+    with running_server(DATA_DIR, log_path) as server, sdk_pointed_at(server):
+        started = time.perf_counter()
+        with ThreadPoolExecutor(in_flight) as pool:
+            for fut in [pool.submit(one_cycle) for _ in range(total)]:
+                try:
+                    times.append(fut.result())
+                except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
+                    errors.append(f"{type(exc).__name__}: {exc}"[:300])
+        wall = time.perf_counter() - started
+        mem = memory_per_idle_sandbox()
+    print(f"\nsandboxd load test — {total} create+run+kill cycles, {in_flight} in flight, gVisor (ptrace)\n")
+    print("| measurement                     | value      |")
+    print("|---------------------------------|------------|")
+    print(f"| errors                          | {len(errors):>10} |")
+    if times:
+        ordered = sorted(times)
+        p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        print(f"| create p50 (ms)                 | {statistics.median(times) * 1000:>10.0f} |")
+        print(f"| create p95 (ms)                 | {p95 * 1000:>10.0f} |")
+    print(f"| wall time (s)                   | {wall:>10.1f} |")
+    print(f"| cycles per second               | {total / wall:>10.2f} |")
+    print(f"| host PSS per idle sandbox (MiB) | {mem:>10.1f} |")
+    for e in errors[:10]:
+        print("error:", e)
+    sys.exit(1 if errors else 0)
+
+
+if __name__ == "__main__":
+    main()
