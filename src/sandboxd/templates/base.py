@@ -193,12 +193,14 @@ def base_inputs(mirror: str | None = None, envd_hash: str | None = None,
                               ("envd_check", envd_check)))
 
 
-def build_base(store: TemplateStore, log: LogFn, *, envd_check: str = "health") -> Build:
+def build_base(store: TemplateStore, log: LogFn, *, envd_check: str = "health",
+               envd_hash: str | None = None) -> Build:
     """The ``base`` template: cached if its build id exists and verifies, else built (~40 s).
 
     ``envd_check`` is the build gate (see :func:`check_envd_starts`); only "health" is for
-    production, and it is part of the build id."""
-    inputs = base_inputs(envd_check=envd_check)
+    production, and it is part of the build id. ``envd_hash`` saves recomputing the bundle's
+    hash when the caller has it already (the bundle itself is checked against it)."""
+    inputs = base_inputs(envd_hash=envd_hash, envd_check=envd_check)
 
     def builder(rootfs: Path, blog: LogFn) -> None:
         debootstrap(rootfs, inputs.packages, inputs.mirror, blog)

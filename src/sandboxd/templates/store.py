@@ -227,11 +227,14 @@ class TemplateStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def build(self, inputs: BuildInputs, builder: Builder, log: LogFn) -> Build:
+    def build(self, inputs: BuildInputs, builder: Builder, log: LogFn,
+              extra_meta: dict[str, Any] | None = None) -> Build:
         """The build for ``inputs``: the published one if it exists and verifies, else a fresh one.
 
         ``builder(rootfs_dir, log)`` fills the empty ``rootfs_dir`` and raises on failure, including
-        when its own checks (e.g. "envd starts") fail. Nothing is published unless it returns."""
+        when its own checks (e.g. "envd starts") fail. Nothing is published unless it returns.
+        ``extra_meta`` adds descriptive keys to meta.json (anything that decides the bytes must be
+        in ``inputs``, which the build id covers)."""
         build_id = inputs.build_id
         with self._lock(build_id):
             if self.exists(build_id):
@@ -239,7 +242,7 @@ class TemplateStore:
                     log(f"template {inputs.name}: cached build {build_id} verified")
                     return self.get(build_id)
                 self._quarantine(build_id, log)
-            return self._build_locked(build_id, inputs, builder, log)
+            return self._build_locked(build_id, inputs, builder, log, extra_meta or {})
 
     def remove(self, build_id: str) -> bool:
         """Delete a build (garbage collection; the caller makes sure no sandbox uses it). It is
@@ -257,7 +260,8 @@ class TemplateStore:
         log(f"build {build_id} failed verification; moved to {dest} and rebuilding")
         os.rename(self.path(build_id), dest)
 
-    def _build_locked(self, build_id: str, inputs: BuildInputs, builder: Builder, log: LogFn) -> Build:
+    def _build_locked(self, build_id: str, inputs: BuildInputs, builder: Builder, log: LogFn,
+                      extra_meta: dict[str, Any]) -> Build:
         for stale in (self.root / ".tmp").glob(f"{build_id}-*"):
             remove_tree(stale)  # left by a crashed builder of this id; we hold the id's lock
         tmp = self.root / ".tmp" / f"{build_id}-{secrets.token_hex(4)}"
@@ -289,6 +293,7 @@ class TemplateStore:
             duration = time.time() - started
             blog(f"built in {duration:.1f}s: {checksum['files']} files, {checksum['bytes'] / 1e6:.1f} MB")
         meta = {
+            **extra_meta,
             "build_id": build_id,
             "name": inputs.name,
             "inputs": inputs.to_json(),

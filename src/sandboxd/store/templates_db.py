@@ -1,0 +1,218 @@
+"""Template build records: status, log entries and tags (same engine and ``Base`` as db.py).
+
+Two ids, on purpose: the SDK's ``buildID`` is a request id (a UUID handed out by
+``POST /v3/templates`` before any step is known), while the build itself is identified by its
+content hash in the template store (``store_build_id``). A tag or alias always points at a
+content id, so it can only ever name bytes that were built and verified.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import JSON, DateTime, Integer, String, Text, delete, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from sandboxd.store.db import Base, Database, SandboxRow, TemplateAlias, new_id, utcnow
+
+DEFAULT_TAG = "default"
+ACTIVE = ("waiting", "building")
+
+
+class TemplateBuildRow(Base):
+    """One build request and how it went."""
+
+    __tablename__ = "template_builds"
+    build_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    template_id: Mapped[str] = mapped_column(String(64), index=True)
+    alias: Mapped[str] = mapped_column(String(200))
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(16))  # waiting | building | ready | error
+    store_build_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reason_step: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    cpu_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class TemplateBuildLog(Base):
+    """One log entry of a build; ``id`` gives the order the status endpoint serves them in."""
+
+    __tablename__ = "template_build_logs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    build_id: Mapped[str] = mapped_column(String(64), index=True)
+    timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(Text)
+    step: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class TemplateTagRow(Base):
+    """``name:tag`` → the build it names (request id for the SDK, content id for sandboxes)."""
+
+    __tablename__ = "template_tags"
+    template_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(200), primary_key=True)
+    build_id: Mapped[str] = mapped_column(String(64))
+    store_build_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    timestamp: datetime
+    level: str
+    message: str
+    step: str | None
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``name:tag`` → (name, tag); a plain name has no tag."""
+    alias, sep, tag = name.partition(":")
+    return alias, (tag if sep else None)
+
+
+class TemplateBuilds:
+    """Repository for build requests, their logs and tags."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        Base.metadata.create_all(db.engine)  # our tables, if this database predates them
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def template_id_for(self, alias: str) -> str:
+        """The template's id: the alias's, or one already handed out for a first build of it."""
+        with self.db.session() as s:
+            row = s.scalars(select(TemplateAlias).where(TemplateAlias.alias == alias)).first()
+            if row is not None:
+                return row.template_id
+            pending = s.scalars(select(TemplateBuildRow.template_id).where(TemplateBuildRow.alias == alias)
+                                .order_by(TemplateBuildRow.created_at)).first()
+            return pending or new_id()
+
+    def new_build(self, alias: str, tags: list[str], cpu_count: int | None = None,
+                  memory_mb: int | None = None) -> TemplateBuildRow:
+        row = TemplateBuildRow(build_id=str(uuid.uuid4()), template_id=self.template_id_for(alias), alias=alias,
+                               tags=tags, status="waiting", cpu_count=cpu_count, memory_mb=memory_mb)
+        with self.db.session() as s:
+            s.add(row)
+        return row
+
+    def get(self, build_id: str) -> TemplateBuildRow | None:
+        with self.db.session() as s:
+            return s.get(TemplateBuildRow, build_id)
+
+    def set_status(self, build_id: str, status: str, *, store_build_id: str | None = None,
+                   reason: str | None = None, step: str | None = None) -> None:
+        with self.db.session() as s:
+            row = s.get(TemplateBuildRow, build_id)
+            if row is None:
+                return
+            row.status = status
+            if store_build_id is not None:
+                row.store_build_id = store_build_id
+            if reason is not None:
+                row.reason, row.reason_step = reason, step
+            if status in ("ready", "error"):
+                row.finished_at = utcnow()
+
+    def active(self) -> list[TemplateBuildRow]:
+        with self.db.session() as s:
+            return list(s.scalars(select(TemplateBuildRow).where(TemplateBuildRow.status.in_(ACTIVE))))
+
+    # -- logs ----------------------------------------------------------------------------------
+
+    def add_log(self, build_id: str, level: str, message: str, step: str | None = None) -> None:
+        with self.db.session() as s:
+            s.add(TemplateBuildLog(build_id=build_id, level=level, message=message, step=step))
+
+    def logs(self, build_id: str, offset: int = 0, limit: int = 100) -> list[LogEntry]:
+        with self.db.session() as s:
+            rows = s.scalars(select(TemplateBuildLog).where(TemplateBuildLog.build_id == build_id)
+                             .order_by(TemplateBuildLog.id).offset(offset).limit(limit))
+            return [LogEntry(r.timestamp, r.level, r.message, r.step) for r in rows]
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def publish(self, build_id: str, store_build_id: str, runtime: str | None) -> None:
+        """A finished build: its tags point at it; the default tag also moves the alias (what
+        ``Sandbox.create(name)`` starts). A template's first build makes the template exist even
+        under another tag (``name`` then starts that build until a default is built or tagged)."""
+        row = self.get(build_id)
+        assert row is not None
+        for tag in row.tags:
+            self._set_tag(row.template_id, tag, build_id, store_build_id)
+        if DEFAULT_TAG in row.tags or self.db.find_template(row.alias) is None:
+            self.set_alias(row.alias, row.template_id, store_build_id, runtime)
+        self.set_status(build_id, "ready", store_build_id=store_build_id)
+
+    def set_alias(self, alias: str, template_id: str, store_build_id: str, runtime: str | None) -> None:
+        """Like ``Database.set_template`` but keeps the template id the SDK was given."""
+        with self.db.session() as s:
+            row = s.scalars(select(TemplateAlias).where(TemplateAlias.alias == alias)).first()
+            if row is None:
+                s.add(TemplateAlias(template_id=template_id, alias=alias, build_id=store_build_id, runtime=runtime))
+            else:
+                row.build_id, row.runtime, row.updated_at = store_build_id, runtime, utcnow()
+
+    def _set_tag(self, template_id: str, tag: str, build_id: str, store_build_id: str) -> None:
+        with self.db.session() as s:
+            row = s.get(TemplateTagRow, (template_id, tag))
+            if row is None:
+                s.add(TemplateTagRow(template_id=template_id, tag=tag, build_id=build_id,
+                                     store_build_id=store_build_id))
+            else:
+                row.build_id, row.store_build_id, row.created_at = build_id, store_build_id, utcnow()
+
+    # -- tags ----------------------------------------------------------------------------------
+
+    def template(self, ref: str) -> TemplateAlias | None:
+        return self.db.find_template(ref)
+
+    def tags(self, template_id: str) -> list[TemplateTagRow]:
+        with self.db.session() as s:
+            return list(s.scalars(select(TemplateTagRow).where(TemplateTagRow.template_id == template_id)
+                                  .order_by(TemplateTagRow.created_at, TemplateTagRow.tag)))
+
+    def tag(self, template_id: str, tag: str) -> TemplateTagRow | None:
+        with self.db.session() as s:
+            return s.get(TemplateTagRow, (template_id, tag))
+
+    def assign_tags(self, template_id: str, source: TemplateTagRow, tags: list[str], alias: str,
+                    runtime: str | None) -> None:
+        for tag in tags:
+            self._set_tag(template_id, tag, source.build_id, source.store_build_id)
+        if DEFAULT_TAG in tags:
+            self.set_alias(alias, template_id, source.store_build_id, runtime)
+
+    def delete_tags(self, template_id: str, tags: list[str]) -> int:
+        with self.db.session() as s:
+            res = s.execute(delete(TemplateTagRow).where(TemplateTagRow.template_id == template_id,
+                                                         TemplateTagRow.tag.in_(tags)))
+            return int(res.rowcount or 0)
+
+    def resolve(self, ref: str) -> str | None:
+        """The content build id for ``name``, ``name:tag`` or a template id: the alias table for
+        the default tag (it also holds ``base`` and other built-in templates), the tag table for
+        any other tag."""
+        name, tag = split_name(ref)
+        row = self.db.find_template(name)
+        if row is None:
+            return None
+        if tag in (None, DEFAULT_TAG):
+            return row.build_id
+        tagged = self.tag(row.template_id, tag)
+        return tagged.store_build_id if tagged else None
+
+    def referenced_builds(self) -> set[str]:
+        """Content ids something points at (aliases, tags, sandboxes): never garbage."""
+        with self.db.session() as s:
+            ids = set(s.scalars(select(TemplateAlias.build_id)))
+            ids |= set(s.scalars(select(TemplateTagRow.store_build_id)))
+            ids |= set(s.scalars(select(SandboxRow.build_id)))
+        return ids
