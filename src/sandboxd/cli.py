@@ -89,6 +89,68 @@ def build_base_cmd(data_dir: Path | None) -> None:
     click.echo(build_id)
 
 
+@template.command("build")
+@click.option("-f", "--file", "dockerfile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Dockerfile (default: CONTEXT/Dockerfile).")
+@click.option("-n", "--name", required=True, help="Template name, optionally name:tag.")
+@click.option("--no-cache", is_flag=True, help="Run every step again (new layers, new build id).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.argument("context", type=click.Path(exists=True, file_okay=False, path_type=Path), default=".")
+def build_cmd(dockerfile: Path | None, name: str, no_cache: bool, data_dir: Path | None, context: Path) -> None:
+    """Build a template from a Dockerfile, as `Template.build` would over the API.
+
+    Progress goes to stderr; the build id is printed on stdout. Unchanged steps come from the
+    layer cache; the template name (and tag) points at the new build once it passed its checks."""
+    from sandboxd.templates.cli_build import build_from_dockerfile
+
+    settings = _settings(data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    build_id = build_from_dockerfile(settings, dockerfile or context / "Dockerfile", context, name,
+                                     no_cache=no_cache, echo=_echo)
+    if build_id is None:
+        sys.exit(1)
+    click.echo(build_id)
+
+
+@main.group()
+def cache() -> None:
+    """Derived data (layers, uploaded files) and published builds: verify, prune."""
+
+
+@cache.command("verify")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def cache_verify(data_dir: Path | None) -> None:
+    """Check every build, layer and uploaded COPY tar against its checksum (exit 1 if any is bad;
+    bad layers and tars are removed, to be rebuilt or re-uploaded on demand)."""
+    from sandboxd.templates.cache import Caches, verify
+
+    report = verify(Caches.of(_settings(data_dir).data_dir), _echo)
+    for kind, n in report.ok.items():
+        click.echo(f"{kind}: {n} ok, {len(report.bad[kind])} corrupt")
+    if not report.clean:
+        sys.exit(1)
+
+
+@cache.command("gc")
+@click.option("--builds", "remove_builds", is_flag=True,
+              help="Also remove published builds that no template name, tag or sandbox uses.")
+@click.option("--min-age", type=float, default=3600.0, show_default=True,
+              help="Keep cache entries used within this many seconds (builds in progress).")
+@click.option("--dry-run", is_flag=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def cache_gc(remove_builds: bool, min_age: float, dry_run: bool, data_dir: Path | None) -> None:
+    """Remove cached layers and files that no kept build needs, and leftovers of crashed builds."""
+    from sandboxd.store.templates_db import TemplateBuilds
+    from sandboxd.templates.cache import Caches, gc
+
+    settings = _settings(data_dir)
+    referenced = TemplateBuilds(Database(settings.db_url)).referenced_builds()
+    report = gc(Caches.of(settings.data_dir), referenced, builds=remove_builds, min_age_s=min_age,
+                dry_run=dry_run, log=_echo)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(", ".join(f"{kind}: {verb} {len(names)}" for kind, names in report.removed.items()))
+
+
 @main.group()
 def keys() -> None:
     """API keys (stored hashed)."""

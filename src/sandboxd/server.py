@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from sandboxd.api.errors import install_error_handlers
 from sandboxd.api.sandboxes import router as sandboxes_router
+from sandboxd.api.templates import router as templates_router
 from sandboxd.config import Settings
 from sandboxd.orchestrator.network import SlotPool
 from sandboxd.orchestrator.sandboxes import Orchestrator
@@ -74,6 +75,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.state.orchestrator = orch
     install_error_handlers(api)
     api.include_router(sandboxes_router)
+    api.include_router(templates_router)
 
     @api.get("/health")
     def health() -> dict[str, str]:

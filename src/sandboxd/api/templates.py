@@ -1,0 +1,253 @@
+"""Template build routes of E2B's REST API, as ``Template.build`` drives them (protocol note 2.4).
+
+``POST /v3/templates`` hands out a template id and a build (request) id; for each COPY step the SDK
+asks ``GET /templates/{id}/files/{hash}`` whether the files are cached and, if not, ``PUT``s a tar
+to the URL we return (signed, since that request carries no API key); ``POST
+/v2/templates/{id}/builds/{buildID}`` starts the build in the background; the SDK then polls
+``.../status`` for log entries until the build is ``ready`` or ``error``. Tags name builds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import tempfile
+import threading
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandboxd.api.auth import require_api_key
+from sandboxd.api.errors import ApiError
+from sandboxd.api.models import iso
+from sandboxd.store.templates_db import (
+    DEFAULT_TAG,
+    LogEntry,
+    TemplateBuildRow,
+    TemplateBuilds,
+    TemplateTagRow,
+    split_name,
+)
+from sandboxd.templates.builder import builder_for
+from sandboxd.templates.files import FilesCache, FilesError
+from sandboxd.templates.jobs import BuildJobs
+from sandboxd.templates.spec import BuildSpec, SpecError
+
+router = APIRouter()
+AUTH = [Depends(require_api_key)]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+_setup_lock = threading.Lock()
+
+
+class NewTemplate(BaseModel):
+    """``POST /v3/templates`` (``TemplateBuildRequestV3``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = None
+    alias: str | None = None
+    tags: list[str] | None = None
+    cpuCount: int | None = Field(default=None, ge=1)
+    memoryMB: int | None = Field(default=None, ge=128)
+
+
+class AssignTags(BaseModel):
+    target: str
+    tags: list[str] = Field(min_length=1)
+
+
+class DeleteTags(BaseModel):
+    name: str
+    tags: list[str] = Field(min_length=1)
+
+
+# -- wiring ------------------------------------------------------------------------------------
+
+
+class _Templates:
+    """What the routes share, made once per app on first use."""
+
+    def __init__(self, request: Request) -> None:
+        settings = request.app.state.settings
+        self.builds = TemplateBuilds(request.app.state.db)
+        builder = builder_for(settings.data_dir, find_template=self.builds.resolve)
+        self.files: FilesCache = builder.files
+        self.jobs = BuildJobs(builder, self.builds, settings.runtime)
+        self.upload_key = secrets.token_bytes(32)  # upload URLs live for one Template.build call
+
+
+def _t(request: Request) -> _Templates:
+    with _setup_lock:
+        if getattr(request.app.state, "templates", None) is None:
+            request.app.state.templates = _Templates(request)
+    return request.app.state.templates
+
+
+def _build_row(t: _Templates, template_id: str, build_id: str) -> TemplateBuildRow:
+    row = t.builds.get(build_id)
+    if row is None or template_id not in (row.template_id, row.alias):
+        raise ApiError(404, f"build '{build_id}' of template '{template_id}' not found")
+    return t.jobs.settle(row)
+
+
+def _valid_name(kind: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise ApiError(400, f"invalid {kind} {value!r}: use letters, digits, '.', '_' and '-'")
+    return value
+
+
+# -- templates and builds ----------------------------------------------------------------------
+
+
+@router.get("/templates/aliases/{alias}", dependencies=AUTH)
+def get_alias(alias: str, request: Request) -> dict[str, Any]:
+    row = _t(request).builds.template(alias)
+    if row is None or row.alias != alias:
+        raise ApiError(404, f"template '{alias}' not found")
+    return {"templateID": row.template_id, "public": False}
+
+
+@router.post("/v3/templates", status_code=202, dependencies=AUTH)
+def request_build(body: NewTemplate, request: Request) -> JSONResponse:
+    full = body.name or body.alias
+    if not full:
+        raise ApiError(400, "name is required")
+    alias, tag = split_name(full)
+    _valid_name("template name", alias)
+    tags = list(dict.fromkeys([tag or DEFAULT_TAG, *(body.tags or [])]))
+    for t in tags:
+        _valid_name("tag", t)
+    row = _t(request).builds.new_build(alias, tags, body.cpuCount, body.memoryMB)
+    return JSONResponse({"templateID": row.template_id, "buildID": row.build_id, "public": False,
+                         "names": [alias], "tags": tags, "aliases": [alias]}, status_code=202)
+
+
+@router.post("/v2/templates/{template_id}/builds/{build_id}", status_code=202, dependencies=AUTH)
+def start_build(template_id: str, build_id: str, request: Request,
+                body: Annotated[dict[str, Any], Body()]) -> Response:
+    t = _t(request)
+    row = _build_row(t, template_id, build_id)
+    try:
+        spec = BuildSpec.from_json(body)
+    except SpecError as exc:
+        raise ApiError(400, str(exc)) from exc
+    if row.status != "waiting" or not t.jobs.start(build_id, spec):
+        raise ApiError(409, f"build '{build_id}' was already started ({row.status})")
+    return Response(status_code=202)
+
+
+@router.get("/templates/{template_id}/builds/{build_id}/status", dependencies=AUTH)
+def build_status(template_id: str, build_id: str, request: Request,
+                 logsOffset: Annotated[int, Query(ge=0)] = 0,  # noqa: N803 - E2B's names
+                 limit: Annotated[int, Query(ge=1, le=100)] = 100) -> dict[str, Any]:
+    t = _t(request)
+    row = _build_row(t, template_id, build_id)
+    return status_json(row, t.builds.logs(build_id, logsOffset, limit))
+
+
+def status_json(row: TemplateBuildRow, entries: list[LogEntry]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "templateID": row.template_id,
+        "buildID": row.build_id,
+        "status": row.status,
+        "logs": [e.message for e in entries],
+        "logEntries": [{"timestamp": iso(e.timestamp), "level": e.level, "message": e.message,
+                        **({"step": e.step} if e.step else {})} for e in entries],
+    }
+    if row.status == "error":
+        body["reason"] = {"message": row.reason or "build failed",
+                          **({"step": row.reason_step} if row.reason_step else {})}
+    return body
+
+
+# -- COPY files --------------------------------------------------------------------------------
+
+
+def _upload_token(t: _Templates, template_id: str, files_hash: str) -> str:
+    return hmac.new(t.upload_key, f"{template_id}/{files_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+@router.get("/templates/{template_id}/files/{files_hash}", status_code=201, dependencies=AUTH)
+def files_link(template_id: str, files_hash: str, request: Request) -> JSONResponse:
+    if not _HASH.match(files_hash):
+        raise ApiError(400, "files hash must be a hex sha256")
+    t = _t(request)
+    if t.files.present(files_hash):
+        return JSONResponse({"present": True}, status_code=201)
+    token = _upload_token(t, template_id, files_hash)
+    url = f"{str(request.base_url).rstrip('/')}/templates/{template_id}/files/{files_hash}/upload?token={token}"
+    return JSONResponse({"present": False, "url": url}, status_code=201)
+
+
+@router.put("/templates/{template_id}/files/{files_hash}/upload")
+async def upload_files(template_id: str, files_hash: str, token: str, request: Request) -> dict[str, Any]:
+    """The SDK's ``PUT <url>``: no API key, so the URL's token is the authorisation."""
+    t = _t(request)
+    if not _HASH.match(files_hash) or not hmac.compare_digest(token, _upload_token(t, template_id, files_hash)):
+        raise ApiError(403, "invalid or expired upload URL")
+    with tempfile.SpooledTemporaryFile(max_size=16 << 20) as buf:
+        async for chunk in request.stream():
+            buf.write(chunk)
+        buf.seek(0)
+        try:
+            size = await run_in_threadpool(t.files.put, files_hash, buf)
+        except FilesError as exc:
+            raise ApiError(400, str(exc)) from exc
+    return {"stored": size}
+
+
+# -- tags --------------------------------------------------------------------------------------
+
+
+def _tag_json(build_id: str, tags: list[str]) -> dict[str, Any]:
+    return {"buildID": build_id, "tags": tags}
+
+
+@router.post("/templates/tags", status_code=201, dependencies=AUTH)
+def assign_tags(body: AssignTags, request: Request) -> JSONResponse:
+    t = _t(request)
+    name, tag = split_name(body.target)
+    template = t.builds.template(name)
+    if template is None:
+        raise ApiError(404, f"template '{name}' not found")
+    source = t.builds.tag(template.template_id, tag or DEFAULT_TAG)
+    if source is None and (tag or DEFAULT_TAG) == DEFAULT_TAG:  # e.g. `base`, made without a request
+        source = TemplateTagRow(template_id=template.template_id, tag=DEFAULT_TAG,
+                                build_id=uuid_of(template.build_id), store_build_id=template.build_id)
+    if source is None:
+        raise ApiError(404, f"tag '{tag or DEFAULT_TAG}' of template '{name}' not found")
+    for new in body.tags:
+        _valid_name("tag", new)
+    t.builds.assign_tags(template.template_id, source, body.tags, template.alias, template.runtime)
+    return JSONResponse(_tag_json(source.build_id, body.tags), status_code=201)
+
+
+@router.delete("/templates/tags", status_code=204, dependencies=AUTH)
+def delete_tags(body: DeleteTags, request: Request) -> Response:
+    t = _t(request)
+    template = t.builds.template(split_name(body.name)[0])
+    if template is None:
+        raise ApiError(404, f"template '{body.name}' not found")
+    t.builds.delete_tags(template.template_id, body.tags)
+    return Response(status_code=204)
+
+
+@router.get("/templates/{template_id}/tags", dependencies=AUTH)
+def list_tags(template_id: str, request: Request) -> list[dict[str, Any]]:
+    t = _t(request)
+    template = t.builds.template(template_id)
+    if template is None:
+        raise ApiError(404, f"template '{template_id}' not found")
+    return [{"tag": r.tag, "buildID": r.build_id, "createdAt": iso(r.created_at)}
+            for r in t.builds.tags(template.template_id)]
+
+
+def uuid_of(store_build_id: str) -> str:
+    """A content build id (128 bits of hex) written as the UUID E2B's API uses for build ids."""
+    return str(uuid.UUID(hex=store_build_id))
