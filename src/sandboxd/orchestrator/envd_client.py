@@ -6,7 +6,11 @@ create, with no readiness probe of its own).
 
 from __future__ import annotations
 
+import base64
+import json
+import struct
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import httpx
@@ -47,14 +51,16 @@ def wait_healthy(address: str, timeout_s: float) -> float:
     raise EnvdNotReady(f"envd did not answer /health within {timeout_s:.0f}s ({last_error})")
 
 
-def init_envd(address: str, access_token: str, env_vars: dict[str, str]) -> None:
-    """``POST /init``: the access token, the sandbox's env vars, E2B's default user and workdir,
-    and the host clock (a restored or long-booting guest may be behind)."""
+def init_envd(address: str, access_token: str, env_vars: dict[str, str], user: str = DEFAULT_USER,
+              workdir: str = DEFAULT_WORKDIR) -> None:
+    """``POST /init``: the access token, the sandbox's env vars, its default user and workdir
+    (E2B's ``user`` and ``/home/user`` unless the template says otherwise), and the host clock
+    (a restored or long-booting guest may be behind)."""
     body = {
         "accessToken": access_token,
         "envVars": env_vars,
-        "defaultUser": DEFAULT_USER,
-        "defaultWorkdir": DEFAULT_WORKDIR,
+        "defaultUser": user,
+        "defaultWorkdir": workdir,
         "timestamp": datetime.now(timezone.utc).isoformat(),
     }
     try:
@@ -74,3 +80,58 @@ def fetch_metrics(address: str, access_token: str) -> dict:
     if r.status_code != 200:
         raise EnvdNotReady(f"envd /metrics answered {r.status_code}: {r.text[:300]}")
     return r.json()
+
+
+def _envelope(message: dict) -> bytes:
+    payload = json.dumps(message).encode()
+    return struct.pack(">BI", 0, len(payload)) + payload
+
+
+def _events(chunks: Iterator[bytes]) -> Iterator[dict]:
+    """Decode Connect streaming envelopes (flag byte, 4-byte length, JSON) from a byte stream."""
+    buf = b""
+    for chunk in chunks:
+        buf += chunk
+        while len(buf) >= 5:
+            flags, size = struct.unpack(">BI", buf[:5])
+            if len(buf) < 5 + size:
+                break
+            body, buf = buf[5:5 + size], buf[5 + size:]
+            if flags & 0x02:  # end of stream: {} or {"error": ...}
+                end = json.loads(body or b"{}")
+                if end.get("error"):
+                    raise EnvdNotReady(f"envd process error: {end['error']}")
+                return
+            yield json.loads(body)
+
+
+def run_process(address: str, access_token: str, user: str, command: str, env: dict[str, str],
+                cwd: str, wait: bool, timeout_s: float = 60) -> tuple[int | None, str]:
+    """Run ``bash -l -c command`` through envd's ``process.Process/Start``, as the SDK would.
+
+    ``wait=False`` returns once the process started (closing the stream leaves it running, which
+    is how a template's start command keeps going); ``wait=True`` returns its exit code and output."""
+    request = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", command], "envs": env, "cwd": cwd},
+               "stdin": False}
+    headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
+               "X-Access-Token": access_token,
+               "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
+               "Connect-Timeout-Ms": str(int(timeout_s * 1000))}
+    output: list[str] = []
+    try:
+        with httpx.stream("POST", f"{envd_url(address)}/process.Process/Start", content=_envelope(request),
+                          headers=headers, timeout=httpx.Timeout(timeout_s + 5)) as r:
+            if r.status_code != 200:
+                raise EnvdNotReady(f"envd refused the command ({r.status_code}): {r.read()[:300]!r}")
+            for event in _events(r.iter_bytes()):
+                ev = event.get("event", {})
+                if "start" in ev and not wait:
+                    return None, ""
+                for key in ("stdout", "stderr"):
+                    if key in ev.get("data", {}):
+                        output.append(base64.b64decode(ev["data"][key]).decode(errors="replace"))
+                if "end" in ev:
+                    return int(ev["end"].get("exitCode", 0)), "".join(output)[-4000:]
+    except httpx.HTTPError as exc:
+        raise EnvdNotReady(f"envd process call failed: {exc}") from exc
+    raise EnvdNotReady("envd ended the process stream without an end event")

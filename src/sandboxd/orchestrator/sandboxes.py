@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import re
 import secrets
 import threading
 import time
@@ -23,16 +24,22 @@ from typing import TypeVar
 from sandboxd.config import Settings
 from sandboxd.envd import ENVD_VERSION
 from sandboxd.envd.auth import file_signature
-from sandboxd.orchestrator.envd_client import EnvdNotReady, init_envd, wait_healthy
+from sandboxd.orchestrator.envd_client import EnvdNotReady, init_envd, run_process, wait_healthy
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
 from sandboxd.orchestrator.rootfs import RootfsError, is_mounted, mount_overlay, unmount_overlay
 from sandboxd.runtimes.base import Runtime, RuntimeSpec, RuntimeStartError
 from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
+from sandboxd.store.templates_db import TemplateBuilds, split_name
 from sandboxd.templates.envd_bundle import envd_argv, envd_env
+from sandboxd.templates.runtime import RuntimeConfig
 from sandboxd.templates.store import TemplateStore, remove_tree
 
 log = logging.getLogger("sandboxd.orchestrator")
 T = TypeVar("T")
+#: The SDK's Dockerfile converter makes ``sleep 20`` the ready command of any CMD; E2B pays it once,
+#: at build time, before its snapshot. Without a snapshot it would delay every create, so a ready
+#: command that only sleeps is treated as "ready once started".
+_PLAIN_SLEEP = re.compile(r"sleep\s+\d+(\.\d+)?")
 
 
 class SandboxError(Exception):
@@ -105,16 +112,17 @@ class Orchestrator:
 
     def create(self, req: CreateRequest) -> SandboxRow:
         """Start a sandbox and return its record once envd answered; retry a failed start."""
-        template = self.db.find_template(req.template.removesuffix(":default"))
-        if template is None:
+        template = self.db.find_template(split_name(req.template)[0])
+        build_id = TemplateBuilds(self.db).resolve(req.template)
+        if template is None or build_id is None:
             raise SandboxError(404, f"template '{req.template}' not found")
-        if not self.templates.exists(template.build_id):
-            raise SandboxError(500, f"template '{req.template}' points at build {template.build_id}, "
+        if not self.templates.exists(build_id):
+            raise SandboxError(500, f"template '{req.template}' points at build {build_id}, "
                                     "which is not in the template store; rebuild it")
         last: SandboxError | None = None
         for attempt in range(1, self.settings.start_attempts + 1):
             try:
-                return self._create_once(req, template.template_id, template.alias, template.build_id)
+                return self._create_once(req, template.template_id, template.alias, build_id)
             except SandboxError as exc:
                 last = exc
                 log.warning("sandbox start attempt %d failed: %s", attempt, exc.message)
@@ -150,7 +158,8 @@ class Orchestrator:
                                cpu_count=self.settings.cpu_count, memory_mb=self.settings.memory_mb)
             undo.callback(self.runtime.stop, sandbox_id)
             self._step("runtime", lambda: self.runtime.start(spec), sdir)
-            self._step("envd", lambda: self._init_envd(slot, token, req.env_vars), sdir)
+            config = RuntimeConfig.of(self.templates.get(build_id))
+            self._step("envd", lambda: self._init_envd(slot, token, config, req.env_vars), sdir)
             row = self.db.update_sandbox(sandbox_id, state="running")
             assert row is not None
             self._routes[sandbox_id] = slot.host_address
@@ -159,10 +168,31 @@ class Orchestrator:
         log.info("sandbox %s (%s) ready in %.2fs", sandbox_id, alias, time.monotonic() - started)
         return row
 
-    def _init_envd(self, slot: NetworkSlot, token: str, env_vars: dict[str, str]) -> None:
+    def _init_envd(self, slot: NetworkSlot, token: str, config: RuntimeConfig, env_vars: dict[str, str]) -> None:
+        """envd answers, gets its configuration (the request's env vars over the template's), then
+        the template's start command runs and its ready command passes, if it has them."""
         took = wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s)
         log.debug("envd answered /health after %.2fs", took)
-        init_envd(slot.host_address, token, env_vars)
+        env = {**config.env, **env_vars}
+        init_envd(slot.host_address, token, env, config.user, config.workdir)
+        if config.start_cmd:
+            run_process(slot.host_address, token, config.user, config.start_cmd, env, config.workdir, wait=False)
+        if config.ready_cmd and not _PLAIN_SLEEP.fullmatch(config.ready_cmd.strip()):
+            self._wait_ready(slot.host_address, token, config, env)
+
+    def _wait_ready(self, address: str, token: str, config: RuntimeConfig, env: dict[str, str]) -> None:
+        """Run the template's ready command every 0.5 s until it exits 0 (or fail the start)."""
+        assert config.ready_cmd is not None
+        deadline = time.monotonic() + self.settings.envd_ready_timeout_s
+        code, output = None, ""
+        while time.monotonic() < deadline:
+            code, output = run_process(address, token, config.user, config.ready_cmd, env, config.workdir,
+                                       wait=True, timeout_s=max(1.0, deadline - time.monotonic()))
+            if code == 0:
+                return
+            time.sleep(0.5)
+        raise EnvdNotReady(f"ready command {config.ready_cmd!r} did not succeed "
+                           f"(last exit code {code}): {output[-1000:]}")
 
     def _step(self, name: str, fn: Callable[[], T], sdir: Path | None = None) -> T:
         """Run one create step; turn its failure into a SandboxError with the console's tail."""
