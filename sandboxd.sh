@@ -14,9 +14,11 @@ venv="$here/.venv"
 
 # runsc: gVisor; debootstrap: the base template; nftables/iproute2: per-sandbox networks;
 # tini: PID 1 of every sandbox; busybox-static: the libc-free test template; gcc/libc6-dev: the
-# gVisor statx shim; python3-venv: our venv.
+# gVisor statx shim; python3-venv: our venv; skopeo/umoci: FROM OCI images in Dockerfile
+# templates. Tests only: docker-registry, the loopback registry the template tests pull from.
 APT_PACKAGES=(runsc debootstrap nftables iproute2 e2fsprogs tini busybox-static gcc libc6-dev
-              python3 python3-venv ca-certificates util-linux procps)
+              python3 python3-venv ca-certificates util-linux procps skopeo umoci)
+TEST_APT_PACKAGES=(docker-registry)
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then
@@ -27,7 +29,7 @@ need_root() {
 
 install_apt() {
   local missing=()
-  for p in "${APT_PACKAGES[@]}"; do
+  for p in "${APT_PACKAGES[@]}" "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -59,7 +61,7 @@ case "$cmd" in
     exec "$venv/bin/sandboxd" serve "$@"
     ;;
   test)
-    need_root; install_apt; install_venv
+    need_root; install_apt "${TEST_APT_PACKAGES[@]}"; install_venv
     cd "$here"
     exec "$venv/bin/pytest" "$@"
     ;;
