@@ -68,6 +68,8 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
             await asyncio.to_thread(orch.drain)
+            if not orch.db.list_sandboxes():  # running sandboxes keep their egress until a restart
+                orch.slots.teardown_host()
 
     api = FastAPI(title="sandboxd", version="0.1.0", lifespan=lifespan)
     api.state.settings = settings

@@ -61,19 +61,47 @@ def _run(*argv: str, stdin: str | None = None) -> None:
         raise NetworkError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
-def _slot_nft(slot: NetworkSlot) -> str:
-    """DNAT host → guest; forward only connections the host opened (and their replies); the
-    slot namespace itself accepts nothing new (the guest must not reach its gateway either)."""
+#: Never reachable from a sandbox, internet access or not: the host's own networks, other
+#: sandboxes, link-local (the gateway), loopback, CGNAT, multicast and reserved space.
+DENIED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+                 "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
+
+
+def _slot_nft(slot: NetworkSlot, allow_internet: bool) -> str:
+    """DNAT host → guest; forward the host's connections to the guest (and their replies) and,
+    with internet access, the guest's connections to public addresses only, masqueraded behind
+    the slot address; the slot namespace itself accepts nothing new (not even from the guest)."""
+    denied = ", ".join(DENIED_RANGES)
+    egress_nat = (f'  chain egress {{ type nat hook postrouting priority srcnat; oifname "eth-h" '
+                  f'ip saddr {GUEST_ADDRESS} masquerade; }}\n') if allow_internet else ""
+    egress_forward = (f'    iifname "gl" oifname "eth-h" ip saddr {GUEST_ADDRESS} ip daddr != {{ {denied} }} accept;\n'
+                      if allow_internet else "")
     return f"""
 table ip sbx {{
   chain dnat_to_guest {{ type nat hook prerouting priority dstnat; iifname "eth-h" ip daddr {slot.host_address} dnat to {GUEST_ADDRESS}; }}
-}}
+{egress_nat}}}
 table inet sbx_guard {{
   chain forward {{ type filter hook forward priority filter; policy drop;
     ct state established,related accept;
-    iifname "eth-h" oifname "gl" ip daddr {GUEST_ADDRESS} accept; }}
+    iifname "eth-h" oifname "gl" ip daddr {GUEST_ADDRESS} accept;
+{egress_forward}  }}
   chain input {{ type filter hook input priority filter; policy drop;
     ct state established,related accept; iifname "lo" accept; }}
+}}
+"""
+
+
+def host_nft(prefix: str, base_cidr: str) -> str:
+    """The host's part of egress, one table per server: slots' traffic (already masqueraded to
+    their slot address) is masqueraded again on the way out, and never forwarded to private or
+    local ranges (defence in depth: the slot namespace already drops those)."""
+    denied = ", ".join(DENIED_RANGES)
+    return f"""
+table ip sandboxd_{prefix} {{
+  chain forward {{ type filter hook forward priority filter; policy accept;
+    iifname "{prefix}-*" ip daddr {{ {denied} }} drop; }}
+  chain postrouting {{ type nat hook postrouting priority srcnat;
+    ip saddr {base_cidr} oifname != "{prefix}-*" masquerade; }}
 }}
 """
 
@@ -93,6 +121,18 @@ class SlotPool:
         self._lock = threading.Lock()
         self._reserved: set[int] = set()
 
+    def setup_host(self) -> None:
+        """Once per server start: IPv4 forwarding and this server's egress table on the host
+        (replaced, so a changed policy applies). Only sandboxes created with internet access
+        have a path to it; the others' slot namespace drops everything they send."""
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        table = f"sandboxd_{self.prefix}"
+        subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
+        _run("nft", "-f", "-", stdin=host_nft(self.prefix, str(self.network)))
+
+    def teardown_host(self) -> None:
+        subprocess.run(["nft", "delete", "table", "ip", f"sandboxd_{self.prefix}"], capture_output=True)
+
     def slot(self, index: int) -> NetworkSlot:
         """The names and addresses of slot ``index`` (pure computation)."""
         block = self.network.network_address + 4 * index
@@ -100,14 +140,14 @@ class SlotPool:
                            host_address=str(block + 2), host_side_address=str(block + 1),
                            host_veth=f"{self.prefix}-{index}-h")
 
-    def acquire(self) -> NetworkSlot:
+    def acquire(self, allow_internet: bool = False) -> NetworkSlot:
         """Create the lowest free slot; on failure remove exactly what this call made and raise
         :class:`NetworkError` (never anything another process made under the same names, e.g. a
         leftover host veth, which :meth:`cleanup_stale` removes)."""
         slot = self.slot(self._reserve())
         try:
             with contextlib.ExitStack() as undo:
-                self._create(slot, undo.callback)
+                self._create(slot, undo.callback, allow_internet)
                 undo.pop_all()
         except BaseException:
             with self._lock:
@@ -168,7 +208,7 @@ class SlotPool:
         names = os.listdir(SYS_NET) if SYS_NET.is_dir() else []
         return [int(m[1]) for n in names if (m := pattern.match(n))]
 
-    def _create(self, s: NetworkSlot, on_undo: Callable[..., object]) -> None:
+    def _create(self, s: NetworkSlot, on_undo: Callable[..., object], allow_internet: bool) -> None:
         """Build the slot; register the undo of each step right after it succeeded, so a failure
         (e.g. a name clash with an interface someone else made) removes only what this call made."""
         for ns in (s.netns, s.guest_netns):
@@ -181,12 +221,13 @@ class SlotPool:
         _run("ip", "-n", s.netns, "-batch", "-", stdin=(
             f"link set lo up\naddr add {s.host_address}/30 dev eth-h\nlink set eth-h up\n"
             f"link add gl type veth peer name eth0 netns {s.guest_netns}\n"
-            f"addr add {GATEWAY_ADDRESS}/30 dev gl\nlink set gl up\n"))
+            f"addr add {GATEWAY_ADDRESS}/30 dev gl\nlink set gl up\n"
+            f"route add default via {s.host_side_address}\n"))
         _run("ip", "-n", s.guest_netns, "-batch", "-", stdin=(
             f"link set lo up\naddr add {GUEST_ADDRESS}/30 dev eth0\nlink set eth0 up\n"
             f"route add default via {GATEWAY_ADDRESS}\n"))
         _run("ip", "netns", "exec", s.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _run("ip", "netns", "exec", s.netns, "nft", "-f", "-", stdin=_slot_nft(s))
+        _run("ip", "netns", "exec", s.netns, "nft", "-f", "-", stdin=_slot_nft(s, allow_internet))
 
 
 def _delete_netns(name: str) -> None:

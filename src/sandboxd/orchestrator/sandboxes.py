@@ -141,7 +141,7 @@ class Orchestrator:
             undo.callback(remove_tree, sdir)
             rootfs = self._step("rootfs", lambda: mount_overlay(self.templates.get(build_id).rootfs, sdir))
             undo.callback(unmount_overlay, sdir)
-            slot = self._step("network", self.slots.acquire)
+            slot = self._step("network", lambda: self.slots.acquire(req.allow_internet_access))
             undo.callback(self.slots.release, slot)
             now = utcnow()
             self.db.add_sandbox(
@@ -283,6 +283,7 @@ class Orchestrator:
     def recover(self) -> RecoveryReport:
         """After a (re)start: reattach sandboxes that still run, clean up everything else, so the
         database and the host agree."""
+        self.slots.setup_host()
         running = self.runtime.running()
         slots_present = set(self.slots.existing())
         reattached: list[str] = []

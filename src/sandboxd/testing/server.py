@@ -123,6 +123,7 @@ def running_server(shared_data_dir: Path, log_path: Path) -> Iterator[Server]:
         yield Server(url, key, settings, proc, log_path)
     finally:
         stop(proc)
+        subprocess.run(["nft", "delete", "table", "ip", f"sandboxd_{prefix}"], capture_output=True)
         try:
             remove_tree(data_dir)
         except (BuildError, OSError) as exc:
