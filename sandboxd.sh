@@ -14,9 +14,9 @@ venv="$here/.venv"
 
 # runsc: gVisor; debootstrap: the base template; nftables/iproute2: per-sandbox networks;
 # tini: PID 1 of every sandbox; busybox-static: the libc-free test template; gcc/libc6-dev: the
-# gVisor statx shim; python3-venv: our venv; skopeo/umoci: FROM OCI images in Dockerfile;
-# qemu-system-x86/qemu-utils/lz4: the microVM runtime (guest kernel, snapshots) and its tests;
-# templates. Tests only: docker-registry, the loopback registry the template tests pull from.
+# gVisor statx shim; python3-venv: our venv; skopeo/umoci: FROM OCI images in Dockerfile
+# templates; qemu-system-x86/qemu-utils/lz4: the microVM runtime (guest kernel, snapshots).
+# Tests only: docker-registry, the loopback registry the template tests pull from.
 APT_PACKAGES=(runsc debootstrap nftables iproute2 e2fsprogs tini busybox-static gcc libc6-dev
               python3 python3-venv ca-certificates util-linux procps skopeo umoci
               qemu-system-x86 qemu-utils lz4)
