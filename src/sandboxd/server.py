@@ -20,7 +20,7 @@ from sandboxd.config import Settings
 from sandboxd.orchestrator.network import SlotPool
 from sandboxd.orchestrator.sandboxes import Orchestrator
 from sandboxd.proxy.asgi import SandboxProxy
-from sandboxd.runtimes.base import Runtime
+from sandboxd.orchestrator.backends import Backends
 from sandboxd.store.db import Database
 from sandboxd.templates.store import TemplateStore
 
@@ -28,19 +28,23 @@ log = logging.getLogger("sandboxd")
 REAP_INTERVAL_S = 1.0
 
 
-def make_runtime(settings: Settings) -> Runtime:
-    if settings.runtime == "gvisor":
-        from sandboxd.runtimes.gvisor import GVisorRuntime
+def make_backends(settings: Settings, templates: TemplateStore) -> Backends:
+    """gVisor always; the microVM stack too, made on first use (it prepares a guest kernel)."""
+    from sandboxd.orchestrator.backends import GVisorBackend, MicroVMBackend
+    from sandboxd.runtimes.gvisor import GVisorRuntime
 
-        return GVisorRuntime(settings.runsc_root, platform=settings.gvisor_platform,
-                             template_root=settings.templates_dir, filestore_dir=settings.data_dir / "filestore")
-    raise ValueError(f"unknown runtime {settings.runtime!r} (available: gvisor)")
+    def gvisor() -> GVisorBackend:
+        runtime = GVisorRuntime(settings.runsc_root, platform=settings.gvisor_platform,
+                                template_root=settings.templates_dir, filestore_dir=settings.data_dir / "filestore")
+        return GVisorBackend(runtime, templates)
+
+    return Backends({"gvisor": gvisor, "microvm": lambda: MicroVMBackend(settings, templates)}, settings.runtime)
 
 
 def make_orchestrator(settings: Settings, db: Database | None = None) -> Orchestrator:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return Orchestrator(settings, db or Database(settings.db_url), TemplateStore(settings.templates_dir),
-                        make_runtime(settings),
+    templates = TemplateStore(settings.templates_dir)
+    return Orchestrator(settings, db or Database(settings.db_url), templates, make_backends(settings, templates),
                         SlotPool(settings.net_prefix, settings.net_cidr, settings.max_sandboxes))
 
 

@@ -130,7 +130,7 @@ def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None,
     except EnvdNotReady as exc:
         raise ApiError(502, str(exc)) from exc
     disk_used, disk_total = m["disk_used"], m["disk_total"]
-    written = _orchestrator(request).runtime.disk_usage(sandbox_id)
+    written = _orchestrator(request).backends.get(row.runtime).runtime.disk_usage(sandbox_id)
     if written is not None:  # the guest's statvfs of an in-sandbox overlay is meaningless
         disk_used, disk_total = written, row.disk_size_mb * 1024 * 1024
     ts = int(m["ts"])

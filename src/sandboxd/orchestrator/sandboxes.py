@@ -26,8 +26,9 @@ from sandboxd.envd import ENVD_VERSION
 from sandboxd.envd.auth import file_signature
 from sandboxd.orchestrator.envd_client import EnvdNotReady, init_envd, run_process, wait_healthy
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
-from sandboxd.orchestrator.rootfs import RootfsError, is_mounted, mount_overlay, unmount_overlay
-from sandboxd.runtimes.base import Runtime, RuntimeSpec, RuntimeStartError
+from sandboxd.orchestrator.backends import Backend, Backends
+from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
+from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
 from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
 from sandboxd.store.templates_db import TemplateBuilds, split_name
 from sandboxd.templates.envd_bundle import envd_argv, envd_env
@@ -73,11 +74,11 @@ class Orchestrator:
     """Owns every sandbox on this node; the API and the proxy only go through it."""
 
     def __init__(self, settings: Settings, db: Database, templates: TemplateStore,
-                 runtime: Runtime, slots: SlotPool) -> None:
+                 backends: Backends, slots: SlotPool) -> None:
         self.settings = settings
         self.db = db
         self.templates = templates
-        self.runtime = runtime
+        self.backends = backends
         self.slots = slots
         self._routes: dict[str, str] = {}  # sandbox id → host address, read by the proxy per request
         self._tokens: dict[str, str] = {}  # sandbox id → envd access token (signed file URLs)
@@ -116,13 +117,17 @@ class Orchestrator:
         build_id = TemplateBuilds(self.db).resolve(req.template)
         if template is None or build_id is None:
             raise SandboxError(404, f"template '{req.template}' not found")
+        try:
+            backend = self.backends.get(template.runtime)
+        except KeyError as exc:
+            raise SandboxError(500, f"template '{req.template}': {exc}") from exc
         if not self.templates.exists(build_id):
             raise SandboxError(500, f"template '{req.template}' points at build {build_id}, "
                                     "which is not in the template store; rebuild it")
         last: SandboxError | None = None
         for attempt in range(1, self.settings.start_attempts + 1):
             try:
-                return self._create_once(req, template.template_id, template.alias, build_id)
+                return self._create_once(req, template.template_id, template.alias, build_id, backend)
             except SandboxError as exc:
                 last = exc
                 log.warning("sandbox start attempt %d failed: %s", attempt, exc.message)
@@ -131,7 +136,8 @@ class Orchestrator:
         assert last is not None
         raise last
 
-    def _create_once(self, req: CreateRequest, template_id: str, alias: str, build_id: str) -> SandboxRow:
+    def _create_once(self, req: CreateRequest, template_id: str, alias: str, build_id: str,
+                     backend: Backend) -> SandboxRow:
         sandbox_id = new_id()
         token = secrets.token_hex(24)
         sdir = self.sandbox_dir(sandbox_id)
@@ -139,25 +145,25 @@ class Orchestrator:
         with contextlib.ExitStack() as undo:
             sdir.mkdir(parents=True)
             undo.callback(remove_tree, sdir)
-            rootfs = self._step("rootfs", lambda: mount_overlay(self.templates.get(build_id).rootfs, sdir))
-            undo.callback(unmount_overlay, sdir)
+            rootfs = self._step("rootfs", lambda: backend.prepare_rootfs(build_id, sdir))
+            undo.callback(backend.release_rootfs, sdir)
             slot = self._step("network", lambda: self.slots.acquire(req.allow_internet_access))
             undo.callback(self.slots.release, slot)
             now = utcnow()
             self.db.add_sandbox(
                 sandbox_id=sandbox_id, template_id=template_id, alias=alias, build_id=build_id,
-                runtime=self.runtime.name, state="starting", slot_index=slot.index,
+                runtime=backend.name, state="starting", slot_index=slot.index,
                 host_address=slot.host_address, envd_access_token=token, envd_version=ENVD_VERSION,
                 metadata_=req.metadata, env_vars=req.env_vars, cpu_count=self.settings.cpu_count,
                 memory_mb=self.settings.memory_mb, disk_size_mb=self.settings.disk_size_mb,
                 allow_internet_access=req.allow_internet_access, started_at=now,
                 end_at=now + timedelta(seconds=req.timeout_s))
             undo.callback(self.db.delete_sandbox, sandbox_id)
-            spec = RuntimeSpec(sandbox_id=sandbox_id, rootfs=rootfs.merged, sandbox_dir=sdir,
+            spec = RuntimeSpec(sandbox_id=sandbox_id, rootfs=rootfs, sandbox_dir=sdir,
                                netns_path=slot.guest_netns_path, argv=envd_argv(), env=envd_env(),
                                cpu_count=self.settings.cpu_count, memory_mb=self.settings.memory_mb)
-            undo.callback(self.runtime.stop, sandbox_id)
-            self._step("runtime", lambda: self.runtime.start(spec), sdir)
+            undo.callback(backend.runtime.stop, sandbox_id)
+            self._step("runtime", lambda: backend.runtime.start(spec), sdir)
             config = RuntimeConfig.of(self.templates.get(build_id))
             self._step("envd", lambda: self._init_envd(slot, token, config, req.env_vars), sdir)
             row = self.db.update_sandbox(sandbox_id, state="running")
@@ -198,8 +204,8 @@ class Orchestrator:
         """Run one create step; turn its failure into a SandboxError with the console's tail."""
         try:
             return fn()
-        except (RootfsError, NetworkError, RuntimeStartError, EnvdNotReady, OSError, KeyError) as exc:
-            console = self.runtime.console_log(sdir) if sdir is not None else ""
+        except (RootfsError, NetworkError, RuntimeStartError, EnvdNotReady, OSError, KeyError, ValueError) as exc:
+            console = console_tail(sdir) if sdir is not None else ""
             message = f"sandbox failed to start ({name}): {exc}"
             if console and console not in message:
                 message += f"\n--- console ---\n{console}"
@@ -226,7 +232,7 @@ class Orchestrator:
             self.db.delete_sandbox(sandbox_id)
         with self._locks_guard:
             self._locks.pop(sandbox_id, None)
-        future = self._teardowns.submit(self._teardown, sandbox_id, row.slot_index)
+        future = self._teardowns.submit(self._teardown, sandbox_id, row.slot_index, row.runtime)
         log.info("sandbox %s killed", sandbox_id)
         if wait:
             future.result()
@@ -237,15 +243,18 @@ class Orchestrator:
         self._teardowns.shutdown(wait=True)
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
 
-    def _teardown(self, sandbox_id: str, slot_index: int | None) -> None:
+    def _teardown(self, sandbox_id: str, slot_index: int | None, runtime: str | None) -> None:
         """Undo a sandbox's runtime, network, rootfs and directory; each step is idempotent and
-        runs even if an earlier one failed, so a half-dead sandbox is still cleaned up."""
-        steps: list[tuple[str, Callable[[], object]]] = [("runtime", lambda: self.runtime.stop(sandbox_id))]
+        runs even if an earlier one failed, so a half-dead sandbox is still cleaned up. Without
+        a known runtime (a stray directory), every backend in use tries."""
+        backends = [self.backends.get(runtime)] if runtime else self.backends.made()
+        sdir = self.sandbox_dir(sandbox_id)
+        steps: list[tuple[str, Callable[[], object]]] = [
+            (f"{b.name} runtime", lambda b=b: b.runtime.stop(sandbox_id)) for b in backends]
         if slot_index is not None:
             steps.append(("network", lambda: self.slots.release(self.slots.slot(slot_index))))
-        sdir = self.sandbox_dir(sandbox_id)
-        steps += [("rootfs", lambda: unmount_overlay(sdir)),
-                  ("dir", lambda: remove_tree(sdir))]
+        steps += [(f"{b.name} rootfs", lambda b=b: b.release_rootfs(sdir)) for b in backends]
+        steps += [("rootfs mounts", lambda: unmount_overlay(sdir)), ("dir", lambda: remove_tree(sdir))]
         for name, step in steps:
             try:
                 step()
@@ -284,31 +293,38 @@ class Orchestrator:
         """After a (re)start: reattach sandboxes that still run, clean up everything else, so the
         database and the host agree."""
         self.slots.setup_host()
-        running = self.runtime.running()
+        rows = self.db.list_sandboxes()
+        for name in {r.runtime for r in rows} | {self.backends.default}:
+            self.backends.get(name)  # every runtime with sandboxes must be there to judge them
+        running = {b.name: b.runtime.running() for b in self.backends.made()}
         slots_present = set(self.slots.existing())
         reattached: list[str] = []
         removed: list[str] = []
-        for row in self.db.list_sandboxes():
-            alive = (row.state == "running" and row.sandbox_id in running
-                     and row.slot_index in slots_present and is_mounted(self.sandbox_dir(row.sandbox_id) / "rootfs"))
+        for row in rows:
+            backend = self.backends.get(row.runtime)
+            alive = (row.state == "running" and row.sandbox_id in running[backend.name]
+                     and row.slot_index in slots_present
+                     and backend.reattach_rootfs(row.build_id, self.sandbox_dir(row.sandbox_id)))
             if alive:
                 self._routes[row.sandbox_id] = row.host_address
                 self._tokens[row.sandbox_id] = row.envd_access_token
                 reattached.append(row.sandbox_id)
             else:
-                self._teardown(row.sandbox_id, row.slot_index)
+                self._teardown(row.sandbox_id, row.slot_index, row.runtime)
                 self.db.delete_sandbox(row.sandbox_id)
                 removed.append(row.sandbox_id)
         keep = set(reattached)
-        stale_containers = sorted(running - keep)
-        for sandbox_id in stale_containers:
-            self.runtime.stop(sandbox_id)
+        stale_containers = []
+        for backend in self.backends.made():
+            for sandbox_id in sorted(running[backend.name] - keep):
+                backend.runtime.stop(sandbox_id)
+                stale_containers.append(sandbox_id)
         keep_slots = {r.slot_index for r in self.db.list_sandboxes()}
         stale_slots = self.slots.cleanup_stale(keep_slots)
         stale_dirs = []
         for d in self.settings.sandboxes_dir.iterdir():
             if d.name not in keep:
-                self._teardown(d.name, None)
+                self._teardown(d.name, None, None)
                 stale_dirs.append(d.name)
         report = RecoveryReport(reattached, removed, stale_containers, stale_slots, stale_dirs)
         log.info("recovery: %s", report)
