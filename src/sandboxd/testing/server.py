@@ -98,13 +98,17 @@ def unique_network() -> tuple[str, str]:
     return "t" + "".join(random.choices(string.ascii_lowercase + string.digits, k=4)), f"10.{second}.0.0/16"
 
 
+#: Content-addressed, verified-on-use, atomically written: safe to share between servers.
+SHARED_SUBDIRS = ("templates", "cache", "guest")
+
+
 def run_dir(shared_data_dir: Path) -> Path:
-    """A data dir of one server's own (database, sandboxes, runsc state) whose template store is
-    the shared, content-addressed one (builds are safe to share: never mutated, keyed by inputs)."""
-    shared_data_dir.mkdir(parents=True, exist_ok=True)
-    (shared_data_dir / "templates").mkdir(exist_ok=True)
+    """A data dir of one server's own (database, sandboxes, runtime state) sharing the template
+    store, derived caches (layers, rootfs.ext4 images) and the microVM guest kernel."""
     d = Path(tempfile.mkdtemp(prefix="run-", dir=shared_data_dir))
-    (d / "templates").symlink_to(shared_data_dir / "templates")
+    for shared in SHARED_SUBDIRS:
+        (shared_data_dir / shared).mkdir(parents=True, exist_ok=True)
+        (d / shared).symlink_to(shared_data_dir / shared)
     return d
 
 
