@@ -49,3 +49,35 @@ def test_sdk_on_a_microvm(sdk_env: Server, vm_template: str) -> None:
             time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == []  # no QEMU left
+
+
+def test_pause_and_resume_keep_memory_and_files(sdk_env: Server, vm_template: str) -> None:
+    from e2b import SandboxQuery, SandboxState
+
+    sbx = Sandbox.create(template=vm_template, timeout=120)
+    try:
+        sbx.files.write("/home/user/kept.txt", "on disk")
+        sbx.commands.run("python3 -c 'import time; open(\"/tmp/in-tmpfs\", \"w\").write(\"in memory\"); "
+                         "time.sleep(100000)'", background=True)
+        time.sleep(1)
+        assert sbx.pause() is True
+        assert sbx.get_info().state == SandboxState.PAUSED
+        paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+        assert sbx.sandbox_id in [p.sandbox_id for p in paused]
+        assert not sbx.is_running()
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert again.get_info().state == SandboxState.RUNNING
+        assert again.files.read("/home/user/kept.txt") == "on disk"
+        assert again.commands.run("cat /tmp/in-tmpfs").stdout == "in memory"
+        assert "time.sleep(100000)" in again.commands.run("ps -eo args").stdout
+    finally:
+        sbx.kill()
+
+
+def test_pause_on_gvisor_is_a_clear_not_supported(sdk_env: Server) -> None:
+    from e2b import SandboxException
+
+    with Sandbox.create(timeout=60) as sbx:
+        with pytest.raises(SandboxException, match="not supported on the gvisor runtime"):
+            sbx.pause()
+        assert sbx.commands.run("echo still running").stdout == "still running\n"

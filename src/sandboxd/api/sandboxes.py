@@ -112,10 +112,19 @@ def set_timeout(sandbox_id: str, body: TimeoutBody, request: Request) -> Respons
 
 @router.post("/v2/sandboxes/{sandbox_id}/connect")
 def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSONResponse:
-    row = _orchestrator(request).connect(sandbox_id, body.timeout)
+    """200 for a running sandbox; a paused one is resumed first (201)."""
+    orch = _orchestrator(request)
+    status = 200
+    row = orch.connect(sandbox_id, body.timeout)
+    if row is None:
+        try:
+            row = orch.resume(sandbox_id, body.timeout)
+        except SandboxError as exc:
+            raise ApiError(exc.status, exc.message) from exc
+        status = 201
     if row is None:
         raise ApiError(404, f"sandbox '{sandbox_id}' not found")
-    return JSONResponse(sandbox_json(row, _settings(request).domain), status_code=200)
+    return JSONResponse(sandbox_json(row, _settings(request).domain), status_code=status)
 
 
 @router.get("/sandboxes/{sandbox_id}/metrics")
@@ -144,10 +153,18 @@ def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None,
     }]
 
 
-@router.post("/sandboxes/{sandbox_id}/pause")
+@router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
 def pause_sandbox(sandbox_id: str, request: Request) -> Response:
-    _visible(_orchestrator(request), sandbox_id)
-    raise ApiError(501, "pause is not supported by this sandboxd version yet")
+    """204 paused; 409 already paused (the SDK returns False); 501 on runtimes without snapshots."""
+    try:
+        paused = _orchestrator(request).pause(sandbox_id)
+    except SandboxError as exc:
+        raise ApiError(exc.status, exc.message) from exc
+    if paused is None:
+        raise ApiError(404, f"sandbox '{sandbox_id}' not found")
+    if paused is False:
+        raise ApiError(409, f"sandbox '{sandbox_id}' is already paused")
+    return Response(status_code=204)
 
 
 # -- filtering and pagination -------------------------------------------------------------------

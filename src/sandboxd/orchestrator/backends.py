@@ -17,10 +17,11 @@ from typing import Protocol
 
 from sandboxd.config import Settings
 from sandboxd.orchestrator.rootfs import is_mounted, mount_overlay, unmount_overlay
-from sandboxd.runtimes.base import Runtime
+from sandboxd.runtimes.base import Runtime, RuntimeSpec
 from sandboxd.templates.store import TemplateStore
 
 log = logging.getLogger("sandboxd.orchestrator")
+SNAPSHOT_DIR = "snapshot"
 
 
 class Backend(Protocol):
@@ -71,6 +72,17 @@ class MicroVMBackend:
 
     def release_rootfs(self, sandbox_dir: Path) -> None:
         self.provider.release(sandbox_dir)
+
+    def pause(self, sandbox_id: str, sandbox_dir: Path) -> None:
+        """Memory and devices to ``snapshot/``, QEMU stopped, the disk flushed and unexported
+        (its copy-on-write state stays in the sandbox dir)."""
+        self.runtime.pause(sandbox_id, sandbox_dir / SNAPSHOT_DIR)
+        self.provider.release(sandbox_dir)
+
+    def resume(self, spec_for: Callable[[Path], RuntimeSpec], build_id: str, sandbox_dir: Path) -> None:
+        """Export the same disk again and restore the VM from its snapshot."""
+        export = self.provider.prepare(build_id, sandbox_dir)
+        self.runtime.restore(spec_for(export), sandbox_dir / SNAPSHOT_DIR)
 
     def reattach_rootfs(self, build_id: str, sandbox_dir: Path) -> bool:
         """QEMU waits ~30 s for its NBD server to come back: export the same device again."""

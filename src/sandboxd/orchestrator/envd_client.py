@@ -64,7 +64,8 @@ def init_envd(address: str, access_token: str, env_vars: dict[str, str], user: s
         "timestamp": datetime.now(timezone.utc).isoformat(),
     }
     try:
-        r = httpx.post(f"{envd_url(address)}/init", json=body, timeout=10.0)
+        # the token header lets a later /init (after a resume: clock sync) through
+        r = httpx.post(f"{envd_url(address)}/init", json=body, headers={"X-Access-Token": access_token}, timeout=10.0)
     except httpx.HTTPError as exc:
         raise EnvdNotReady(f"envd /init failed: {exc}") from exc
     if r.status_code != 204:

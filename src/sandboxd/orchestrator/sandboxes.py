@@ -26,7 +26,7 @@ from sandboxd.envd import ENVD_VERSION
 from sandboxd.envd.auth import file_signature
 from sandboxd.orchestrator.envd_client import EnvdNotReady, init_envd, run_process, wait_healthy
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
-from sandboxd.orchestrator.backends import Backend, Backends
+from sandboxd.orchestrator.backends import SNAPSHOT_DIR, Backend, Backends
 from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
 from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
@@ -261,6 +261,60 @@ class Orchestrator:
             except Exception:  # noqa: BLE001 - keep going: the remaining steps must still run
                 log.exception("teardown of %s: %s step failed", sandbox_id, name)
 
+    def pause(self, sandbox_id: str) -> bool | None:
+        """Snapshot the sandbox and stop it; False if already paused, None if there is none.
+
+        The microVM runtime keeps memory (QEMU migration to a file) and disk (its copy-on-write
+        export); its network slot stays reserved, so it comes back at the same address."""
+        with self._lock(sandbox_id):
+            row = self.db.get_sandbox(sandbox_id)
+            if row is None or row.state not in ("running", "paused"):
+                return None
+            if row.state == "paused":
+                return False
+            backend = self.backends.get(row.runtime)
+            if not hasattr(backend, "pause"):
+                raise SandboxError(501, f"pause is not supported on the {row.runtime} runtime yet")
+            self._routes.pop(sandbox_id, None)
+            self._tokens.pop(sandbox_id, None)
+            try:
+                backend.pause(sandbox_id, self.sandbox_dir(sandbox_id))
+            except Exception as exc:
+                self._routes[sandbox_id] = row.host_address
+                self._tokens[sandbox_id] = row.envd_access_token
+                raise SandboxError(500, f"pause failed: {exc}") from exc
+            self.db.update_sandbox(sandbox_id, state="paused")
+        log.info("sandbox %s paused", sandbox_id)
+        return True
+
+    def resume(self, sandbox_id: str, timeout_s: int | None) -> SandboxRow | None:
+        """Restore a paused sandbox (memory, processes and files as they were)."""
+        with self._lock(sandbox_id):
+            row = self.db.get_sandbox(sandbox_id)
+            if row is None or row.state != "paused":
+                return None
+            backend = self.backends.get(row.runtime)
+            sdir = self.sandbox_dir(sandbox_id)
+            slot = self.slots.slot(row.slot_index)
+
+            def spec_for(rootfs: Path) -> RuntimeSpec:
+                return RuntimeSpec(sandbox_id=sandbox_id, rootfs=rootfs, sandbox_dir=sdir,
+                                   netns_path=slot.guest_netns_path, argv=envd_argv(), env=envd_env(),
+                                   cpu_count=row.cpu_count, memory_mb=row.memory_mb)
+
+            self._step("resume", lambda: backend.resume(spec_for, row.build_id, sdir), sdir)  # type: ignore[attr-defined]
+            config = RuntimeConfig.of(self.templates.get(row.build_id))
+            self._step("envd", lambda: wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s), sdir)
+            self._step("envd", lambda: init_envd(slot.host_address, row.envd_access_token, {**config.env, **row.env_vars},
+                                                 config.user, config.workdir), sdir)
+            end = utcnow() + timedelta(seconds=timeout_s if timeout_s is not None else self.settings.default_timeout_s)
+            row = self.db.update_sandbox(sandbox_id, state="running", end_at=end)
+            assert row is not None
+            self._routes[sandbox_id] = row.host_address
+            self._tokens[sandbox_id] = row.envd_access_token
+        log.info("sandbox %s resumed", sandbox_id)
+        return row
+
     def set_timeout(self, sandbox_id: str, timeout_s: int) -> bool:
         """The sandbox now ends ``timeout_s`` from now (shorter or longer than before)."""
         end = utcnow() + timedelta(seconds=timeout_s)
@@ -302,6 +356,9 @@ class Orchestrator:
         removed: list[str] = []
         for row in rows:
             backend = self.backends.get(row.runtime)
+            if row.state == "paused" and (self.sandbox_dir(row.sandbox_id) / SNAPSHOT_DIR).is_dir():
+                reattached.append(row.sandbox_id)  # nothing runs; its snapshot and disk wait on disk
+                continue
             alive = (row.state == "running" and row.sandbox_id in running[backend.name]
                      and row.slot_index in slots_present
                      and backend.reattach_rootfs(row.build_id, self.sandbox_dir(row.sandbox_id)))
