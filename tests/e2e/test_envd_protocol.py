@@ -34,7 +34,16 @@ pytestmark = pytest.mark.slow
 def test_pty_input_resize_and_kill(sandbox: Sandbox) -> None:
     out = bytearray()
     pty = sandbox.pty.create(PtySize(rows=24, cols=80))
-    waiter = threading.Thread(target=lambda: pty.wait(on_pty=out.extend), daemon=True)
+    ended: list[BaseException | None] = []
+
+    def wait() -> None:
+        try:
+            pty.wait(on_pty=out.extend)
+            ended.append(None)
+        except CommandExitException as exc:  # killed below: the expected end
+            ended.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
     waiter.start()
 
     def wait_for(text: str) -> None:
@@ -52,7 +61,7 @@ def test_pty_input_resize_and_kill(sandbox: Sandbox) -> None:
     assert "30 100" in out.decode()
     assert sandbox.pty.kill(pty.pid)
     waiter.join(10)
-    assert not waiter.is_alive()
+    assert not waiter.is_alive() and ended and ended[0] is not None  # the kill ended the terminal
 
 
 def test_connect_to_running_process_and_disconnect_keeps_it(sandbox: Sandbox) -> None:
