@@ -7,10 +7,12 @@ their names nor their routes, and must clean up only what it made.
 
 from __future__ import annotations
 
+import os
 import random
 import string
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +51,12 @@ def slot_pool(net_prefix: str, net_cidr: str) -> Iterator[SlotPool]:
     finally:
         pool.cleanup_stale(set())
         assert pool.existing() == [], "slots of the test prefix survived cleanup"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared test data dir (SANDBOXD_TEST_DATA_DIR): its content-addressed template store
+    and verified caches are reused across runs, so the base template is built once."""
+    d = Path(os.environ.get("SANDBOXD_TEST_DATA_DIR", "/var/lib/sandboxd-test"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -6,7 +6,6 @@ and its own network prefix and subnet, so it never touches a developer's server 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,13 +14,6 @@ import pytest
 from sandboxd.testing.server import Server, running_server, sdk_pointed_at
 
 __all__ = ["Server"]
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    d = Path(os.environ.get("SANDBOXD_TEST_DATA_DIR", "/var/lib/sandboxd-test"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ in the shared test data dir, the NBD server and runtime live for the session.
 
 from __future__ import annotations
 
-import os
 import random
 import secrets
 import string
@@ -28,11 +27,6 @@ from sandboxd.templates.envd_bundle import envd_argv, envd_env
 from sandboxd.templates.store import Build, TemplateStore
 
 from vm_helpers import Vm, assert_vm_uses_only_its_export
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    return Path(os.environ.get("SANDBOXD_TEST_DATA_DIR", "/var/lib/sandboxd-test"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 
 from sandboxd.nbd.provider import NbdRootfsProvider
 from sandboxd.runtimes.microvm import MicroVMRuntime
-from sandboxd.templates.ext4 import file_sha256
+from sandboxd.templates.store import file_sha256
 from sandboxd.templates.store import Build
 
 from vm_helpers import Vm, run, wait_health

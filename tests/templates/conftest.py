@@ -7,7 +7,6 @@ to the recipe, packages, mirror or envd bundle is a new build id, never a stale 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ from sandboxd.templates.store import TemplateStore
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    d = Path(os.environ.get("SANDBOXD_TEST_DATA_DIR", "/var/lib/sandboxd-test"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sandboxd.templates import ext4
 from sandboxd.templates.base import make_tiny_rootfs
-from sandboxd.templates.store import Build, BuildInputs, TemplateStore
+from sandboxd.templates.store import Build, BuildInputs, TemplateStore, file_sha256
 
 
 def _tiny_like(store: TemplateStore) -> Build:
@@ -25,7 +25,7 @@ def test_image_is_cached_verified_and_rebuilt_when_corrupt(tmp_path: Path, tmp_s
     assert image.path == tmp_path / "cache" / build.build_id / "rootfs.ext4"
     assert oct(image.path.stat().st_mode & 0o777) == "0o444"
     meta = json.loads((image.path.parent / "rootfs.ext4.json").read_text())
-    assert meta["sha256"] == image.sha256 == ext4.file_sha256(image.path) and meta["build_id"] == build.build_id
+    assert meta["sha256"] == image.sha256 == file_sha256(image.path) and meta["build_id"] == build.build_id
 
     # a real ext4 whose files are the build's (debugfs reads it without mounting)
     cat = subprocess.run(["debugfs", "-R", "cat /etc/passwd", str(image.path)], capture_output=True, text=True)
@@ -42,7 +42,7 @@ def test_image_is_cached_verified_and_rebuilt_when_corrupt(tmp_path: Path, tmp_s
         f.seek(2 * 1024 * 1024)
         f.write(b"\xff")
     rebuilt = ext4.ext4_image(tmp_path, tmp_store, build.build_id)
-    assert rebuilt.sha256 == image.sha256 and ext4.file_sha256(rebuilt.path) == image.sha256
+    assert rebuilt.sha256 == image.sha256 and file_sha256(rebuilt.path) == image.sha256
     assert tmp_store.verify(build.build_id)  # the build itself was never written
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sandboxd.templates.store import LogFn, TemplateStore
+from sandboxd.templates.store import LogFn, TemplateStore, file_sha256
 
 FORMAT = "sandboxd-ext4-1"
 IMAGE_NAME = "rootfs.ext4"
@@ -66,14 +66,6 @@ def recipe_hash(free_mb: int) -> str:
     h = hashlib.sha256(FORMAT.encode())
     h.update(Path(__file__).read_bytes())
     h.update(f"\0{_mke2fs_version()}\0{free_mb}".encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
     return h.hexdigest()
 
 

@@ -94,9 +94,14 @@ class Build:
 def _file_digest(path: Path) -> bytes:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(4 << 20):
             h.update(chunk)
     return h.digest()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB chunks (images are GBs)."""
+    return _file_digest(path).hex()
 
 
 def _walk(root: Path, rel: str = "") -> Iterator[tuple[str, os.stat_result, Path]]:
