@@ -3,6 +3,7 @@ then started with ``Sandbox.create`` against the real server (gVisor sandboxes).
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from pathlib import Path
@@ -83,7 +84,7 @@ def test_a_changed_copy_source_is_a_new_build_and_sandboxes_see_the_new_bytes(sd
     ctx = _context(tmp_path / "ctx", "old bytes\n")
     _sdk_build(ctx, name)
     old_id = _content_id(sdk_env, name)
-    new = "new bytes\n"
+    new = f"new bytes {secrets.token_hex(8)}\n"  # unique: the shared files cache cannot already hold it
     (ctx / "app" / "data.txt").write_text(new)
     logs = _sdk_build(ctx, name)
     assert any("Uploaded 'app/'" in m for m in logs)  # the changed context was sent again
