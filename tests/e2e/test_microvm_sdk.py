@@ -81,3 +81,19 @@ def test_pause_on_gvisor_is_a_clear_not_supported(sdk_env: Server) -> None:
         with pytest.raises(SandboxException, match="not supported on the gvisor runtime"):
             sbx.pause()
         assert sbx.commands.run("echo still running").stdout == "still running\n"
+
+
+def test_auto_pause_on_timeout_then_resume(sdk_env: Server, vm_template: str) -> None:
+    from e2b import SandboxState
+
+    sbx = Sandbox.create(template=vm_template, timeout=4, lifecycle={"on_timeout": "pause"})
+    try:
+        sbx.files.write("/home/user/before-timeout", "kept")
+        deadline = time.monotonic() + 60
+        while sbx.get_info().state != SandboxState.PAUSED and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert sbx.get_info().state == SandboxState.PAUSED  # paused, not killed
+        again = Sandbox.connect(sbx.sandbox_id, timeout=60)
+        assert again.files.read("/home/user/before-timeout") == "kept"
+    finally:
+        sbx.kill()

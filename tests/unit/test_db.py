@@ -33,3 +33,15 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     key = Database(url).create_api_key()
     assert Database(url).api_key_valid(key)
+
+
+def test_an_older_database_gets_new_columns(tmp_path: Path) -> None:
+    """A data dir made before a column existed keeps working after an upgrade."""
+    path = tmp_path / "db.sqlite"
+    Database(f"sqlite:///{path}")
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE sandboxes DROP COLUMN auto_pause")
+    con.commit()
+    assert "auto_pause" not in [r[1] for r in con.execute("PRAGMA table_info(sandboxes)")]
+    Database(f"sqlite:///{path}")
+    assert "auto_pause" in [r[1] for r in con.execute("PRAGMA table_info(sandboxes)")]

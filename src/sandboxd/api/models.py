@@ -84,5 +84,5 @@ def detail_json(row: SandboxRow, domain: str | None) -> dict[str, Any]:
         "envdAccessToken": row.envd_access_token,
         "domain": domain,
         "allowInternetAccess": row.allow_internet_access,
-        "lifecycle": {"autoResume": False, "onTimeout": "kill"},
+        "lifecycle": {"autoResume": False, "onTimeout": "pause" if row.auto_pause else "kill"},
     }

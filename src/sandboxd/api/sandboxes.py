@@ -51,7 +51,8 @@ def create_sandbox(body: NewSandbox, request: Request) -> JSONResponse:
         raise ApiError(400, f"timeout {timeout}s exceeds the maximum of {settings.max_timeout_s}s")
     req = CreateRequest(template=body.templateID, timeout_s=timeout, metadata=body.metadata or {},
                         env_vars=body.envVars or {},
-                        allow_internet_access=body.allow_internet_access is not False)
+                        allow_internet_access=body.allow_internet_access is not False,
+                        auto_pause=bool(body.autoPause))
     try:
         row = _orchestrator(request).create(req)
     except SandboxError as exc:

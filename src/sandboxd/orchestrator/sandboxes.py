@@ -59,6 +59,7 @@ class CreateRequest:
     metadata: dict[str, str] = field(default_factory=dict)
     env_vars: dict[str, str] = field(default_factory=dict)
     allow_internet_access: bool = True
+    auto_pause: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class Orchestrator:
                 host_address=slot.host_address, envd_access_token=token, envd_version=ENVD_VERSION,
                 metadata_=req.metadata, env_vars=req.env_vars, cpu_count=self.settings.cpu_count,
                 memory_mb=self.settings.memory_mb, disk_size_mb=self.settings.disk_size_mb,
-                allow_internet_access=req.allow_internet_access, started_at=now,
+                allow_internet_access=req.allow_internet_access, auto_pause=req.auto_pause, started_at=now,
                 end_at=now + timedelta(seconds=req.timeout_s))
             undo.callback(self.db.delete_sandbox, sandbox_id)
             spec = RuntimeSpec(sandbox_id=sandbox_id, rootfs=rootfs, sandbox_dir=sdir,
@@ -332,14 +333,21 @@ class Orchestrator:
         return row
 
     def reap_expired(self, now: datetime | None = None) -> list[str]:
-        """Kill every running sandbox whose end time has passed."""
+        """End every running sandbox whose time is up: pause it if it asked for that (autoPause)
+        and its runtime can, else kill it."""
         now = now or utcnow()
-        expired = [r.sandbox_id for r in self.db.list_sandboxes()
-                   if r.state == "running" and _aware(r.end_at) <= now]
-        for sandbox_id in expired:
-            log.info("sandbox %s timed out", sandbox_id)
-            self.kill(sandbox_id)
-        return expired
+        expired = [r for r in self.db.list_sandboxes() if r.state == "running" and _aware(r.end_at) <= now]
+        for row in expired:
+            if row.auto_pause and hasattr(self.backends.get(row.runtime), "pause"):
+                log.info("sandbox %s timed out: pausing (autoPause)", row.sandbox_id)
+                try:
+                    self.pause(row.sandbox_id)
+                    continue
+                except SandboxError as exc:
+                    log.warning("autoPause of %s failed (%s): killing it", row.sandbox_id, exc.message)
+            log.info("sandbox %s timed out", row.sandbox_id)
+            self.kill(row.sandbox_id)
+        return [r.sandbox_id for r in expired]
 
     # -- recovery ------------------------------------------------------------------------------
 

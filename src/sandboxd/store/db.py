@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, create_engine, event, select
+from sqlalchemy import JSON, DateTime, Integer, String, create_engine, event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -70,6 +70,7 @@ class SandboxRow(Base):
     memory_mb: Mapped[int] = mapped_column(Integer)
     disk_size_mb: Mapped[int] = mapped_column(Integer)
     allow_internet_access: Mapped[bool] = mapped_column(default=True)
+    auto_pause: Mapped[bool] = mapped_column(default=False)  # on timeout: pause instead of kill
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     end_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -95,6 +96,7 @@ class Database:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -169,6 +171,25 @@ class Database:
     def list_sandboxes(self) -> list[SandboxRow]:
         with self.session() as s:
             return list(s.scalars(select(SandboxRow).order_by(SandboxRow.started_at, SandboxRow.sandbox_id)))
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added to a model after a database was created (``create_all`` only makes tables):
+    added with their default, so an existing data dir keeps working after an upgrade."""
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            default = column.default.arg if column.default is not None and not callable(column.default.arg) else None
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+            if default is not None:
+                ddl += f" DEFAULT {int(default) if isinstance(default, bool) else repr(default)}"
+            with engine.begin() as conn:
+                conn.execute(text(ddl))
 
 
 def _hash_key(key: str) -> str:
