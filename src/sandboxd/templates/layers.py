@@ -12,7 +12,6 @@ that fails verification is moved aside and rebuilt, never repaired in place.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -20,12 +19,12 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandboxd.templates.store import remove_tree, tree_checksum
+from sandboxd.templates.store import file_lock, remove_tree, tree_checksum
 
 LAYER_FORMAT = "sandboxd-layer-1"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -137,15 +136,9 @@ class LayerCache:
         with contextlib.suppress(FileNotFoundError):
             os.rename(self.path(key), dest)
 
-    @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
         """One maker per key across processes; the others wait and then use its layer."""
-        with open(self.root / ".locks" / f"{key}.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.root / ".locks" / f"{key}.lock")
 
     def create(self, key: str, make: LayerMaker, info: dict[str, Any],
                log: Callable[[str], None] = lambda _: None) -> tuple[Layer, bool]:

@@ -171,6 +171,17 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` across processes, released on exit."""
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 # ---------------------------------------------------------------------------------------------
 # The store.
 
@@ -222,15 +233,9 @@ class TemplateStore:
 
     # -- building --------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _lock(self, build_id: str) -> Iterator[None]:
+    def _lock(self, build_id: str) -> contextlib.AbstractContextManager[None]:
         """One builder per build id (across processes); others wait and then reuse its result."""
-        with open(self.root / ".locks" / f"{build_id}.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.root / ".locks" / f"{build_id}.lock")
 
     def build(self, inputs: BuildInputs, builder: Builder, log: LogFn,
               extra_meta: dict[str, Any] | None = None) -> Build:
