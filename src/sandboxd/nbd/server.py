@@ -330,6 +330,8 @@ class NbdServer:
                 continue
             try:
                 await self._execute(export, s, req, payload)
+            except ConnectionError:
+                raise  # the client went away mid-reply: not a device error
             except (OSError, CowError) as exc:
                 await self._error(export, s, req, p.EIO, f"{req.name} failed: {exc}")
 
