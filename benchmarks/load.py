@@ -1,8 +1,9 @@
 """Load test (bounded, loopback only): create and kill 50 sandboxes with 8 in flight.
 
-Prints errors (must be 0), create p50/p95, and the host memory (PSS) per idle sandbox, measured
-over 10 idle sandboxes by summing the proportional set size of every host process that belongs
-to them (gVisor's sandbox and gofer processes name the sandbox id on their command line).
+Prints errors (must be 0), create p50/p95, and the host memory (PSS) and CPU per idle sandbox,
+measured over 10 idle sandboxes by summing the proportional set size and CPU time of every host
+process that belongs to them (gVisor's sandbox and gofer processes name the sandbox id on their
+command line). The CPU is what an idle sandbox costs: envd, its OOM guard's polling, gVisor.
 
 Usage: benchmarks/run load [TOTAL] [IN_FLIGHT]   (default 50 8; needs root)
 """
@@ -44,23 +45,44 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def memory_per_idle_sandbox(n: int = 10) -> float:
-    """MiB of host PSS per idle sandbox (processes whose command line names a sandbox id)."""
+def sandbox_pids(ids: set[str]) -> list[int]:
+    """Host processes whose command line names one of the sandbox ids (gVisor's sandbox and gofer)."""
+    pids = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(i in cmdline for i in ids):
+            pids.append(pid)
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU time of these processes and their threads so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def idle_sandboxes(n: int = 10, window_s: float = 10.0) -> tuple[float, float]:
+    """(MiB of host PSS, % of one CPU) per idle sandbox, over ``n`` idle sandboxes."""
     from e2b import Sandbox
 
     sandboxes = [Sandbox.create(timeout=300) for _ in range(n)]
     try:
         time.sleep(3)  # let start-up garbage settle
-        ids = {s.sandbox_id for s in sandboxes}
-        total = 0
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if any(i in cmdline for i in ids):
-                total += pss_kib(pid)
-        return total / 1024 / n
+        pids = sandbox_pids({s.sandbox_id for s in sandboxes})
+        pss = sum(pss_kib(pid) for pid in pids) / 1024 / n
+        cpu0 = cpu_seconds(pids)
+        time.sleep(window_s)
+        cpu = (cpu_seconds(pids) - cpu0) / window_s / n * 100
+        return pss, cpu
     finally:
         for s in sandboxes:
             s.kill()
@@ -81,7 +103,7 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
                     errors.append(f"{type(exc).__name__}: {exc}"[:300])
         wall = time.perf_counter() - started
-        mem = memory_per_idle_sandbox()
+        mem, cpu = idle_sandboxes()
     print(f"\nsandboxd load test — {total} create+run+kill cycles, {in_flight} in flight, gVisor (ptrace)\n")
     print("| measurement                     | value      |")
     print("|---------------------------------|------------|")
@@ -94,6 +116,7 @@ def main() -> None:
     print(f"| wall time (s)                   | {wall:>10.1f} |")
     print(f"| cycles per second               | {total / wall:>10.2f} |")
     print(f"| host PSS per idle sandbox (MiB) | {mem:>10.1f} |")
+    print(f"| host CPU per idle sandbox (%)   | {cpu:>10.2f} |")
     for e in errors[:10]:
         print("error:", e)
     sys.exit(1 if errors else 0)

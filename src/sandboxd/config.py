@@ -36,9 +36,16 @@ class Settings:
     #: A failed start is cleaned up and retried this many times before the client gets the error.
     start_attempts: int = 2
     domain: str | None = None
+    #: A sandbox's resources unless its template's build asked for others (cpuCount, memoryMB),
+    #: within the maxima. The disk is every sandbox's own ext4 image of this size (sparse).
     cpu_count: int = 2
     memory_mb: int = 512
     disk_size_mb: int = 2048
+    max_cpu_count: int = 8
+    max_memory_mb: int = 8192
+    max_disk_size_mb: int = 65536
+    #: Processes (tasks) one user may run in a sandbox: a fork bomb gets EAGAIN at this count.
+    max_processes: int = 1024
     database_url: str | None = field(default=None)
 
     @property

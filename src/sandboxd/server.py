@@ -35,7 +35,7 @@ def make_backends(settings: Settings, templates: TemplateStore) -> Backends:
 
     def gvisor() -> GVisorBackend:
         runtime = GVisorRuntime(settings.runsc_root, platform=settings.gvisor_platform,
-                                template_root=settings.templates_dir, filestore_dir=settings.data_dir / "filestore")
+                                template_root=settings.templates_dir)
         return GVisorBackend(runtime, templates)
 
     return Backends({"gvisor": gvisor, "microvm": lambda: MicroVMBackend(settings, templates)}, settings.runtime)

@@ -1,12 +1,14 @@
-"""What a sandbox leaves on the host: namespaces, mounts, runtime containers, processes."""
+"""What a sandbox leaves on the host: namespaces, mounts, loop devices, runtime containers, processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
 from sandboxd.config import Settings
+from sandboxd.orchestrator.disk import loop_devices_of
 
 
 def netns_names() -> set[str]:
@@ -48,10 +50,29 @@ def traces(settings: Settings, sandbox_id: str, slot_index: int | None) -> dict[
     return {
         "dir": sdir.exists(),
         "mounts": mounts_under(sdir) if sdir.exists() else [],
+        "loop devices": loop_devices_of(sdir),
         "netns": sorted(ns),
         "container": sandbox_id in runsc_containers(settings),
         "processes": processes_mentioning(sandbox_id),
     }
 
 
-CLEAN = {"dir": False, "mounts": [], "netns": [], "container": False, "processes": []}
+CLEAN = {"dir": False, "mounts": [], "loop devices": [], "netns": [], "container": False, "processes": []}
+
+
+def runsc_status(settings: Settings, sandbox_id: str) -> str | None:
+    """runsc's status of the sandbox's container (``running``, ``paused``...), None if it has none."""
+    out = subprocess.run(["runsc", "--root", str(settings.runsc_root), "list", "-format=json"],
+                         capture_output=True, text=True).stdout
+    return {c["id"]: c["status"] for c in json.loads(out or "[]") or []}.get(sandbox_id)
+
+
+def sandbox_cgroup(settings: Settings, sandbox_id: str, controller: str) -> Path:
+    """The host cgroup (v1) directory of a running gVisor sandbox for ``controller``."""
+    state = json.loads(subprocess.run(["runsc", "--root", str(settings.runsc_root), "state", sandbox_id],
+                                      capture_output=True, text=True, check=True).stdout)
+    for line in Path(f"/proc/{state['pid']}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return Path("/sys/fs/cgroup", controllers, path.lstrip("/"))
+    raise LookupError(f"no {controller} cgroup for {sandbox_id}")

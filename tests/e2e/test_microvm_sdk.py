@@ -74,13 +74,19 @@ def test_pause_and_resume_keep_memory_and_files(sdk_env: Server, vm_template: st
         sbx.kill()
 
 
-def test_pause_on_gvisor_is_a_clear_not_supported(sdk_env: Server) -> None:
-    from e2b import SandboxException
-
-    with Sandbox.create(timeout=60) as sbx:
-        with pytest.raises(SandboxException, match="not supported on the gvisor runtime"):
-            sbx.pause()
-        assert sbx.commands.run("echo still running").stdout == "still running\n"
+def test_filesystem_pause_stops_the_vm_and_resume_boots_it_over_its_disk(sdk_env: Server, vm_template: str) -> None:
+    sbx = Sandbox.create(template=vm_template, timeout=120)
+    try:
+        sbx.files.write("/home/user/kept.txt", "on disk", metadata={"stage": "raw"})
+        sbx.commands.run("sleep 1000", background=True)
+        assert sbx.pause(mode="filesystem") is True
+        assert processes_mentioning(sbx.sandbox_id) == []  # no QEMU while paused
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert again.files.read("/home/user/kept.txt") == "on disk"  # synced before QEMU was stopped
+        assert again.files.get_info("/home/user/kept.txt").metadata == {"stage": "raw"}  # real xattrs on ext4
+        assert "sleep 1000" not in again.commands.run("ps -eo args").stdout
+    finally:
+        sbx.kill()
 
 
 def test_auto_pause_on_timeout_then_resume(sdk_env: Server, vm_template: str) -> None:

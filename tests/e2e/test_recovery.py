@@ -9,8 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from e2b import Sandbox
+from e2b import Sandbox, SandboxQuery, SandboxState
 
+from sandboxd.orchestrator.rootfs import unmount_overlay
 from sandboxd.store.db import Database
 from sandboxd.testing.server import Server, running_server, sdk_pointed_at, spawn, stop, wait_listening
 
@@ -57,3 +58,50 @@ def _check_recovered(server: Server, survivor_id: str, victim_id: str) -> None:
         assert {n for n in netns_names() if n.startswith(f"{prefix}-")} == {f"{prefix}-{row.slot_index}",
                                                                             f"{prefix}-{row.slot_index}-g"}
         assert again.kill()
+
+
+def test_paused_sandboxes_survive_kill_9_and_one_that_lost_its_memory_boots(data_dir: Path, tmp_path: Path) -> None:
+    """kill -9 of the server: a frozen sandbox stays frozen, a disk-only one stays on disk. A
+    frozen one whose runtime, mounts and network are gone too (what a host reboot does) is kept
+    paused with its disk and boots on resume, in a slot made again."""
+    log_path = tmp_path / "server.log"
+    with running_server(data_dir, log_path) as server:
+        with sdk_pointed_at(server):
+            frozen, on_disk, lost = (Sandbox.create(timeout=300) for _ in range(3))
+            for sbx in (frozen, on_disk, lost):
+                sbx.files.write("/home/user/state", sbx.sandbox_id)
+                sbx.commands.run("sleep 1000", background=True)
+                sbx.pause(mode="filesystem" if sbx is on_disk else "full")
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        lost_slot = Database(server.settings.db_url).get_sandbox(lost.sandbox_id).slot_index  # type: ignore[union-attr]
+        _as_after_a_reboot(server, lost.sandbox_id, lost_slot)
+
+        restarted = spawn(server.settings, log_path)
+        try:
+            wait_listening(server.url, restarted, log_path)
+            with sdk_pointed_at(server):
+                listed = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+                assert {s.sandbox_id for s in listed} == {frozen.sandbox_id, on_disk.sandbox_id, lost.sandbox_id}
+                rows = {r.sandbox_id: r for r in Database(server.settings.db_url).list_sandboxes()}
+                assert [rows[s.sandbox_id].paused_memory for s in (frozen, on_disk, lost)] == [True, False, False]
+                for sbx, still_running in ((frozen, True), (on_disk, False), (lost, False)):
+                    again = Sandbox.connect(sbx.sandbox_id)
+                    assert again.files.read("/home/user/state") == sbx.sandbox_id
+                    assert ("sleep 1000" in again.commands.run("ps -eo args").stdout) is still_running
+                    assert again.kill()
+        finally:
+            stop(restarted)
+
+
+def _as_after_a_reboot(server: Server, sandbox_id: str, slot_index: int) -> None:
+    """Take away what a reboot of the host takes: the runtime's processes, the mounts, the slot."""
+    settings = server.settings
+    subprocess.run(["runsc", "--root", str(settings.runsc_root), "resume", sandbox_id], capture_output=True)
+    subprocess.run(["runsc", "--root", str(settings.runsc_root), "delete", "--force", sandbox_id],
+                   check=True, capture_output=True)
+    unmount_overlay(settings.sandboxes_dir / sandbox_id)
+    prefix = settings.net_prefix
+    subprocess.run(["ip", "link", "del", f"{prefix}-{slot_index}-h"], check=True)
+    for ns in (f"{prefix}-{slot_index}-g", f"{prefix}-{slot_index}"):
+        subprocess.run(["ip", "netns", "del", ns], check=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sandboxd.orchestrator.disk import IMAGE_NAME, loop_devices_of
 from sandboxd.orchestrator.rootfs import RootfsError, is_mounted, mount_overlay, unmount_overlay
 from sandboxd.templates.store import tree_checksum
 
@@ -111,3 +114,31 @@ def test_is_mounted_reads_escaped_mount_points(lower: Path, tmp_path: Path) -> N
     finally:
         subprocess.run(["umount", str(target)], check=True)
     assert not is_mounted(target)
+
+
+def test_with_a_disk_the_writes_are_bounded_and_outlive_the_mount(lower: Path, sandbox_dir: Path) -> None:
+    ov = mount_overlay(lower, sandbox_dir, disk_mb=32)
+    assert ov.upper == sandbox_dir.resolve() / "disk" / "upper" and is_mounted(sandbox_dir / "disk")
+    st = os.statvfs(ov.merged)
+    assert 28 * 2**20 < st.f_blocks * st.f_frsize <= 32 * 2**20  # what df shows in the sandbox
+    with pytest.raises(OSError) as full:
+        with open(ov.merged / "filler", "wb") as f:
+            for _ in range(64):
+                f.write(b"\0" * 2**20)
+                f.flush()
+                os.fsync(f.fileno())
+    assert full.value.errno == errno.ENOSPC
+    (ov.merged / "filler").unlink()
+    (ov.merged / "kept").write_text("on the disk")
+    image = sandbox_dir / IMAGE_NAME
+    assert image.stat().st_blocks * 512 <= 33 * 2**20  # sparse: what was written, at most
+    unmount_overlay(sandbox_dir)
+    assert loop_devices_of(sandbox_dir) == [] and not _mounts_under(sandbox_dir)
+    again = mount_overlay(lower, sandbox_dir, disk_mb=32)  # the same disk, not a new one
+    assert (again.merged / "kept").read_text() == "on the disk"
+
+
+def test_a_disk_too_small_is_refused_and_leaves_nothing(lower: Path, sandbox_dir: Path) -> None:
+    with pytest.raises(RootfsError, match="too small"):
+        mount_overlay(lower, sandbox_dir, disk_mb=4)
+    assert not _mounts_under(sandbox_dir) and not (sandbox_dir / IMAGE_NAME).exists()

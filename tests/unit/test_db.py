@@ -45,3 +45,20 @@ def test_an_older_database_gets_new_columns(tmp_path: Path) -> None:
     assert "auto_pause" not in [r[1] for r in con.execute("PRAGMA table_info(sandboxes)")]
     Database(f"sqlite:///{path}")
     assert "auto_pause" in [r[1] for r in con.execute("PRAGMA table_info(sandboxes)")]
+
+
+def test_a_template_keeps_the_resources_its_build_asked_for(tmp_path: Path) -> None:
+    """Sandboxes of ``name`` get the resources of the build the default tag names; ``name:tag``
+    those of the build that tag names; nothing asked for is None (the server's default)."""
+    from sandboxd.store.templates_db import BuildResources, TemplateBuilds
+
+    builds = TemplateBuilds(Database(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    small = builds.new_build("t", ["default"], BuildResources(1, 256, 4096))
+    builds.publish(small.build_id, "a" * 32, runtime=None)
+    big = builds.new_build("t", ["big"], BuildResources(4, 2048))
+    builds.publish(big.build_id, "b" * 32, runtime=None)
+    assert builds.resources("t") == builds.resources("t:default") == BuildResources(1, 256, 4096)
+    assert builds.resources("t:big") == BuildResources(4, 2048, None)
+    assert builds.resources("t:nope") == builds.resources("missing") == BuildResources()
+    builds.assign_tags(small.template_id, builds.tag(small.template_id, "big"), ["default"], "t", None)
+    assert builds.resources("t") == BuildResources(4, 2048, None)  # the alias follows its build

@@ -13,6 +13,7 @@ import pytest
 import uvicorn
 
 from sandboxd.proxy.asgi import SandboxProxy
+from sandboxd.proxy.asgi import Upstream as Route
 
 
 def _free_port() -> int:
@@ -77,7 +78,7 @@ def proxied() -> Iterator[tuple[str, int, Upstream]]:
             await send({"type": "http.response.body", "body": b"control plane"})
 
     servers = [_serve(upstream, up_port),
-               _serve(SandboxProxy(control_plane, {"sbx1": "127.0.0.1"}.get), proxy_port)]
+               _serve(SandboxProxy(control_plane, {"sbx1": Route("127.0.0.1")}.get), proxy_port)]
     yield f"http://127.0.0.1:{proxy_port}", up_port, upstream
     for s in servers:
         s.should_exit = True

@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import InvalidStatus
 
-from sandboxd.proxy.asgi import SandboxProxy
+from sandboxd.proxy.asgi import SandboxProxy, Upstream
 
 
 def _free_port() -> int:
@@ -42,7 +42,7 @@ def proxy_and_upstream() -> Iterator[tuple[int, int]]:
     async def control_plane(scope, receive, send) -> None:  # noqa: ANN001
         pass
 
-    server = uvicorn.Server(uvicorn.Config(SandboxProxy(control_plane, {"sbx1": "127.0.0.1"}.get),
+    server = uvicorn.Server(uvicorn.Config(SandboxProxy(control_plane, {"sbx1": Upstream("127.0.0.1")}.get),
                                            host="127.0.0.1", port=proxy_port, log_level="warning", lifespan="off"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.monotonic() + 10

@@ -23,6 +23,15 @@ class NewSandbox(BaseModel):
     envVars: dict[str, str] | None = None
     allow_internet_access: bool | None = None
     autoPause: bool | None = None
+    autoPauseMemory: bool | None = None  # False: the timeout's pause keeps the disk alone
+
+
+class PauseBody(BaseModel):
+    """``POST /sandboxes/{id}/pause``; older SDKs send no body."""
+
+    model_config = ConfigDict(extra="ignore")
+    memory: bool = True  # False: keep the filesystem alone; resuming boots the sandbox again
+    requireHealthyGuest: bool = False  # refuse (503) when envd does not answer
 
 
 class TimeoutBody(BaseModel):
@@ -36,6 +45,7 @@ class ConnectBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     timeout: int | None = Field(default=None, ge=0)
+    memory: bool = True  # False: a paused sandbox boots again over its files (memory is dropped)
 
 
 def iso(dt: datetime) -> str:
@@ -85,4 +95,5 @@ def detail_json(row: SandboxRow, domain: str | None) -> dict[str, Any]:
         "domain": domain,
         "allowInternetAccess": row.allow_internet_access,
         "lifecycle": {"autoResume": False, "onTimeout": "pause" if row.auto_pause else "kill"},
+        **({"envdUnresponsiveAtPause": True} if row.state == "paused" and row.envd_unresponsive_at_pause else {}),
     }

@@ -12,12 +12,21 @@ from datetime import datetime, timezone
 from typing import Annotated
 from urllib.parse import parse_qsl, unquote
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from sandboxd.api.auth import require_api_key
 from sandboxd.api.errors import ApiError
-from sandboxd.api.models import ConnectBody, NewSandbox, TimeoutBody, detail_json, iso, listed_json, sandbox_json
+from sandboxd.api.models import (
+    ConnectBody,
+    NewSandbox,
+    PauseBody,
+    TimeoutBody,
+    detail_json,
+    iso,
+    listed_json,
+    sandbox_json,
+)
 from sandboxd.config import Settings
 from sandboxd.orchestrator.envd_client import EnvdNotReady, fetch_metrics
 from sandboxd.orchestrator.sandboxes import CreateRequest, Orchestrator, SandboxError
@@ -52,7 +61,7 @@ def create_sandbox(body: NewSandbox, request: Request) -> JSONResponse:
     req = CreateRequest(template=body.templateID, timeout_s=timeout, metadata=body.metadata or {},
                         env_vars=body.envVars or {},
                         allow_internet_access=body.allow_internet_access is not False,
-                        auto_pause=bool(body.autoPause))
+                        auto_pause=bool(body.autoPause), auto_pause_memory=body.autoPauseMemory is not False)
     try:
         row = _orchestrator(request).create(req)
     except SandboxError as exc:
@@ -119,9 +128,9 @@ def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSO
     row = orch.connect(sandbox_id, body.timeout)
     if row is None:
         try:
-            row = orch.resume(sandbox_id, body.timeout)
+            row = orch.resume(sandbox_id, body.timeout, memory=body.memory)
         except SandboxError as exc:
-            raise ApiError(exc.status, exc.message) from exc
+            raise ApiError(exc.status, exc.message, exc.error_code) from exc
         status = 201
     if row is None:
         raise ApiError(404, f"sandbox '{sandbox_id}' not found")
@@ -132,17 +141,13 @@ def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSO
 def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None, end: int | None = None) -> list[dict]:
     """One live sample from envd (no history is kept yet); empty if it falls outside [start, end]."""
     row = _visible(_orchestrator(request), sandbox_id)
-    address = _orchestrator(request).upstream(sandbox_id)
-    if address is None:
+    upstream = _orchestrator(request).upstream(sandbox_id)
+    if upstream is None:
         return []
     try:
-        m = fetch_metrics(address, row.envd_access_token)
+        m = fetch_metrics(upstream.address, row.envd_access_token)
     except EnvdNotReady as exc:
         raise ApiError(502, str(exc)) from exc
-    disk_used, disk_total = m["disk_used"], m["disk_total"]
-    written = _orchestrator(request).backends.get(row.runtime).runtime.disk_usage(sandbox_id)
-    if written is not None:  # the guest's statvfs of an in-sandbox overlay is meaningless
-        disk_used, disk_total = written, row.disk_size_mb * 1024 * 1024
     ts = int(m["ts"])
     if (start is not None and ts < start) or (end is not None and ts > end):
         return []
@@ -150,15 +155,17 @@ def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None,
         "timestamp": iso(datetime.fromtimestamp(ts, timezone.utc)), "timestampUnix": ts,
         "cpuCount": m["cpu_count"], "cpuUsedPct": m["cpu_used_pct"],
         "memUsed": m["mem_used"], "memTotal": m["mem_total"], "memCache": m["mem_cache"],
-        "diskUsed": disk_used, "diskTotal": disk_total,
+        "diskUsed": m["disk_used"], "diskTotal": m["disk_total"],  # the sandbox's own disk
     }]
 
 
 @router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
-def pause_sandbox(sandbox_id: str, request: Request) -> Response:
-    """204 paused; 409 already paused (the SDK returns False); 501 on runtimes without snapshots."""
+def pause_sandbox(sandbox_id: str, request: Request, body: Annotated[PauseBody | None, Body()] = None) -> Response:
+    """204 paused; 409 already paused (the SDK returns False); 503 when envd does not answer and
+    the pause needs it (``requireHealthyGuest``, or ``memory: false``, which syncs the disk)."""
+    body = body or PauseBody()
     try:
-        paused = _orchestrator(request).pause(sandbox_id)
+        paused = _orchestrator(request).pause(sandbox_id, memory=body.memory, strict=body.requireHealthyGuest)
     except SandboxError as exc:
         raise ApiError(exc.status, exc.message) from exc
     if paused is None:

@@ -26,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sandboxd.api.auth import require_api_key
 from sandboxd.api.errors import ApiError
 from sandboxd.api.models import iso
+from sandboxd.config import Settings
 from sandboxd.store.templates_db import (
     DEFAULT_TAG,
+    BuildResources,
     LogEntry,
     TemplateBuildRow,
     TemplateBuilds,
@@ -55,6 +57,7 @@ class NewTemplate(BaseModel):
     tags: list[str] | None = None
     cpuCount: int | None = Field(default=None, ge=1)
     memoryMB: int | None = Field(default=None, ge=128)
+    minFreeDiskMb: int | None = Field(default=None, ge=0)  # the sandbox's disk grows to this, never shrinks
 
 
 class AssignTags(BaseModel):
@@ -123,7 +126,16 @@ def request_build(body: NewTemplate, request: Request) -> JSONResponse:
     tags = list(dict.fromkeys([tag or DEFAULT_TAG, *(body.tags or [])]))
     for t in tags:
         _valid_name("tag", t)
-    row = _t(request).builds.new_build(alias, tags, body.cpuCount, body.memoryMB)
+    settings: Settings = request.app.state.settings
+    if body.cpuCount is not None and body.cpuCount > settings.max_cpu_count:
+        raise ApiError(400, f"cpuCount {body.cpuCount} exceeds this server's maximum of {settings.max_cpu_count}")
+    if body.memoryMB is not None and body.memoryMB > settings.max_memory_mb:
+        raise ApiError(400, f"memoryMB {body.memoryMB} exceeds this server's maximum of {settings.max_memory_mb}")
+    if body.minFreeDiskMb is not None and body.minFreeDiskMb > settings.max_disk_size_mb:
+        raise ApiError(400, f"minFreeDiskMb {body.minFreeDiskMb} exceeds this server's maximum of "
+                            f"{settings.max_disk_size_mb}")
+    resources = BuildResources(body.cpuCount, body.memoryMB, body.minFreeDiskMb or None)
+    row = _t(request).builds.new_build(alias, tags, resources)
     return JSONResponse({"templateID": row.template_id, "buildID": row.build_id, "public": False,
                          "names": [alias], "tags": tags, "aliases": [alias]}, status_code=202)
 

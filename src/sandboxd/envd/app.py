@@ -35,6 +35,7 @@ from .http_util import (
     send_response,
 )
 from .metrics import Metrics
+from .oom_guard import OomGuard
 from .process_manager import ProcessManager
 from .process_service import ProcessService
 from .rpc.filesystem.filesystem_connect import FilesystemASGIApplication
@@ -138,6 +139,9 @@ class EnvdApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 _start_sudo_broker_if_needed()
+                if _guards_memory():
+                    loop = asyncio.get_running_loop()
+                    OomGuard(lambda v: loop.call_soon_threadsafe(self.processes.oom_killed, v)).start()
                 log.info("envd %s ready", ENVD_VERSION)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -173,6 +177,13 @@ class EnvdApp:
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, await self._metrics_source.snapshot())
+
+
+def _guards_memory() -> bool:
+    """Run the OOM guard only as a sandbox's envd: asked for (``envd_env``) and our parent is
+    PID 1 (the sandbox's init). The template build check starts envd with the same environment
+    in a chroot that still sees the host's processes: the guard must never act there."""
+    return os.environ.get("ENVD_OOM_GUARD") == "1" and os.getppid() == 1
 
 
 def _start_sudo_broker_if_needed() -> None:

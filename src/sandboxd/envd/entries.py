@@ -12,11 +12,9 @@ import stat
 
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
+from . import file_metadata
 from .rpc.filesystem import filesystem_pb as fpb
 from .users import group_name, user_name
-
-METADATA_XATTR_PREFIX = "user.e2b."
-
 
 def file_type(mode: int) -> fpb.FileType:
     """Map st_mode to FileType; anything not a directory (sockets, fifos...) counts as a file."""
@@ -25,23 +23,6 @@ def file_type(mode: int) -> fpb.FileType:
     if stat.S_ISLNK(mode):
         return fpb.FileType.SYMLINK
     return fpb.FileType.FILE
-
-
-def read_metadata(path: str) -> dict[str, str]:
-    """User metadata stored as ``user.e2b.<key>`` xattrs; empty where xattrs are unsupported."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
-    out: dict[str, str] = {}
-    for name in names:
-        if name.startswith(METADATA_XATTR_PREFIX):
-            try:
-                value = os.getxattr(path, name, follow_symlinks=False)
-            except OSError:
-                continue
-            out[name[len(METADATA_XATTR_PREFIX) :]] = value.decode("utf-8", "replace")
-    return out
 
 
 def entry_info(path: str, st: os.stat_result | None = None) -> fpb.EntryInfo:
@@ -58,7 +39,7 @@ def entry_info(path: str, st: os.stat_result | None = None) -> fpb.EntryInfo:
         owner=user_name(st.st_uid),
         group=group_name(st.st_gid),
         modified_time=Timestamp(seconds=st.st_mtime_ns // 1_000_000_000, nanos=st.st_mtime_ns % 1_000_000_000),
-        metadata=read_metadata(path),
+        metadata=file_metadata.STORE.read(path, st),
     )
     if kind == fpb.FileType.SYMLINK:
         entry.is_symlink = True

@@ -17,8 +17,8 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from . import file_metadata
 from .auth import check_files_access
-from .entries import METADATA_XATTR_PREFIX
 from .http_util import HTTPError, Receive, Scope, Send, body_chunks, header, headers_with_prefix, query, send_json
 from .identity import named_user
 from .multipart import MultipartError, MultipartParser, PartData, PartEnd, PartStart, boundary_of
@@ -231,18 +231,7 @@ class _FileWriter:
         chown_quietly(self.path, self._user)
         item: dict[str, Any] = {"name": os.path.basename(self.path), "type": "file", "path": self.path}
         if metadata:
-            item["metadata"] = _store_metadata(self.path, metadata)
+            item["metadata"] = file_metadata.STORE.replace(self.path, metadata)
+        elif not self._created:
+            file_metadata.STORE.rewritten(self.path)
         return item
-
-
-def _store_metadata(path: str, metadata: dict[str, str]) -> dict[str, str]:
-    """Replace the file's ``user.e2b.*`` xattrs with ``metadata`` (keys lowercased, as upstream)."""
-    try:
-        for name in os.listxattr(path):
-            if name.startswith(METADATA_XATTR_PREFIX):
-                os.removexattr(path, name)
-        for key, value in metadata.items():
-            os.setxattr(path, METADATA_XATTR_PREFIX + key.lower(), value.encode())
-    except OSError as e:
-        log.warning("metadata on %s not stored: %s", path, e)
-    return {k.lower(): v for k, v in metadata.items()}

@@ -18,6 +18,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
+from . import file_metadata
 from .entries import entry_info
 from .identity import rpc_user
 from .process_service import keepalive_interval
@@ -131,6 +132,7 @@ class FilesystemService(Filesystem):
                 if e.errno != errno.EXDEV:
                     raise
                 await asyncio.to_thread(shutil.move, source, destination)
+            file_metadata.STORE.moved(source, destination)
             return fpb.MoveResponse(entry=entry_info(destination))
 
     async def remove(self, request: fpb.RemoveRequest, ctx: RequestContext) -> fpb.RemoveResponse:
@@ -140,6 +142,7 @@ class FilesystemService(Filesystem):
                 await asyncio.to_thread(shutil.rmtree, path)
             else:
                 os.unlink(path)
+        file_metadata.STORE.removed(path)
         return fpb.RemoveResponse()
 
 

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .oom_guard import Victim
 from .users import User
 
 log = logging.getLogger("envd.process")
@@ -242,6 +243,16 @@ class ProcessManager:
         mp.publish(info)
         mp.subscribers.clear()
         self._procs.pop(mp.pid, None)
+
+    def oom_killed(self, victim: Victim) -> None:
+        """The OOM guard killed ``victim``: tell whoever watches the command it belonged to (the
+        process itself or one it started: every command is a session of its own)."""
+        mp = self._procs.get(victim.session) or self._procs.get(victim.pid)
+        if mp is None:
+            return
+        message = (f"sandboxd: out of memory: killed process {victim.pid} ({victim.name}) using "
+                   f"{victim.rss_bytes >> 20} MiB; this sandbox has {victim.total_bytes >> 20} MiB of memory\n")
+        mp.publish(OutputEvent("pty" if mp.pty_fd is not None else "stderr", message.encode()))
 
     def kill_all(self) -> None:
         """envd is shutting down: take every child with it."""

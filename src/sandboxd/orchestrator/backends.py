@@ -1,6 +1,7 @@
 """A backend = a runtime plus the rootfs provider it must be given (guarantee 2).
 
-- ``gvisor``: an overlay directory over the template's tree, mounted on the host.
+- ``gvisor``: an overlay directory over the template's tree, mounted on the host, its writes on
+  the sandbox's own disk image.
 - ``microvm``: an NBD export of a copy-on-write device over the template's ``rootfs.ext4``.
 
 The orchestrator picks one per sandbox (the template's runtime, else the server's default) and
@@ -16,37 +17,64 @@ from pathlib import Path
 from typing import Protocol
 
 from sandboxd.config import Settings
+from sandboxd.nbd.provider import COW_DIR
+from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
 from sandboxd.orchestrator.rootfs import is_mounted, mount_overlay, unmount_overlay
 from sandboxd.runtimes.base import Runtime, RuntimeSpec
-from sandboxd.templates.store import TemplateStore
+from sandboxd.runtimes.gvisor import GVisorRuntime
+from sandboxd.templates.store import TemplateStore, remove_tree
 
 log = logging.getLogger("sandboxd.orchestrator")
 SNAPSHOT_DIR = "snapshot"
 
 
 class Backend(Protocol):
+    """A runtime, the rootfs provider it must be given, and the two ways to pause: with memory
+    (processes, memory and files kept; resumed where they were) or with the disk alone (the
+    runtime stopped; resuming boots it again over the same files)."""
+
     name: str
     runtime: Runtime
 
-    def prepare_rootfs(self, build_id: str, sandbox_dir: Path) -> Path:
-        """Make the sandbox's copy-on-write rootfs; return the path its runtime gets."""
+    def prepare_rootfs(self, build_id: str, sandbox_dir: Path, disk_mb: int) -> Path:
+        """Make (or, for a sandbox paused with its disk alone, make again) the sandbox's
+        copy-on-write rootfs; return the path its runtime gets."""
 
     def release_rootfs(self, sandbox_dir: Path) -> None:
-        """Undo :meth:`prepare_rootfs`; idempotent."""
+        """Undo :meth:`prepare_rootfs`; idempotent. The sandbox's written data stays in its dir."""
 
     def reattach_rootfs(self, build_id: str, sandbox_dir: Path) -> bool:
         """After a server restart: is the sandbox's rootfs still there (made so again if needed)?"""
 
+    def pause_with_memory(self, sandbox_id: str, sandbox_dir: Path) -> None:
+        """Stop the sandbox so that :meth:`resume_with_memory` brings back its processes."""
+
+    def resume_with_memory(self, sandbox_id: str, spec_for: Callable[[Path], RuntimeSpec], build_id: str,
+                           sandbox_dir: Path) -> None:
+        """Undo :meth:`pause_with_memory` (``spec_for(rootfs)``: the runtime spec, if it needs one)."""
+
+    def drop_memory(self, sandbox_id: str, sandbox_dir: Path) -> None:
+        """Forget the memory of a sandbox paused with it: it stays paused with its disk alone."""
+
+    def has_memory(self, sandbox_id: str, sandbox_dir: Path, states: dict[str, str]) -> bool:
+        """Is the memory of a sandbox paused with it still there (``states``: the runtime's)?"""
+
+    def has_disk(self, sandbox_dir: Path) -> bool:
+        """Are the sandbox's written files still there (what a disk-only resume boots over)?"""
+
 
 class GVisorBackend:
+    """Pause with memory = ``runsc pause`` in place (memory stays in RAM: a host reboot loses it,
+    the files on the sandbox's disk survive that too)."""
+
     name = "gvisor"
 
-    def __init__(self, runtime: Runtime, templates: TemplateStore) -> None:
+    def __init__(self, runtime: GVisorRuntime, templates: TemplateStore) -> None:
         self.runtime = runtime
         self.templates = templates
 
-    def prepare_rootfs(self, build_id: str, sandbox_dir: Path) -> Path:
-        return mount_overlay(self.templates.get(build_id).rootfs, sandbox_dir).merged
+    def prepare_rootfs(self, build_id: str, sandbox_dir: Path, disk_mb: int) -> Path:
+        return mount_overlay(self.templates.get(build_id).rootfs, sandbox_dir, disk_mb).merged
 
     def release_rootfs(self, sandbox_dir: Path) -> None:
         unmount_overlay(sandbox_dir)
@@ -54,8 +82,28 @@ class GVisorBackend:
     def reattach_rootfs(self, build_id: str, sandbox_dir: Path) -> bool:
         return is_mounted(sandbox_dir / "rootfs")
 
+    def pause_with_memory(self, sandbox_id: str, sandbox_dir: Path) -> None:
+        self.runtime.freeze(sandbox_id)
+
+    def resume_with_memory(self, sandbox_id: str, spec_for: Callable[[Path], RuntimeSpec], build_id: str,
+                           sandbox_dir: Path) -> None:
+        self.runtime.thaw(sandbox_id)
+
+    def drop_memory(self, sandbox_id: str, sandbox_dir: Path) -> None:
+        self.runtime.stop(sandbox_id)
+        self.release_rootfs(sandbox_dir)
+
+    def has_memory(self, sandbox_id: str, sandbox_dir: Path, states: dict[str, str]) -> bool:
+        return states.get(sandbox_id) == "paused" and is_mounted(sandbox_dir / "rootfs")
+
+    def has_disk(self, sandbox_dir: Path) -> bool:
+        return (sandbox_dir / DISK_IMAGE).is_file()
+
 
 class MicroVMBackend:
+    """Pause with memory = a QEMU snapshot to ``snapshot/`` (memory and devices), QEMU ended and
+    the disk unexported; its copy-on-write state stays in the sandbox dir either way."""
+
     name = "microvm"
 
     def __init__(self, settings: Settings, templates: TemplateStore) -> None:
@@ -67,22 +115,32 @@ class MicroVMBackend:
         self.runtime = MicroVMRuntime(settings.data_dir / "microvm", prepare_guest(settings.data_dir, log.info),
                                       forbidden_roots=self.provider.forbidden_roots)
 
-    def prepare_rootfs(self, build_id: str, sandbox_dir: Path) -> Path:
+    def prepare_rootfs(self, build_id: str, sandbox_dir: Path, disk_mb: int) -> Path:
+        """The disk is the template's image plus its free space (``disk_mb`` is not applied)."""
         return self.provider.prepare(build_id, sandbox_dir)
 
     def release_rootfs(self, sandbox_dir: Path) -> None:
         self.provider.release(sandbox_dir)
 
-    def pause(self, sandbox_id: str, sandbox_dir: Path) -> None:
-        """Memory and devices to ``snapshot/``, QEMU stopped, the disk flushed and unexported
-        (its copy-on-write state stays in the sandbox dir)."""
+    def pause_with_memory(self, sandbox_id: str, sandbox_dir: Path) -> None:
+        """Memory and devices to ``snapshot/``, QEMU stopped, the disk flushed and unexported."""
         self.runtime.pause(sandbox_id, sandbox_dir / SNAPSHOT_DIR)
         self.provider.release(sandbox_dir)
 
-    def resume(self, spec_for: Callable[[Path], RuntimeSpec], build_id: str, sandbox_dir: Path) -> None:
+    def resume_with_memory(self, sandbox_id: str, spec_for: Callable[[Path], RuntimeSpec], build_id: str,
+                           sandbox_dir: Path) -> None:
         """Export the same disk again and restore the VM from its snapshot."""
         export = self.provider.prepare(build_id, sandbox_dir)
         self.runtime.restore(spec_for(export), sandbox_dir / SNAPSHOT_DIR)
+
+    def drop_memory(self, sandbox_id: str, sandbox_dir: Path) -> None:
+        remove_tree(sandbox_dir / SNAPSHOT_DIR)
+
+    def has_memory(self, sandbox_id: str, sandbox_dir: Path, states: dict[str, str]) -> bool:
+        return (sandbox_dir / SNAPSHOT_DIR).is_dir()
+
+    def has_disk(self, sandbox_dir: Path) -> bool:
+        return (sandbox_dir / COW_DIR).is_dir()
 
     def reattach_rootfs(self, build_id: str, sandbox_dir: Path) -> bool:
         """QEMU waits ~30 s for its NBD server to come back: export the same device again."""

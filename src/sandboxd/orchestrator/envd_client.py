@@ -51,6 +51,22 @@ def wait_healthy(address: str, timeout_s: float) -> float:
     raise EnvdNotReady(f"envd did not answer /health within {timeout_s:.0f}s ({last_error})")
 
 
+def envd_answers(address: str, timeout_s: float = 2.0) -> bool:
+    """One ``GET /health`` within ``timeout_s``: does the sandbox's envd respond right now?"""
+    try:
+        return httpx.get(f"{envd_url(address)}/health", timeout=timeout_s).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def sync_guest(address: str, access_token: str, timeout_s: float = 60) -> None:
+    """``sync`` as root inside the sandbox: file data the guest still caches reaches its disk
+    (before a pause that keeps the disk alone, the runtime is stopped without a shutdown)."""
+    code, output = run_process(address, access_token, "root", "sync", {}, "/", wait=True, timeout_s=timeout_s)
+    if code != 0:
+        raise EnvdNotReady(f"sync in the sandbox failed (exit code {code}): {output[-500:]}")
+
+
 def init_envd(address: str, access_token: str, env_vars: dict[str, str], user: str = DEFAULT_USER,
               workdir: str = DEFAULT_WORKDIR) -> None:
     """``POST /init``: the access token, the sandbox's env vars, its default user and workdir

@@ -155,6 +155,24 @@ class SlotPool:
             raise
         return slot
 
+    def recreate(self, index: int, allow_internet: bool = False) -> NetworkSlot:
+        """Make slot ``index`` again (a paused sandbox keeps its index, but not its namespaces
+        across a reboot of the host); a slot that exists is left as it is."""
+        slot = self.slot(index)
+        with self._lock:
+            self._reserved.add(index)
+        if index in self.existing():
+            return slot
+        try:
+            with contextlib.ExitStack() as undo:
+                self._create(slot, undo.callback, allow_internet)
+                undo.pop_all()
+        except BaseException:
+            with self._lock:
+                self._reserved.discard(index)
+            raise
+        return slot
+
     def release(self, slot: NetworkSlot) -> None:
         """Remove the slot's veths and namespaces; idempotent."""
         _delete_link(slot.host_veth)  # first, synchronously: namespace teardown is asynchronous

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import itertools
 import logging
 import re
 import secrets
@@ -24,10 +25,18 @@ from typing import TypeVar
 from sandboxd.config import Settings
 from sandboxd.envd import ENVD_VERSION
 from sandboxd.envd.auth import file_signature
-from sandboxd.orchestrator.envd_client import EnvdNotReady, init_envd, run_process, wait_healthy
+from sandboxd.orchestrator.envd_client import (
+    EnvdNotReady,
+    envd_answers,
+    init_envd,
+    run_process,
+    sync_guest,
+    wait_healthy,
+)
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
-from sandboxd.orchestrator.backends import SNAPSHOT_DIR, Backend, Backends
+from sandboxd.orchestrator.backends import Backend, Backends
 from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
+from sandboxd.proxy.asgi import Upstream
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
 from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
 from sandboxd.store.templates_db import TemplateBuilds, split_name
@@ -43,13 +52,18 @@ T = TypeVar("T")
 _PLAIN_SLEEP = re.compile(r"sleep\s+\d+(\.\d+)?")
 
 
+#: E2B's ``error_code`` for a resume that would restore an envd that did not answer at pause
+GUEST_UNRESPONSIVE = "sandbox_snapshot_guest_agent_unresponsive"
+
+
 class SandboxError(Exception):
     """A create/kill failure with the HTTP status the API should answer."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, error_code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.error_code = error_code
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,16 @@ class CreateRequest:
     env_vars: dict[str, str] = field(default_factory=dict)
     allow_internet_access: bool = True
     auto_pause: bool = False
+    auto_pause_memory: bool = True
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one sandbox gets: CPUs (a quota), memory, its own disk."""
+
+    cpu_count: int
+    memory_mb: int
+    disk_mb: int
 
 
 @dataclass(frozen=True)
@@ -81,7 +105,8 @@ class Orchestrator:
         self.templates = templates
         self.backends = backends
         self.slots = slots
-        self._routes: dict[str, str] = {}  # sandbox id → host address, read by the proxy per request
+        self._routes: dict[str, Upstream] = {}  # sandbox id → where it answers, read by the proxy per request
+        self._boots = itertools.count(1)
         self._tokens: dict[str, str] = {}  # sandbox id → envd access token (signed file URLs)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -90,9 +115,15 @@ class Orchestrator:
 
     # -- queries -------------------------------------------------------------------------------
 
-    def upstream(self, sandbox_id: str) -> str | None:
-        """The address the proxy dials for this sandbox, or None if it is not running here."""
+    def upstream(self, sandbox_id: str) -> Upstream | None:
+        """Where the proxy dials this sandbox, or None if it is not running here."""
         return self._routes.get(sandbox_id)
+
+    def _route(self, row: SandboxRow) -> None:
+        """Make a sandbox reachable (again): a new boot number, so no pooled connection to an
+        earlier run of it is reused."""
+        self._routes[row.sandbox_id] = Upstream(row.host_address, next(self._boots))
+        self._tokens[row.sandbox_id] = row.envd_access_token
 
     def find_signed(self, path: str, operation: str, username: str, signature: str,
                     expiration: int | None) -> str | None:
@@ -125,10 +156,11 @@ class Orchestrator:
         if not self.templates.exists(build_id):
             raise SandboxError(500, f"template '{req.template}' points at build {build_id}, "
                                     "which is not in the template store; rebuild it")
+        resources = self._resources(req.template)
         last: SandboxError | None = None
         for attempt in range(1, self.settings.start_attempts + 1):
             try:
-                return self._create_once(req, template.template_id, template.alias, build_id, backend)
+                return self._create_once(req, template.template_id, template.alias, build_id, backend, resources)
             except SandboxError as exc:
                 last = exc
                 log.warning("sandbox start attempt %d failed: %s", attempt, exc.message)
@@ -137,8 +169,16 @@ class Orchestrator:
         assert last is not None
         raise last
 
+    def _resources(self, template: str) -> Resources:
+        """The template build's CPU count and memory size, else the server's defaults; its disk
+        is the server's size, grown (never shrunk) to the build's ``minFreeDiskMb``."""
+        asked = TemplateBuilds(self.db).resources(template)
+        return Resources(cpu_count=asked.cpu_count or self.settings.cpu_count,
+                         memory_mb=asked.memory_mb or self.settings.memory_mb,
+                         disk_mb=max(self.settings.disk_size_mb, asked.min_free_disk_mb or 0))
+
     def _create_once(self, req: CreateRequest, template_id: str, alias: str, build_id: str,
-                     backend: Backend) -> SandboxRow:
+                     backend: Backend, res: Resources) -> SandboxRow:
         sandbox_id = new_id()
         token = secrets.token_hex(24)
         sdir = self.sandbox_dir(sandbox_id)
@@ -146,8 +186,6 @@ class Orchestrator:
         with contextlib.ExitStack() as undo:
             sdir.mkdir(parents=True)
             undo.callback(remove_tree, sdir)
-            rootfs = self._step("rootfs", lambda: backend.prepare_rootfs(build_id, sdir))
-            undo.callback(backend.release_rootfs, sdir)
             slot = self._step("network", lambda: self.slots.acquire(req.allow_internet_access))
             undo.callback(self.slots.release, slot)
             now = utcnow()
@@ -155,25 +193,43 @@ class Orchestrator:
                 sandbox_id=sandbox_id, template_id=template_id, alias=alias, build_id=build_id,
                 runtime=backend.name, state="starting", slot_index=slot.index,
                 host_address=slot.host_address, envd_access_token=token, envd_version=ENVD_VERSION,
-                metadata_=req.metadata, env_vars=req.env_vars, cpu_count=self.settings.cpu_count,
-                memory_mb=self.settings.memory_mb, disk_size_mb=self.settings.disk_size_mb,
-                allow_internet_access=req.allow_internet_access, auto_pause=req.auto_pause, started_at=now,
-                end_at=now + timedelta(seconds=req.timeout_s))
+                metadata_=req.metadata, env_vars=req.env_vars, cpu_count=res.cpu_count,
+                memory_mb=res.memory_mb, disk_size_mb=res.disk_mb,
+                allow_internet_access=req.allow_internet_access, auto_pause=req.auto_pause,
+                auto_pause_memory=req.auto_pause_memory, started_at=now, end_at=now + timedelta(seconds=req.timeout_s))
             undo.callback(self.db.delete_sandbox, sandbox_id)
-            spec = RuntimeSpec(sandbox_id=sandbox_id, rootfs=rootfs, sandbox_dir=sdir,
-                               netns_path=slot.guest_netns_path, argv=envd_argv(), env=envd_env(),
-                               cpu_count=self.settings.cpu_count, memory_mb=self.settings.memory_mb)
+            row = self.db.get_sandbox(sandbox_id)
+            assert row is not None
+            undo.callback(backend.release_rootfs, sdir)
             undo.callback(backend.runtime.stop, sandbox_id)
-            self._step("runtime", lambda: backend.runtime.start(spec), sdir)
-            config = RuntimeConfig.of(self.templates.get(build_id))
-            self._step("envd", lambda: self._init_envd(slot, token, config, req.env_vars), sdir)
+            self._boot(backend, row, slot)
             row = self.db.update_sandbox(sandbox_id, state="running")
             assert row is not None
-            self._routes[sandbox_id] = slot.host_address
-            self._tokens[sandbox_id] = token
+            self._route(row)
             undo.pop_all()
         log.info("sandbox %s (%s) ready in %.2fs", sandbox_id, alias, time.monotonic() - started)
         return row
+
+    def _boot(self, backend: Backend, row: SandboxRow, slot: NetworkSlot) -> None:
+        """rootfs → runtime → envd init, start and ready commands: a sandbox booting over its disk
+        (a new one, or one resumed without memory). On failure the runtime and rootfs are undone
+        (the disk and its files stay: the caller owns the sandbox dir)."""
+        sdir = self.sandbox_dir(row.sandbox_id)
+        with contextlib.ExitStack() as undo:
+            rootfs = self._step("rootfs", lambda: backend.prepare_rootfs(row.build_id, sdir, row.disk_size_mb), sdir)
+            undo.callback(backend.release_rootfs, sdir)
+            spec = self._spec(row, slot, rootfs)
+            undo.callback(backend.runtime.stop, row.sandbox_id)
+            self._step("runtime", lambda: backend.runtime.start(spec), sdir)
+            config = RuntimeConfig.of(self.templates.get(row.build_id))
+            self._step("envd", lambda: self._init_envd(slot, row.envd_access_token, config, row.env_vars), sdir)
+            undo.pop_all()
+
+    def _spec(self, row: SandboxRow, slot: NetworkSlot, rootfs: Path) -> RuntimeSpec:
+        return RuntimeSpec(sandbox_id=row.sandbox_id, rootfs=rootfs, sandbox_dir=self.sandbox_dir(row.sandbox_id),
+                           netns_path=slot.guest_netns_path, argv=envd_argv(), env=envd_env(),
+                           cpu_count=row.cpu_count, memory_mb=row.memory_mb,
+                           max_processes=self.settings.max_processes)
 
     def _init_envd(self, slot: NetworkSlot, token: str, config: RuntimeConfig, env_vars: dict[str, str]) -> None:
         """envd answers, gets its configuration (the request's env vars over the template's), then
@@ -262,11 +318,14 @@ class Orchestrator:
             except Exception:  # noqa: BLE001 - keep going: the remaining steps must still run
                 log.exception("teardown of %s: %s step failed", sandbox_id, name)
 
-    def pause(self, sandbox_id: str) -> bool | None:
-        """Snapshot the sandbox and stop it; False if already paused, None if there is none.
+    def pause(self, sandbox_id: str, memory: bool = True, strict: bool = False) -> bool | None:
+        """Pause the sandbox; False if already paused, None if there is none.
 
-        The microVM runtime keeps memory (QEMU migration to a file) and disk (its copy-on-write
-        export); its network slot stays reserved, so it comes back at the same address."""
+        ``memory``: keep processes and memory (gVisor freezes in place, a microVM snapshots to
+        disk), resumed where they were. Else keep the filesystem alone: the guest's writes are
+        synced to its disk, the runtime stops and frees its memory, and resuming boots it again.
+        Either way the network slot stays reserved: it comes back at the same address. envd must
+        answer for a disk-only pause (it syncs) and, when ``strict``, for any pause."""
         with self._lock(sandbox_id):
             row = self.db.get_sandbox(sandbox_id)
             if row is None or row.state not in ("running", "paused"):
@@ -274,22 +333,35 @@ class Orchestrator:
             if row.state == "paused":
                 return False
             backend = self.backends.get(row.runtime)
-            if not hasattr(backend, "pause"):
-                raise SandboxError(501, f"pause is not supported on the {row.runtime} runtime yet")
+            responsive = envd_answers(row.host_address)
+            if not responsive and (strict or not memory):
+                raise SandboxError(503, f"sandbox '{sandbox_id}' is not responding (its envd does not answer); "
+                                        "it was not paused and runs on")
             self._routes.pop(sandbox_id, None)
             self._tokens.pop(sandbox_id, None)
+            sdir = self.sandbox_dir(sandbox_id)
             try:
-                backend.pause(sandbox_id, self.sandbox_dir(sandbox_id))
+                if memory:
+                    backend.pause_with_memory(sandbox_id, sdir)
+                else:
+                    sync_guest(row.host_address, row.envd_access_token)
+                    backend.runtime.stop(sandbox_id)
+                    backend.release_rootfs(sdir)
             except Exception as exc:
-                self._routes[sandbox_id] = row.host_address
-                self._tokens[sandbox_id] = row.envd_access_token
-                raise SandboxError(500, f"pause failed: {exc}") from exc
-            self.db.update_sandbox(sandbox_id, state="paused")
-        log.info("sandbox %s paused", sandbox_id)
+                if memory or backend.runtime.states().get(sandbox_id) == "running":
+                    self._route(row)
+                    raise SandboxError(500, f"pause failed (the sandbox runs on): {exc}") from exc
+                log.warning("pause of %s: the runtime stopped but its rootfs was not released: %s", sandbox_id, exc)
+            self.db.update_sandbox(sandbox_id, state="paused", paused_memory=memory,
+                                   envd_unresponsive_at_pause=not responsive)
+        log.info("sandbox %s paused (%s)%s", sandbox_id, "memory and disk" if memory else "disk only",
+                 "" if responsive else ": its envd did not answer, so it resumes only by booting again")
         return True
 
-    def resume(self, sandbox_id: str, timeout_s: int | None) -> SandboxRow | None:
-        """Restore a paused sandbox (memory, processes and files as they were)."""
+    def resume(self, sandbox_id: str, timeout_s: int | None, memory: bool = True) -> SandboxRow | None:
+        """Bring a paused sandbox back: where it was if it kept its memory (and ``memory``), else
+        booted again over its files (the memory, if any, is dropped). A failed resume leaves it
+        paused, its files untouched."""
         with self._lock(sandbox_id):
             row = self.db.get_sandbox(sandbox_id)
             if row is None or row.state != "paused":
@@ -297,24 +369,45 @@ class Orchestrator:
             backend = self.backends.get(row.runtime)
             sdir = self.sandbox_dir(sandbox_id)
             slot = self.slots.slot(row.slot_index)
-
-            def spec_for(rootfs: Path) -> RuntimeSpec:
-                return RuntimeSpec(sandbox_id=sandbox_id, rootfs=rootfs, sandbox_dir=sdir,
-                                   netns_path=slot.guest_netns_path, argv=envd_argv(), env=envd_env(),
-                                   cpu_count=row.cpu_count, memory_mb=row.memory_mb)
-
-            self._step("resume", lambda: backend.resume(spec_for, row.build_id, sdir), sdir)  # type: ignore[attr-defined]
-            config = RuntimeConfig.of(self.templates.get(row.build_id))
-            self._step("envd", lambda: wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s), sdir)
-            self._step("envd", lambda: init_envd(slot.host_address, row.envd_access_token, {**config.env, **row.env_vars},
-                                                 config.user, config.workdir), sdir)
+            if row.paused_memory and memory:
+                if row.envd_unresponsive_at_pause:
+                    raise SandboxError(409, f"sandbox '{sandbox_id}' was paused while its envd did not answer: "
+                                            "restoring its memory would bring that back", GUEST_UNRESPONSIVE)
+                self._resume_with_memory(backend, row, slot)
+            else:
+                if row.paused_memory:
+                    self._step("resume", lambda: backend.drop_memory(sandbox_id, sdir), sdir)
+                    row = self.db.update_sandbox(sandbox_id, paused_memory=False)
+                    assert row is not None
+                self._step("network", lambda: self.slots.restore_guest_address(slot), sdir)
+                self._boot(backend, row, slot)
             end = utcnow() + timedelta(seconds=timeout_s if timeout_s is not None else self.settings.default_timeout_s)
-            row = self.db.update_sandbox(sandbox_id, state="running", end_at=end)
+            row = self.db.update_sandbox(sandbox_id, state="running", paused_memory=None,
+                                         envd_unresponsive_at_pause=False, end_at=end)
             assert row is not None
-            self._routes[sandbox_id] = row.host_address
-            self._tokens[sandbox_id] = row.envd_access_token
+            self._route(row)
         log.info("sandbox %s resumed", sandbox_id)
         return row
+
+    def _resume_with_memory(self, backend: Backend, row: SandboxRow, slot: NetworkSlot) -> None:
+        """Restore processes and memory, then envd must answer. If it does not, the sandbox does
+        not go back to a half-resumed limbo: its memory is dropped and it stays paused with its
+        disk, so the next connect boots it."""
+        sdir = self.sandbox_dir(row.sandbox_id)
+        self._step("resume", lambda: backend.resume_with_memory(
+            row.sandbox_id, lambda rootfs: self._spec(row, slot, rootfs), row.build_id, sdir), sdir)
+        config = RuntimeConfig.of(self.templates.get(row.build_id))
+        try:
+            self._step("envd", lambda: wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s), sdir)
+            self._step("envd", lambda: init_envd(slot.host_address, row.envd_access_token,
+                                                 {**config.env, **row.env_vars}, config.user, config.workdir), sdir)
+        except SandboxError as exc:
+            backend.runtime.stop(row.sandbox_id)
+            backend.release_rootfs(sdir)
+            backend.drop_memory(row.sandbox_id, sdir)
+            self.db.update_sandbox(row.sandbox_id, paused_memory=False)
+            raise SandboxError(exc.status, f"{exc.message}\nThe sandbox stays paused with its files (its memory "
+                                           "was dropped): connect again to boot it.") from exc
 
     def set_timeout(self, sandbox_id: str, timeout_s: int) -> bool:
         """The sandbox now ends ``timeout_s`` from now (shorter or longer than before)."""
@@ -333,15 +426,15 @@ class Orchestrator:
         return row
 
     def reap_expired(self, now: datetime | None = None) -> list[str]:
-        """End every running sandbox whose time is up: pause it if it asked for that (autoPause)
-        and its runtime can, else kill it."""
+        """End every running sandbox whose time is up: pause it if it asked for that (autoPause,
+        with its memory or its disk alone), else kill it (also when that pause fails)."""
         now = now or utcnow()
         expired = [r for r in self.db.list_sandboxes() if r.state == "running" and _aware(r.end_at) <= now]
         for row in expired:
-            if row.auto_pause and hasattr(self.backends.get(row.runtime), "pause"):
+            if row.auto_pause:
                 log.info("sandbox %s timed out: pausing (autoPause)", row.sandbox_id)
                 try:
-                    self.pause(row.sandbox_id)
+                    self.pause(row.sandbox_id, memory=row.auto_pause_memory)
                     continue
                 except SandboxError as exc:
                     log.warning("autoPause of %s failed (%s): killing it", row.sandbox_id, exc.message)
@@ -351,6 +444,31 @@ class Orchestrator:
 
     # -- recovery ------------------------------------------------------------------------------
 
+    def _recover_paused(self, backend: Backend, row: SandboxRow, states: dict[str, str],
+                        slots_present: set[int]) -> bool:
+        """Keep a paused sandbox whose memory (if it kept any) or at least disk is still there.
+        One that lost its memory (gVisor's is in RAM: the host restarted) stays paused with its
+        disk alone and boots on resume; its slot is made again if the host lost it too."""
+        sdir = self.sandbox_dir(row.sandbox_id)
+        if not (backend.has_disk(sdir) or (row.paused_memory and backend.has_memory(row.sandbox_id, sdir, states))):
+            return False
+        if row.slot_index not in slots_present:
+            try:
+                self.slots.recreate(row.slot_index, row.allow_internet_access)
+            except NetworkError as exc:
+                log.warning("paused sandbox %s: its network slot cannot be made again: %s", row.sandbox_id, exc)
+                return False
+        if row.paused_memory and backend.has_memory(row.sandbox_id, sdir, states):
+            return True
+        if row.paused_memory:
+            log.warning("paused sandbox %s lost its memory (was the host restarted?): it keeps its disk and "
+                        "boots on resume", row.sandbox_id)
+            backend.drop_memory(row.sandbox_id, sdir)
+            self.db.update_sandbox(row.sandbox_id, paused_memory=False)
+        backend.runtime.stop(row.sandbox_id)
+        backend.release_rootfs(sdir)
+        return True
+
     def recover(self) -> RecoveryReport:
         """After a (re)start: reattach sandboxes that still run, clean up everything else, so the
         database and the host agree."""
@@ -358,30 +476,31 @@ class Orchestrator:
         rows = self.db.list_sandboxes()
         for name in {r.runtime for r in rows} | {self.backends.default}:
             self.backends.get(name)  # every runtime with sandboxes must be there to judge them
-        running = {b.name: b.runtime.running() for b in self.backends.made()}
+        states = {b.name: b.runtime.states() for b in self.backends.made()}
         slots_present = set(self.slots.existing())
         reattached: list[str] = []
         removed: list[str] = []
         for row in rows:
             backend = self.backends.get(row.runtime)
-            if row.state == "paused" and (self.sandbox_dir(row.sandbox_id) / SNAPSHOT_DIR).is_dir():
-                reattached.append(row.sandbox_id)  # nothing runs; its snapshot and disk wait on disk
-                continue
-            alive = (row.state == "running" and row.sandbox_id in running[backend.name]
-                     and row.slot_index in slots_present
-                     and backend.reattach_rootfs(row.build_id, self.sandbox_dir(row.sandbox_id)))
-            if alive:
-                self._routes[row.sandbox_id] = row.host_address
-                self._tokens[row.sandbox_id] = row.envd_access_token
+            if row.state == "paused":
+                kept = self._recover_paused(backend, row, states[backend.name], slots_present)
+            else:
+                kept = (row.state == "running" and states[backend.name].get(row.sandbox_id) == "running"
+                        and row.slot_index in slots_present
+                        and backend.reattach_rootfs(row.build_id, self.sandbox_dir(row.sandbox_id)))
+                if kept:
+                    self._route(row)
+            if kept:
                 reattached.append(row.sandbox_id)
             else:
                 self._teardown(row.sandbox_id, row.slot_index, row.runtime)
                 self.db.delete_sandbox(row.sandbox_id)
                 removed.append(row.sandbox_id)
+        running = {name: set(st) for name, st in states.items()}
         keep = set(reattached)
         stale_containers = []
         for backend in self.backends.made():
-            for sandbox_id in sorted(running[backend.name] - keep):
+            for sandbox_id in sorted(running.get(backend.name, set()) - keep):
                 backend.runtime.stop(sandbox_id)
                 stale_containers.append(sandbox_id)
         keep_slots = {r.slot_index for r in self.db.list_sandboxes()}

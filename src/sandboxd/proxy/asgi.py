@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -32,7 +33,18 @@ Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 ASGIApp = Callable[[Scope, Receive, Send], Any]
-Resolver = Callable[[str], str | None]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a sandbox is reached, and which boot of it answers there: a resumed or rebooted
+    sandbox keeps its address, and a kept-alive connection to its previous boot is dead."""
+
+    address: str
+    boot: int = 0
+
+
+Resolver = Callable[[str], Upstream | None]
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
               b"trailer", b"transfer-encoding", b"upgrade", b"host"}
@@ -96,21 +108,22 @@ class SandboxProxy:
         self.app = app
         self.resolve = resolve
         self.find_signed = find_signed
-        self._pools: dict[str, tuple[str, httpx.AsyncClient]] = {}
+        self._pools: dict[str, tuple[Upstream, httpx.AsyncClient]] = {}
         self._last_sweep = 0.0
 
-    def _pool(self, sandbox_id: str, address: str) -> httpx.AsyncClient:
-        """One connection pool per sandbox. Addresses are reused when a slot is, and a kept-alive
-        connection to a dead sandbox would be black-holed or reset: a pool dies with its sandbox."""
+    def _pool(self, sandbox_id: str, upstream: Upstream) -> httpx.AsyncClient:
+        """One connection pool per boot of a sandbox. Addresses are reused when a slot is, and a
+        kept-alive connection to a dead sandbox would be black-holed or reset: a pool dies with
+        the boot it was made for."""
         entry = self._pools.get(sandbox_id)
-        if entry is None or entry[0] != address:
+        if entry is None or entry[0] != upstream:
             if entry is not None:
                 asyncio.ensure_future(entry[1].aclose())
             # No read timeout: process streams stay open as long as the process runs.
             client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
                                        follow_redirects=False)
-            entry = self._pools[sandbox_id] = (address, client)
+            entry = self._pools[sandbox_id] = (upstream, client)
         return entry[1]
 
     def _sweep(self) -> None:
@@ -119,8 +132,8 @@ class SandboxProxy:
         if now - self._last_sweep < 1.0:
             return
         self._last_sweep = now
-        for sandbox_id, (address, client) in list(self._pools.items()):
-            if self.resolve(sandbox_id) != address:
+        for sandbox_id, (upstream, client) in list(self._pools.items()):
+            if self.resolve(sandbox_id) != upstream:
                 del self._pools[sandbox_id]
                 asyncio.ensure_future(client.aclose())
 
@@ -137,25 +150,26 @@ class SandboxProxy:
                 return await self._lifespan(scope, receive, send)
             return await self.app(scope, receive, send)
         sandbox_id, port = route
-        address = self.resolve(sandbox_id)
-        if address is None:
+        upstream = self.resolve(sandbox_id)
+        if upstream is None:
             return await _error(send, 502, "The sandbox was not found", sandbox_id=sandbox_id)
         if port < 0:
             return await _error(send, 400, "E2b-Sandbox-Port is not a valid port")
         if port == ENVD_PORT and scope["path"] in _INTERNAL_ENVD_PATHS:
             return await _error(send, 403, f"{scope['path']} is internal to the orchestrator")
         self._sweep()
-        await self._forward(scope, receive, send, self._pool(sandbox_id, address), f"http://{address}:{port}",
-                            sandbox_id, port)
+        await self._forward(scope, receive, send, self._pool(sandbox_id, upstream),
+                            f"http://{upstream.address}:{port}", sandbox_id, port)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
-        address = self.resolve(sandbox_id)
-        if address is None or port < 0:
+        upstream = self.resolve(sandbox_id)
+        if upstream is None or port < 0:
             await receive()
             return await send({"type": "websocket.close", "code": 1008, "reason": "The sandbox was not found"})
         path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         query = scope.get("query_string", b"").decode("latin-1")
-        await relay_websocket(scope, receive, send, f"ws://{address}:{port}{path}" + (f"?{query}" if query else ""))
+        await relay_websocket(scope, receive, send,
+                              f"ws://{upstream.address}:{port}{path}" + (f"?{query}" if query else ""))
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan to the app, and close our upstream pool when it has shut down."""

@@ -29,6 +29,8 @@ class RuntimeSpec:
     hostname: str = "sandbox"
     cpu_count: int = 2
     memory_mb: int = 512
+    #: processes per user inside the sandbox (RLIMIT_NPROC; root is exempt)
+    max_processes: int = 1024
 
 
 class Runtime(Protocol):
@@ -43,11 +45,11 @@ class Runtime(Protocol):
     def running(self) -> set[str]:
         """Ids of the sandboxes this runtime has (for recovery after a restart)."""
 
+    def states(self) -> dict[str, str]:
+        """Id → state (``running``; ``paused`` for one frozen in place) of those sandboxes."""
+
     def console_log(self, sandbox_dir: Path) -> str:
         """The tail of the sandbox's console output."""
-
-    def disk_usage(self, sandbox_id: str) -> int | None:
-        """Bytes written by the sandbox, when the runtime can tell better than the guest."""
 
 
 def console_tail(sandbox_dir: Path) -> str:

@@ -10,7 +10,14 @@ How runsc is run on this kind of host (measured, see architecture.md):
   O_APPEND, so writers sharing it never overwrite each other;
 - runsc reads the guest's address and routes from the guest namespace's eth0 at start (and
   restore) and then strips them from it, so a slot reused for another start needs
-  ``SlotPool.restore_guest_address`` first.
+  ``SlotPool.restore_guest_address`` first;
+- the root is the gofer's view of the host overlay (``--overlay2=none``): writes reach the
+  sandbox's own disk on the host, where its size limit holds and its files outlive the runsc
+  sandbox. gVisor's in-sandbox overlay would keep them in an unlinked file that dies with it,
+  and this release kills the sandbox when that file cannot grow;
+- ``runsc checkpoint`` cannot save a sandbox whose processes wait on a TCP socket (envd always
+  does: "endpoint still has waiters upon save") and kills it trying, so pausing with memory is
+  ``runsc pause`` (tasks stopped in place, memory kept in RAM), which takes ~30 ms each way.
 """
 
 from __future__ import annotations
@@ -46,27 +53,20 @@ class GVisorRuntime:
 
     name = "gvisor"
 
-    def __init__(self, state_dir: Path, platform: str = "ptrace", template_root: Path | None = None,
-                 filestore_dir: Path | None = None) -> None:
+    def __init__(self, state_dir: Path, platform: str = "ptrace", template_root: Path | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.platform = platform
-        self.filestore_dir = Path(filestore_dir) if filestore_dir else None
-        if self.filestore_dir:
-            self.filestore_dir.mkdir(parents=True, exist_ok=True)
         self.template_root = Path(template_root).resolve() if template_root else None
+        raise_pid_max()
         self.shim = build_statx_shim(self.state_dir.parent / "lib")
         self.sudo_wrapper = write_sudo_wrapper(self.state_dir.parent / "lib")
 
     # -- runsc ---------------------------------------------------------------------------------
 
     def _flags(self) -> list[str]:
-        flags = ["runsc", "--root", str(self.state_dir), f"--platform={self.platform}", "--network=sandbox"]
-        if self.filestore_dir:
-            # gVisor's own overlay over the (host-overlay) root, its upper layer in an unlinked
-            # file in this dir: the gofer cannot store xattrs, this can (file metadata needs them)
-            flags.append(f"--overlay2=root:{self.filestore_dir}")
-        return flags
+        return ["runsc", "--root", str(self.state_dir), f"--platform={self.platform}", "--network=sandbox",
+                "--overlay2=none"]
 
     def _runsc(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self._flags(), *args], capture_output=True, text=True, check=check)
@@ -75,6 +75,10 @@ class GVisorRuntime:
 
     def start(self, spec: RuntimeSpec) -> None:
         self._guard(spec.rootfs)
+        tmp = spec.rootfs / "tmp"
+        if not tmp.is_dir():
+            tmp.mkdir()
+            tmp.chmod(0o1777)
         bundle = spec.sandbox_dir / "bundle"
         bundle.mkdir(parents=True, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(self.oci_config(spec), indent=1))
@@ -96,13 +100,42 @@ class GVisorRuntime:
             why = "timed out" if proc is None else f"exit code {proc.returncode}"
             console = console_tail(spec.sandbox_dir)
             raise RuntimeStartError(f"runsc create/start failed ({why}); console:\n{console}", console)
+        try:
+            self._set_host_memory_limit(spec.sandbox_id, host_memory_limit_mb(spec.memory_mb))
+        except OSError as exc:
+            self.stop(spec.sandbox_id)
+            raise RuntimeStartError(f"cannot set the host memory limit of the sandbox: {exc}") from exc
+
+    def _set_host_memory_limit(self, sandbox_id: str, limit_mb: int) -> None:
+        """Raise the host cgroup's limit above the guest's memory size (which runsc took from the
+        same OCI limit at create, and keeps): the sentry and gofer need memory of their own, and
+        the guest's OOM guard (envd) must act before the host's OOM killer ends the sandbox."""
+        state = json.loads(self._runsc("state", sandbox_id).stdout or "{}")
+        path = memory_cgroup_limit_file(int(state.get("pid", 0)))
+        path.write_text(str(limit_mb * 1024 * 1024))
+
+    def freeze(self, sandbox_id: str) -> None:
+        """Stop every task of the sandbox where it is (memory, files, sockets kept); ~30 ms."""
+        res = self._runsc("pause", sandbox_id)
+        if res.returncode != 0:
+            raise RuntimeError(f"runsc pause failed: {(res.stderr or res.stdout).strip()[-500:]}")
+
+    def thaw(self, sandbox_id: str) -> None:
+        """Let a frozen sandbox's tasks run on."""
+        res = self._runsc("resume", sandbox_id)
+        if res.returncode != 0:
+            raise RuntimeError(f"runsc resume failed: {(res.stderr or res.stdout).strip()[-500:]}")
 
     def stop(self, sandbox_id: str) -> None:
         """Kill the sandbox's host processes, then let runsc delete its state; verified.
 
         runsc alone is not enough under load: concurrent runsc calls on one root contend for its
         lock, and a failed ``delete`` must never let teardown go on to unmount a rootfs under a
-        sandbox that still runs."""
+        sandbox that still runs. A frozen sandbox is thawed first: this runsc's ``delete``
+        panics on a paused container ("invalid state transition: paused => stopped")."""
+        with contextlib.suppress(RuntimeError, ValueError):
+            if self.states().get(sandbox_id) == "paused":
+                self._runsc("resume", sandbox_id)
         for pid in self._host_pids(sandbox_id):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -144,29 +177,17 @@ class GVisorRuntime:
         return pids
 
     def running(self) -> set[str]:
-        """Containers runsc knows. Raises if runsc cannot tell: recovery must never mistake
-        "could not list" for "none are running" and tear live sandboxes down."""
-        res = self._runsc("list", "-quiet")
+        """Containers runsc knows, in any state (so recovery can delete stale ones too)."""
+        return set(self.states())
+
+    def states(self) -> dict[str, str]:
+        """Container id → runsc status (``running``, ``paused``, ``created``, ``stopped``). Raises
+        if runsc cannot tell: recovery must never mistake "could not list" for "none are
+        running" and tear live sandboxes down."""
+        res = self._runsc("list", "-format=json")
         if res.returncode != 0:
             raise RuntimeError(f"runsc list failed: {res.stderr.strip()[-500:]}")
-        return {line.strip() for line in res.stdout.splitlines() if line.strip()}
-
-    def disk_usage(self, sandbox_id: str) -> int | None:
-        """Bytes the sandbox has written: the allocated size of its (unlinked) overlay filestore,
-        found among the sandbox process's open files. None without a filestore."""
-        if not self.filestore_dir:
-            return None
-        res = self._runsc("state", sandbox_id)
-        try:
-            pid = json.loads(res.stdout)["pid"]
-            fd_dir = Path(f"/proc/{pid}/fd")
-            prefix = str(self.filestore_dir.resolve()) + "/"
-            for fd in fd_dir.iterdir():
-                if os.readlink(fd).startswith(prefix):
-                    return os.stat(fd).st_blocks * 512
-        except (ValueError, KeyError, OSError):
-            return None
-        return 0
+        return {c["id"]: c["status"] for c in json.loads(res.stdout or "[]") or []}
 
     def console_log(self, sandbox_dir: Path) -> str:
         return console_tail(sandbox_dir)
@@ -191,8 +212,13 @@ class GVisorRuntime:
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
             {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "nodev", "mode=1777"]},
+            # sized like Linux's (half the memory): it lives in the sandbox's memory
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "nodev", "mode=1777", f"size={spec.memory_mb // 2}m"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            # /tmp on the sandbox's disk, as in a VM: left alone, runsc mounts an unbounded tmpfs
+            # there (in memory, lost on a disk-only pause, outside the disk limit)
+            {"destination": "/tmp", "type": "bind", "source": str(spec.rootfs / "tmp"), "options": ["rbind", "rw"]},
         ]
         if self.shim is not None:
             mounts += [
@@ -212,7 +238,9 @@ class GVisorRuntime:
                 "env": [f"{k}={v}" for k, v in spec.env.items()],
                 "cwd": "/",
                 "capabilities": {k: caps for k in ("bounding", "effective", "permitted", "inheritable")},
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576},
+                            # every process inherits it; root is exempt (CAP_SYS_RESOURCE)
+                            {"type": "RLIMIT_NPROC", "hard": spec.max_processes, "soft": spec.max_processes}],
             },
             "root": {"path": str(spec.rootfs), "readonly": False},
             "hostname": spec.hostname,
@@ -225,14 +253,66 @@ class GVisorRuntime:
         }
 
 
+#: Host tasks a guest process costs under ptrace: its stub process and threads (measured: ~5 for
+#: a forked python, ~9 for a fork+exec of ``sleep``; guest threads cost next to nothing). Sizes
+#: the host's pids limit of a sandbox, with room to spare so the guest's own limit acts first.
+HOST_TASKS_PER_PROCESS = 12
+HOST_TASKS_BASE = 512  # envd, tini and gVisor's own (~70 idle)
+
+
 def resources(spec: RuntimeSpec) -> dict:
-    """Memory limit and CPU quota. runsc (cgroups v1 hybrid here) puts the sandbox and gofer in a
-    cgroup named after the sandbox id, applies these to it, tells the guest the memory size
-    (``--total-memory``) and removes the cgroup on delete. The guest still sees the host's CPU
-    count (``--cpu-num-from-quota`` would round it up to at least 2)."""
+    """Memory, CPU and task limits of the sandbox's host cgroup (runsc puts its sandbox and gofer
+    processes in a cgroup named after the sandbox id and removes it on delete).
+
+    - memory: runsc tells the guest this size (``MemTotal``) at create; :meth:`GVisorRuntime.start`
+      then raises the host limit to :func:`host_memory_limit_mb` (see there);
+    - cpu: a CFS quota of ``cpu_count`` CPUs. The guest still sees the host's CPU count
+      (``--cpu-num-from-quota`` would round it up to at least 2);
+    - pids: a backstop against a fork bomb run as root, whom the guest's RLIMIT_NPROC does not
+      bind; reaching it ends the sandbox (gVisor cannot make its stub processes), never the host.
+    """
     period = 100_000
     return {"memory": {"limit": spec.memory_mb * 1024 * 1024},
-            "cpu": {"quota": spec.cpu_count * period, "period": period}}
+            "cpu": {"quota": spec.cpu_count * period, "period": period},
+            "pids": {"limit": spec.max_processes * HOST_TASKS_PER_PROCESS + HOST_TASKS_BASE}}
+
+
+def host_memory_limit_mb(memory_mb: int) -> int:
+    """The host's limit for a sandbox whose guest has ``memory_mb``: gVisor's own memory (sentry,
+    page tables, gofer: ~40 MiB idle) on top, plus room for the guest to overshoot its size in
+    the moment before its OOM guard kills the biggest process. Only a sandbox that outruns its
+    guard (or a root fork bomb) meets this limit, and the host's OOM killer ends it."""
+    return memory_mb + max(192, memory_mb // 4)
+
+
+#: What systemd sets on 64-bit hosts; Linux's own default is 32768.
+PID_MAX = 4_194_304
+
+
+def raise_pid_max(path: Path = Path("/proc/sys/kernel/pid_max")) -> None:
+    """ptrace gVisor spends ~6 host tasks on every guest process: at Linux's default pid_max a
+    few sandboxes at their process limit would leave the host unable to fork. Raise it (never
+    lower it) to what systemd sets."""
+    try:
+        current = int(path.read_text())
+        if current < PID_MAX:
+            path.write_text(str(PID_MAX))
+            log.info("raised kernel.pid_max from %d to %d (gVisor's host tasks)", current, PID_MAX)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise kernel.pid_max: %s", exc)
+
+
+def memory_cgroup_limit_file(pid: int) -> Path:
+    """The memory limit file of ``pid``'s cgroup: v1 (``memory.limit_in_bytes``) or v2 (``memory.max``)."""
+    if pid <= 0:
+        raise OSError("the sandbox has no process")
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory", path.lstrip("/"), "memory.limit_in_bytes")
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            return Path("/sys/fs/cgroup", path.lstrip("/"), "memory.max")
+    raise OSError(f"no memory cgroup for pid {pid}")
 
 
 def build_statx_shim(lib_dir: Path) -> Path | None:

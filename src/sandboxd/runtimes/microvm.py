@@ -219,6 +219,10 @@ class MicroVMRuntime:
             Path(state["qmp_socket"]).unlink(missing_ok=True)
         (self.state_dir / f"{sandbox_id}.json").unlink(missing_ok=True)
 
+    def states(self) -> dict[str, str]:
+        """A VM that runs is running; a paused one was snapshotted and its QEMU has ended."""
+        return dict.fromkeys(self.running(), "running")
+
     def running(self) -> set[str]:
         ids = set()
         for f in self.state_dir.glob("*.json"):
@@ -231,9 +235,6 @@ class MicroVMRuntime:
 
     def console_log(self, sandbox_dir: Path) -> str:
         return console_tail(sandbox_dir)
-
-    def disk_usage(self, sandbox_id: str) -> int | None:
-        return None  # the rootfs provider knows (dirty blocks of the export)
 
     # -- snapshots -----------------------------------------------------------------------------
 

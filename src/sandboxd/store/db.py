@@ -47,6 +47,10 @@ class TemplateAlias(Base):
     alias: Mapped[str] = mapped_column(String(200), unique=True)
     build_id: Mapped[str] = mapped_column(String(64))
     runtime: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    #: the resources of the build published under this alias (None: the server's defaults)
+    cpu_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    min_free_disk_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -71,6 +75,10 @@ class SandboxRow(Base):
     disk_size_mb: Mapped[int] = mapped_column(Integer)
     allow_internet_access: Mapped[bool] = mapped_column(default=True)
     auto_pause: Mapped[bool] = mapped_column(default=False)  # on timeout: pause instead of kill
+    auto_pause_memory: Mapped[bool] = mapped_column(default=True)  # ... keeping memory, or the disk alone
+    #: while paused: whether processes and memory were kept (else only the disk; resume boots)
+    paused_memory: Mapped[bool | None] = mapped_column(nullable=True, default=None)
+    envd_unresponsive_at_pause: Mapped[bool] = mapped_column(default=False)  # then it resumes only by booting
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     end_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

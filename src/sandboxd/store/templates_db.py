@@ -35,6 +35,7 @@ class TemplateBuildRow(Base):
     reason_step: Mapped[str | None] = mapped_column(String(32), nullable=True)
     cpu_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    min_free_disk_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -60,6 +61,15 @@ class TemplateTagRow(Base):
     build_id: Mapped[str] = mapped_column(String(64))
     store_build_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+@dataclass(frozen=True)
+class BuildResources:
+    """What a template build asked its sandboxes to get; None: the server's default."""
+
+    cpu_count: int | None = None
+    memory_mb: int | None = None
+    min_free_disk_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,10 +105,10 @@ class TemplateBuilds:
                                 .order_by(TemplateBuildRow.created_at)).first()
             return pending or new_id()
 
-    def new_build(self, alias: str, tags: list[str], cpu_count: int | None = None,
-                  memory_mb: int | None = None) -> TemplateBuildRow:
+    def new_build(self, alias: str, tags: list[str], resources: BuildResources = BuildResources()) -> TemplateBuildRow:
         row = TemplateBuildRow(build_id=str(uuid.uuid4()), template_id=self.template_id_for(alias), alias=alias,
-                               tags=tags, status="waiting", cpu_count=cpu_count, memory_mb=memory_mb)
+                               tags=tags, status="waiting", cpu_count=resources.cpu_count,
+                               memory_mb=resources.memory_mb, min_free_disk_mb=resources.min_free_disk_mb)
         with self.db.session() as s:
             s.add(row)
         return row
@@ -148,17 +158,22 @@ class TemplateBuilds:
         for tag in row.tags:
             self._set_tag(row.template_id, tag, build_id, store_build_id)
         if DEFAULT_TAG in row.tags or self.db.find_template(row.alias) is None:
-            self.set_alias(row.alias, row.template_id, store_build_id, runtime)
+            self.set_alias(row.alias, row.template_id, store_build_id, runtime, _resources(row))
         self.set_status(build_id, "ready", store_build_id=store_build_id)
 
-    def set_alias(self, alias: str, template_id: str, store_build_id: str, runtime: str | None) -> None:
-        """Like ``Database.set_template`` but keeps the template id the SDK was given."""
+    def set_alias(self, alias: str, template_id: str, store_build_id: str, runtime: str | None,
+                  resources: BuildResources = BuildResources()) -> None:
+        """Like ``Database.set_template`` but keeps the template id the SDK was given; records
+        the resources the build asked for (its sandboxes get them)."""
         with self.db.session() as s:
             row = s.scalars(select(TemplateAlias).where(TemplateAlias.alias == alias)).first()
             if row is None:
-                s.add(TemplateAlias(template_id=template_id, alias=alias, build_id=store_build_id, runtime=runtime))
+                row = TemplateAlias(template_id=template_id, alias=alias, build_id=store_build_id, runtime=runtime)
+                s.add(row)
             else:
                 row.build_id, row.runtime, row.updated_at = store_build_id, runtime, utcnow()
+            row.cpu_count, row.memory_mb = resources.cpu_count, resources.memory_mb
+            row.min_free_disk_mb = resources.min_free_disk_mb
 
     def _set_tag(self, template_id: str, tag: str, build_id: str, store_build_id: str) -> None:
         with self.db.session() as s:
@@ -188,7 +203,7 @@ class TemplateBuilds:
         for tag in tags:
             self._set_tag(template_id, tag, source.build_id, source.store_build_id)
         if DEFAULT_TAG in tags:
-            self.set_alias(alias, template_id, source.store_build_id, runtime)
+            self.set_alias(alias, template_id, source.store_build_id, runtime, self._resources_of(source.build_id))
 
     def delete_tags(self, template_id: str, tags: list[str]) -> int:
         with self.db.session() as s:
@@ -209,6 +224,21 @@ class TemplateBuilds:
         tagged = self.tag(row.template_id, tag)
         return tagged.store_build_id if tagged else None
 
+    def resources(self, ref: str) -> BuildResources:
+        """What the build ``ref`` names asked its sandboxes to get."""
+        name, tag = split_name(ref)
+        row = self.db.find_template(name)
+        if row is None:
+            return BuildResources()
+        if tag in (None, DEFAULT_TAG):
+            return _resources(row)
+        tagged = self.tag(row.template_id, tag)
+        return self._resources_of(tagged.build_id) if tagged else BuildResources()
+
+    def _resources_of(self, build_id: str) -> BuildResources:
+        build = self.get(build_id)
+        return _resources(build) if build else BuildResources()
+
     def referenced_builds(self) -> set[str]:
         """Content ids something points at (aliases, tags, sandboxes): never garbage."""
         with self.db.session() as s:
@@ -216,3 +246,7 @@ class TemplateBuilds:
             ids |= set(s.scalars(select(TemplateTagRow.store_build_id)))
             ids |= set(s.scalars(select(SandboxRow.build_id)))
         return ids
+
+
+def _resources(row: TemplateBuildRow | TemplateAlias) -> BuildResources:
+    return BuildResources(row.cpu_count, row.memory_mb, row.min_free_disk_mb)

@@ -105,8 +105,9 @@ def envd_argv(port: int | None = None) -> list[str]:
 
 def envd_env() -> dict[str, str]:
     """Environment for envd: a real PATH (seed 000: the wrapper set none) and a UTF-8 locale
-    that exists in every glibc. Deliberately no PYTHON* variables (see :func:`envd_argv`)."""
-    return {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": "/root"}
+    that exists in every glibc, and its out-of-memory guard on (envd_env is only ever given to
+    envd as a sandbox's init). Deliberately no PYTHON* variables (see :func:`envd_argv`)."""
+    return {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": "/root", "ENVD_OOM_GUARD": "1"}
 
 
 def python_argv(*args: str, bundle_root: str = BUNDLE_PATH_IN_SANDBOX) -> list[str]:

@@ -18,8 +18,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -52,9 +53,14 @@ class Server:
 
 
 def _env(settings: Settings) -> dict[str, str]:
+    """The server's environment: every setting that differs from the default, as the
+    ``SANDBOXD_*`` variable a user would set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "SANDBOXD_"))}
-    env.update(SANDBOXD_DATA_DIR=str(settings.data_dir), SANDBOXD_PORT=str(settings.port),
-               SANDBOXD_NET_PREFIX=settings.net_prefix, SANDBOXD_NET_CIDR=settings.net_cidr)
+    defaults = Settings()
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value != getattr(defaults, f.name) or f.name in ("data_dir", "port"):
+            env[f"SANDBOXD_{f.name.upper()}"] = str(value)
     return env
 
 
@@ -113,12 +119,14 @@ def run_dir(shared_data_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(shared_data_dir: Path, log_path: Path) -> Iterator[Server]:
-    """A started server with its own data dir, network prefix and a fresh API key; stopped
-    (SIGTERM, which drains teardowns) and its data dir removed on exit."""
+def running_server(shared_data_dir: Path, log_path: Path, **overrides: Any) -> Iterator[Server]:
+    """A started server with its own data dir, network prefix and a fresh API key (and any
+    other settings in ``overrides``); stopped (SIGTERM, which drains teardowns) and its data
+    dir removed on exit."""
     prefix, cidr = unique_network()
     data_dir = run_dir(shared_data_dir)
-    settings = Settings.from_env({}, data_dir=data_dir, port=free_port(), net_prefix=prefix, net_cidr=cidr)
+    settings = Settings.from_env({}, data_dir=data_dir, port=free_port(), net_prefix=prefix, net_cidr=cidr,
+                                 **overrides)
     key = Database(settings.db_url).create_api_key("tests")
     proc = spawn(settings, log_path)
     url = f"http://127.0.0.1:{settings.port}"

@@ -1,0 +1,124 @@
+"""The sandbox's out-of-memory killer: gVisor has none of its own.
+
+Under gVisor a process may allocate past the sandbox's memory size (``MemTotal``): nothing in the
+guest refuses, and the first thing to act is the host's OOM killer, which ends the whole sandbox.
+So envd watches ``/proc/meminfo`` and, when the memory still available drops below a small
+reserve, kills the process using the most (never PID 1 or envd), as a Linux guest kernel would.
+The host's limit sits above the guest's size (``runtimes/gvisor.py``), so the guard acts first.
+
+It polls: every 100 ms while more than half of the memory is free, every 10 ms once less is.
+A kill is reported to ``on_kill``, which tells the client whose command it was (process_manager).
+In a microVM the guest kernel's own OOM killer usually acts first; the guard is harmless there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("envd.oom")
+
+RESERVE_FRACTION = 0.04  # kill when less than this much of MemTotal is available...
+RESERVE_MIN_BYTES = 12 * 1024 * 1024  # ... or less than this, whichever is more
+RELAXED_INTERVAL_S = 0.1
+ALERT_INTERVAL_S = 0.01
+#: after a kill, how long to let the victim's memory come back before choosing another
+SETTLE_S = 0.2
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Victim:
+    pid: int
+    session: int  # envd starts every command in its own session: this names the command
+    name: str
+    rss_bytes: int
+    total_bytes: int  # the sandbox's memory size
+
+
+def meminfo() -> tuple[int, int]:
+    """(MemTotal, MemAvailable) in bytes."""
+    total = available = 0
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith(b"MemTotal:"):
+                total = int(line.split()[1]) * 1024
+            elif line.startswith(b"MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    return total, available
+
+
+def biggest_process(protected: set[int]) -> tuple[int, int, int, str] | None:
+    """(pid, rss bytes, session id, name) of the process with the largest resident set."""
+    best: tuple[int, int, int, str] | None = None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in protected:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/statm", "rb") as f:
+                rss = int(f.read().split()[1]) * _PAGE
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses
+        name = stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
+        session = int(stat[stat.rindex(b")") + 2:].split()[3])
+        if best is None or rss > best[1]:
+            best = (int(entry.name), rss, session, name)
+    return best
+
+
+class OomGuard:
+    """A daemon thread; ``check()`` is one round (tests call it directly)."""
+
+    def __init__(self, on_kill: Callable[[Victim], None], protected: set[int] | None = None) -> None:
+        self.on_kill = on_kill
+        self.protected = protected if protected is not None else {1, os.getpid()}
+        self.kills = 0
+        self._stop = threading.Event()
+
+    def start(self) -> OomGuard:
+        threading.Thread(target=self._run, name="oom-guard", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                total, available = meminfo()
+                if available < max(RESERVE_MIN_BYTES, total * RESERVE_FRACTION) and self.check(total):
+                    self._stop.wait(SETTLE_S)
+                    continue
+                interval = RELAXED_INTERVAL_S if available > total / 2 else ALERT_INTERVAL_S
+            except Exception:  # noqa: BLE001 - the guard must outlive one bad read
+                log.exception("oom guard round failed")
+                interval = RELAXED_INTERVAL_S
+            self._stop.wait(interval)
+
+    def check(self, total: int) -> Victim | None:
+        """Kill the biggest process; return it (None if there is nothing to kill)."""
+        found = biggest_process(self.protected)
+        if found is None:
+            return None
+        pid, rss, session, name = found
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+        self.kills += 1
+        victim = Victim(pid, session, name, rss, total)
+        log.warning("out of memory: killed pid %d (%s) using %d MiB; the sandbox has %d MiB",
+                    pid, name, rss >> 20, total >> 20)
+        try:
+            self.on_kill(victim)
+        except Exception:  # noqa: BLE001
+            log.exception("oom guard: reporting the kill failed")
+        return victim

@@ -1,0 +1,46 @@
+"""The OOM guard's parts on the real /proc, and one real kill — of a child this test started
+(``protected`` is every other process on the host, so nothing else can be chosen)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sandboxd.envd.oom_guard import OomGuard, Victim, biggest_process, meminfo
+
+HOG_MB = 200
+
+
+def _all_pids() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit()}
+
+
+def test_meminfo_reads_the_totals() -> None:
+    total, available = meminfo()
+    assert 0 < available <= total
+
+
+def test_the_biggest_process_is_found_and_killed_with_its_session() -> None:
+    hog = subprocess.Popen([sys.executable, "-c", f"b = bytearray({HOG_MB} << 20)\nimport time; time.sleep(60)"],
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while (found := biggest_process(_all_pids() - {hog.pid})) is None or found[1] < HOG_MB << 20:
+            assert time.monotonic() < deadline, f"the hog never reached {HOG_MB} MiB: {found}"
+            time.sleep(0.05)
+        pid, rss, session, name = found
+        assert (pid, session) == (hog.pid, hog.pid) and name.startswith("python")
+        kills: list[Victim] = []
+        guard = OomGuard(kills.append, protected=_all_pids() - {hog.pid})
+        victim = guard.check(total=meminfo()[0])
+        assert victim is not None and victim.pid == hog.pid and victim.rss_bytes >= HOG_MB << 20
+        assert kills == [victim] and guard.kills == 1
+        assert hog.wait(10) == -signal.SIGKILL
+    finally:
+        if hog.poll() is None:
+            hog.kill()
+            hog.wait()
+
