@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from e2b import Sandbox, SandboxQuery, SandboxState
 
+from sandboxd.orchestrator.disk import loop_devices_of
 from sandboxd.orchestrator.rootfs import unmount_overlay
 from sandboxd.store.db import Database
 from sandboxd.testing.server import Server, running_server, sdk_pointed_at, spawn, stop, wait_listening
@@ -52,6 +53,7 @@ def _check_recovered(server: Server, survivor_id: str, victim_id: str) -> None:
         db = Database(server.settings.db_url)
         assert [r.sandbox_id for r in db.list_sandboxes()] == [survivor_id]
         assert not (server.settings.sandboxes_dir / victim_id).exists()
+        assert loop_devices_of(server.settings.sandboxes_dir / victim_id) == []  # its disk was let go
         row = db.get_sandbox(survivor_id)
         assert row is not None
         prefix = server.settings.net_prefix

@@ -26,8 +26,16 @@ def ramfs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FileMetadata:
-    return FileMetadata(tmp_path / "index" / "file-metadata.json")
+def boot(tmp_path: Path) -> Path:
+    """A boot id file of our own: writing a new id is what a new boot of the sandbox looks like."""
+    path = tmp_path / "boot_id"
+    path.write_text("boot-1\n")
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path, boot: Path) -> FileMetadata:
+    return FileMetadata(tmp_path / "index" / "file-metadata.json", boot)
 
 
 def _read(store: FileMetadata, path: Path) -> dict[str, str]:
@@ -40,26 +48,25 @@ def test_ramfs_refuses_xattrs_like_the_gofer(ramfs: Path) -> None:
         os.setxattr(ramfs / "f", "user.e2b.k", b"v")
 
 
-def test_metadata_is_kept_in_the_index_and_survives_a_restart(ramfs: Path, store: FileMetadata) -> None:
+def test_metadata_is_kept_in_the_index_and_read_again_by_a_new_envd(ramfs: Path, store: FileMetadata,
+                                                                    boot: Path) -> None:
     f = ramfs / "f"
     f.write_text("x")
     assert store.replace(str(f), {"Owner": "a"}) == {"owner": "a"}
     assert _read(store, f) == {"owner": "a"}
     assert stat.S_IMODE(store.index_path.stat().st_mode) == 0o600
-    assert _read(FileMetadata(store.index_path), f) == {"owner": "a"}  # a new envd reads the index
+    assert _read(FileMetadata(store.index_path, boot), f) == {"owner": "a"}
     assert store.replace(str(f), {"other": "b"}) == {"other": "b"}  # replaced, not merged
+    f.write_text("rewritten in place")  # same inode: still the same file
     assert _read(store, f) == {"other": "b"}
 
 
-def test_envd_rewriting_or_renaming_keeps_it_and_removing_drops_it(ramfs: Path, store: FileMetadata) -> None:
+def test_envds_own_renames_carry_it_and_removals_drop_it(ramfs: Path, store: FileMetadata) -> None:
     d = ramfs / "d"
     d.mkdir()
     f = d / "f"
     f.write_text("x")
     store.replace(str(f), {"k": "v"})
-    f.write_text("rewritten in place")  # what an upload without metadata does: same inode
-    store.rewritten(str(f))
-    assert _read(store, f) == {"k": "v"}
     os.rename(f, d / "g")
     store.moved(str(f), str(d / "g"))
     assert _read(store, d / "g") == {"k": "v"}
@@ -72,19 +79,31 @@ def test_envd_rewriting_or_renaming_keeps_it_and_removing_drops_it(ramfs: Path, 
     assert _read(store, ramfs / "e" / "g") == {}
 
 
-def test_a_file_replaced_behind_envds_back_does_not_inherit(ramfs: Path, store: FileMetadata) -> None:
+def test_what_others_delete_or_move_away_loses_it(ramfs: Path, store: FileMetadata) -> None:
+    for name in ("deleted", "moved", "replaced"):
+        (ramfs / name).write_text("x")
+        store.replace(str(ramfs / name), {"k": name})
+    (ramfs / "deleted").unlink()
+    (ramfs / "deleted").write_text("someone else's file")
+    os.rename(ramfs / "moved", ramfs / "elsewhere")
+    (ramfs / "moved").write_text("another file")
+    (ramfs / "new").write_text("y")
+    os.rename(ramfs / "new", ramfs / "replaced")
+    for name in ("deleted", "moved", "replaced", "elsewhere"):
+        assert _read(store, ramfs / name) == {}, name
+
+
+def test_an_index_of_an_earlier_boot_is_taken_as_it_is(ramfs: Path, store: FileMetadata, boot: Path) -> None:
+    """gVisor numbers inodes anew at every boot; between two boots nothing ran in the sandbox."""
     f = ramfs / "f"
     f.write_text("x")
     store.replace(str(f), {"k": "v"})
-    f.unlink()
-    f.write_text("someone else's file")  # (ext4 would even reuse the inode number: tests/e2e)
-    assert _read(store, f) == {}
-    assert _read(FileMetadata(store.index_path), f) == {}
-    g = ramfs / "g"
-    g.write_text("x")
-    store.replace(str(g), {"k": "v"})
-    g.chmod(0o600)  # changed by another process: the index cannot tell it from a replacement
-    assert _read(store, g) == {}
+    index = store.index_path.read_text()
+    store.index_path.write_text(index.replace(f'"ino": {f.stat().st_ino}', '"ino": 1'))
+    assert _read(FileMetadata(store.index_path, boot), f) == {}  # same boot, another inode: not this file
+    store.index_path.write_text(index.replace(f'"ino": {f.stat().st_ino}', '"ino": 1'))
+    boot.write_text("boot-2\n")
+    assert _read(FileMetadata(store.index_path, boot), f) == {"k": "v"}
 
 
 def test_where_xattrs_work_they_are_used(tmp_path: Path, store: FileMetadata) -> None:

@@ -37,3 +37,17 @@ def test_statx_shim_is_built(tmp_path: Path) -> None:
     assert runtime.shim is not None and runtime.shim.stat().st_size > 0
     symbols = subprocess.run(["nm", "-D", str(runtime.shim)], capture_output=True, text=True).stdout
     assert " T statx" in symbols
+
+
+def test_tmp_is_bound_from_the_sandbox_root_only_when_it_is_a_real_directory(tmp_path: Path) -> None:
+    """The bind's source is resolved on the host: a sandbox that made its /tmp a symlink (to
+    ``/etc``, say) must never get the host's directory at the next boot."""
+    runtime = GVisorRuntime(tmp_path / "runsc")
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "tmp").mkdir(parents=True)
+    tmp_mounts = [m for m in runtime.oci_config(_spec(rootfs, tmp_path))["mounts"] if m["destination"] == "/tmp"]
+    assert tmp_mounts == [{"destination": "/tmp", "type": "bind", "source": str(rootfs / "tmp"),
+                           "options": ["rbind", "rw"]}]
+    (rootfs / "tmp").rmdir()
+    (rootfs / "tmp").symlink_to("/etc")
+    assert not [m for m in runtime.oci_config(_spec(rootfs, tmp_path))["mounts"] if m["destination"] == "/tmp"]

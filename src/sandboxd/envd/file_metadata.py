@@ -5,18 +5,18 @@ filesystem has them (a microVM's ext4). gVisor's gofer refuses every xattr on th
 the metadata goes to an index envd keeps on the sandbox's own disk instead
 (``/var/lib/sandboxd-envd/file-metadata.json``, root only): path → (inode, metadata).
 
-The index keeps the xattr semantics that matter: metadata belongs to one file, not to a name. An
-entry counts only while the file at its path is the one it was written for — same inode number
-*and* same change time, since ext4 hands a deleted file's inode number to the next new file at
-once. So a file deleted or replaced behind envd's back never passes its metadata on. What envd
-does itself (rewriting a file through ``/files``, renaming or removing through the API) carries
-or drops its entries. The difference from a real xattr: a change made by another process (a
-rename, an append, a chmod: anything that moves the change time) loses the metadata.
+The index keeps the xattr semantics that matter: metadata belongs to one file, not to a name.
+- An inotify watch on every indexed file drops its entry the moment anyone deletes it or moves
+  it away, so a file put in its place — ext4 hands it the same inode number at once — never
+  inherits the metadata. Renames and removals through envd's own API carry or drop entries.
+- The inode number is checked too (a file replaced while envd was not watching). gVisor numbers
+  inodes anew at every boot, though, so an index written by an earlier boot of the sandbox
+  (``boot_id``) is taken as it is and renumbered: between two boots nothing ran in it.
+The one difference from an xattr: a rename by another process loses the metadata.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -24,20 +24,25 @@ import os
 import threading
 from pathlib import Path
 
+from .inotify import GoneWatches
+
 log = logging.getLogger("envd.metadata")
 
 XATTR_PREFIX = "user.e2b."
 INDEX_PATH = Path(os.environ.get("ENVD_METADATA_INDEX", "/var/lib/sandboxd-envd/file-metadata.json"))
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 _UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
 class FileMetadata:
     """Reads and writes metadata through xattrs, falling back to the index per file."""
 
-    def __init__(self, index_path: Path = INDEX_PATH) -> None:
+    def __init__(self, index_path: Path = INDEX_PATH, boot_id_path: Path = BOOT_ID_PATH) -> None:
         self.index_path = index_path
+        self.boot_id_path = boot_id_path
         self._lock = threading.Lock()
         self._index: dict[str, dict] | None = None  # path → {"ino": int, "metadata": {...}}
+        self._watches: GoneWatches | None = None
 
     # -- the API's operations ------------------------------------------------------------------
 
@@ -48,7 +53,7 @@ class FileMetadata:
             return found
         with self._lock:
             entry = self._entries().get(path)
-        return dict(entry["metadata"]) if entry and _identity(st) == (entry["ino"], entry["ctime"]) else {}
+        return dict(entry["metadata"]) if entry and entry["ino"] == st.st_ino else {}
 
     def replace(self, path: str, metadata: dict[str, str]) -> dict[str, str]:
         """Give ``path`` exactly ``metadata`` (keys lowercased, as upstream); return what it has."""
@@ -61,33 +66,25 @@ class FileMetadata:
                 return {}
             with self._lock:
                 entries = self._entries()
-                entries[path] = {**_stamp(path), "metadata": metadata}
+                if path not in entries:
+                    self._watch(path)
+                entries[path] = {"ino": os.lstat(path).st_ino, "metadata": metadata}
                 self._save(entries)
         return metadata
-
-    def rewritten(self, path: str) -> None:
-        """envd wrote ``path`` in place (same inode): it keeps its metadata, as with an xattr."""
-        with self._lock:
-            entries = self._entries()
-            entry = entries.get(path)
-            if entry is not None and entry["ino"] == os.lstat(path).st_ino:
-                entry.update(_stamp(path))
-                self._save(entries)
 
     def moved(self, source: str, destination: str) -> None:
         """envd renamed ``source`` (a file or a whole tree) to ``destination``, replacing it."""
         with self._lock:
-            entries = self._entries()
+            entries = self._entries(expected_gone=source)
             moving = {_rebase(p, source, destination): entries.pop(p) for p in list(entries) if _under(p, source)}
             replaced = [p for p in entries if _under(p, destination)]
             for p in replaced:
                 del entries[p]
-            for new, entry in moving.items():
-                with contextlib.suppress(OSError):  # a rename moves the change time of what it moves
-                    if entry["ino"] == os.lstat(new).st_ino:
-                        entry.update(_stamp(new))
             if moving or replaced:
                 entries.update(moving)
+                if self._watches is not None:
+                    for new in moving:
+                        self._watches.moved(_rebase(new, destination, source), new)
                 self._save(entries)
 
     def removed(self, path: str) -> None:
@@ -102,25 +99,60 @@ class FileMetadata:
 
     # -- the index -----------------------------------------------------------------------------
 
-    def _entries(self) -> dict[str, dict]:
-        """The index, loaded once (entries whose file is gone or replaced are dropped then)."""
+    def _entries(self, expected_gone: str | None = None) -> dict[str, dict]:
+        """The index, up to date with every deletion and move the watches saw (except of what
+        is under ``expected_gone``: envd's own rename)."""
         if self._index is None:
-            try:
-                raw = json.loads(self.index_path.read_text())
-            except FileNotFoundError:
-                raw = {}
-            except (OSError, ValueError) as e:
-                log.warning("file metadata index %s unreadable, starting empty: %s", self.index_path, e)
-                raw = {}
-            self._index = {p: e for p, e in raw.items() if _is_still(p, e)}
+            self._index = self._load()
+        elif self._watches is not None:
+            gone, overflow = self._watches.gone()
+            lost = [p for p in gone if expected_gone is None or not _under(p, expected_gone)]
+            if overflow:  # events were lost: keep only what still is the file it was
+                lost += [p for p, e in self._index.items() if not _is_still(p, e["ino"])]
+            for p in lost:
+                self._index.pop(p, None)
+            if lost:
+                self._save(self._index)
         return self._index
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            raw = json.loads(self.index_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("file metadata index %s unreadable, starting empty: %s", self.index_path, e)
+            return {}
+        same_boot = raw.get("boot") == self._boot_id()
+        entries = {}
+        for path, entry in raw.get("files", {}).items():
+            try:
+                ino = os.lstat(path).st_ino
+            except OSError:
+                continue
+            if not same_boot or ino == entry.get("ino"):
+                entries[path] = {"ino": ino, "metadata": entry["metadata"]}
+                self._watch(path)
+        self._save(entries)
+        return entries
+
+    def _watch(self, path: str) -> None:
+        if self._watches is None:
+            self._watches = GoneWatches()
+        self._watches.add(path)
+
+    def _boot_id(self) -> str:
+        try:
+            return self.boot_id_path.read_text().strip()
+        except OSError:
+            return ""
 
     def _save(self, entries: dict[str, dict]) -> None:
         self.index_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.index_path.with_name(self.index_path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(entries, f)
+            json.dump({"boot": self._boot_id(), "files": entries}, f)
         os.replace(tmp, self.index_path)
 
 
@@ -149,19 +181,9 @@ def _replace_xattrs(path: str, metadata: dict[str, str]) -> None:
         os.setxattr(path, XATTR_PREFIX + key, value.encode())
 
 
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return st.st_ino, st.st_ctime_ns
-
-
-def _stamp(path: str) -> dict[str, int]:
-    ino, ctime = _identity(os.lstat(path))
-    return {"ino": ino, "ctime": ctime}
-
-
-def _is_still(path: str, entry: dict) -> bool:
-    """Is the file at ``path`` the one ``entry`` was written for?"""
+def _is_still(path: str, ino: int) -> bool:
     try:
-        return _identity(os.lstat(path)) == (entry.get("ino"), entry.get("ctime"))
+        return os.lstat(path).st_ino == ino
     except OSError:
         return False
 

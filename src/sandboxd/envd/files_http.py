@@ -232,6 +232,4 @@ class _FileWriter:
         item: dict[str, Any] = {"name": os.path.basename(self.path), "type": "file", "path": self.path}
         if metadata:
             item["metadata"] = file_metadata.STORE.replace(self.path, metadata)
-        elif not self._created:
-            file_metadata.STORE.rewritten(self.path)
         return item

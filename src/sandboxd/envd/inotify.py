@@ -159,3 +159,46 @@ class DirWatcher:
             self._loop.remove_reader(self._fd)
         os.close(self._fd)
         self._fd = -1
+
+
+class GoneWatches:
+    """inotify watches on single files that report when one is deleted or moved away, read
+    without blocking whenever the owner asks (:meth:`gone`): no thread, no event loop, and an
+    answer that is up to date with every unlink and rename the kernel has seen so far."""
+
+    MASK = IN_DELETE_SELF | IN_MOVE_SELF
+
+    def __init__(self) -> None:
+        self._fd = _check(_lib().inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
+        self._paths: dict[int, str] = {}
+
+    def add(self, path: str) -> None:
+        """Watch ``path`` (its inode: the watch follows it through renames)."""
+        wd = _check(_lib().inotify_add_watch(self._fd, os.fsencode(path), self.MASK), "inotify_add_watch")
+        self._paths[wd] = path
+
+    def moved(self, old: str, new: str) -> None:
+        """The owner renamed ``old`` to ``new`` itself: keep watching it under its new name."""
+        for wd, path in self._paths.items():
+            if path == old:
+                self._paths[wd] = new
+
+    def gone(self) -> tuple[set[str], bool]:
+        """(paths deleted or moved away since the last call, whether events were lost)."""
+        gone: set[str] = set()
+        overflow = False
+        while True:
+            try:
+                data = os.read(self._fd, 64 * 1024)
+            except BlockingIOError:
+                return gone, overflow
+            offset = 0
+            while offset + _EVENT_HEADER.size <= len(data):
+                wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, offset)
+                offset += _EVENT_HEADER.size + length
+                if mask & IN_Q_OVERFLOW:
+                    overflow = True
+                elif mask & (IN_DELETE_SELF | IN_MOVE_SELF) and wd in self._paths:
+                    gone.add(self._paths[wd])
+                if mask & IN_IGNORED:
+                    self._paths.pop(wd, None)

@@ -144,7 +144,19 @@ class SlotPool:
         """Create the lowest free slot; on failure remove exactly what this call made and raise
         :class:`NetworkError` (never anything another process made under the same names, e.g. a
         leftover host veth, which :meth:`cleanup_stale` removes)."""
-        slot = self.slot(self._reserve())
+        return self._build(self.slot(self._reserve()), allow_internet)
+
+    def recreate(self, index: int, allow_internet: bool = False) -> NetworkSlot:
+        """Make slot ``index`` again (a paused sandbox keeps its index, but not its namespaces
+        across a reboot of the host); a slot that exists is left as it is."""
+        with self._lock:
+            self._reserved.add(index)
+        if index in self.existing():
+            return self.slot(index)
+        return self._build(self.slot(index), allow_internet)
+
+    def _build(self, slot: NetworkSlot, allow_internet: bool) -> NetworkSlot:
+        """Create a reserved slot, or undo what was made of it and give the reservation up."""
         try:
             with contextlib.ExitStack() as undo:
                 self._create(slot, undo.callback, allow_internet)
@@ -152,24 +164,6 @@ class SlotPool:
         except BaseException:
             with self._lock:
                 self._reserved.discard(slot.index)
-            raise
-        return slot
-
-    def recreate(self, index: int, allow_internet: bool = False) -> NetworkSlot:
-        """Make slot ``index`` again (a paused sandbox keeps its index, but not its namespaces
-        across a reboot of the host); a slot that exists is left as it is."""
-        slot = self.slot(index)
-        with self._lock:
-            self._reserved.add(index)
-        if index in self.existing():
-            return slot
-        try:
-            with contextlib.ExitStack() as undo:
-                self._create(slot, undo.callback, allow_internet)
-                undo.pop_all()
-        except BaseException:
-            with self._lock:
-                self._reserved.discard(index)
             raise
         return slot
 

@@ -76,7 +76,7 @@ class GVisorRuntime:
     def start(self, spec: RuntimeSpec) -> None:
         self._guard(spec.rootfs)
         tmp = spec.rootfs / "tmp"
-        if not tmp.is_dir():
+        if not os.path.lexists(tmp):
             tmp.mkdir()
             tmp.chmod(0o1777)
         bundle = spec.sandbox_dir / "bundle"
@@ -216,10 +216,12 @@ class GVisorRuntime:
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
              "options": ["nosuid", "nodev", "mode=1777", f"size={spec.memory_mb // 2}m"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ]
+        tmp = spec.rootfs / "tmp"
+        if tmp.is_dir() and not tmp.is_symlink():  # a symlink would be followed on the host
             # /tmp on the sandbox's disk, as in a VM: left alone, runsc mounts an unbounded tmpfs
             # there (in memory, lost on a disk-only pause, outside the disk limit)
-            {"destination": "/tmp", "type": "bind", "source": str(spec.rootfs / "tmp"), "options": ["rbind", "rw"]},
-        ]
+            mounts.append({"destination": "/tmp", "type": "bind", "source": str(tmp), "options": ["rbind", "rw"]})
         if self.shim is not None:
             mounts += [
                 {"destination": SHIM_IN_SANDBOX, "type": "bind", "source": str(self.shim), "options": ["rbind", "ro"]},
