@@ -292,7 +292,7 @@ PID_MAX = 4_194_304
 
 
 def raise_pid_max(path: Path = Path("/proc/sys/kernel/pid_max")) -> None:
-    """ptrace gVisor spends ~6 host tasks on every guest process: at Linux's default pid_max a
+    """ptrace gVisor spends 5-9 host tasks on every guest process: at Linux's default pid_max a
     few sandboxes at their process limit would leave the host unable to fork. Raise it (never
     lower it) to what systemd sets."""
     try:
