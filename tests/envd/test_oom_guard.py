@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from sandboxd.envd.oom_guard import OomGuard, Victim, biggest_process, meminfo
+from sandboxd.envd.oom_guard import OomGuard, Victim, biggest_process, meminfo, poll_interval
 
 HOG_MB = 200
 
@@ -18,9 +18,18 @@ def _all_pids() -> set[int]:
     return {int(p) for p in os.listdir("/proc") if p.isdigit()}
 
 
-def test_meminfo_reads_the_totals() -> None:
+def test_meminfo_reads_the_totals_also_again_from_one_open_file() -> None:
     total, available = meminfo()
     assert 0 < available <= total
+    fd = os.open("/proc/meminfo", os.O_RDONLY)
+    try:
+        assert meminfo(fd)[0] == meminfo(fd)[0] == total
+    finally:
+        os.close(fd)
+
+
+def test_the_less_is_left_the_more_often_it_looks() -> None:
+    assert poll_interval(0) == 0.01 and poll_interval(64 << 20) < poll_interval(512 << 20) <= 0.5
 
 
 def test_the_biggest_process_is_found_and_killed_with_its_session() -> None:

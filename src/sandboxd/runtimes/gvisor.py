@@ -133,9 +133,8 @@ class GVisorRuntime:
         lock, and a failed ``delete`` must never let teardown go on to unmount a rootfs under a
         sandbox that still runs. A frozen sandbox is thawed first: this runsc's ``delete``
         panics on a paused container ("invalid state transition: paused => stopped")."""
-        with contextlib.suppress(RuntimeError, ValueError):
-            if self.states().get(sandbox_id) == "paused":
-                self._runsc("resume", sandbox_id)
+        if self._status(sandbox_id) == "paused":
+            self._runsc("resume", sandbox_id)
         for pid in self._host_pids(sandbox_id):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -158,6 +157,14 @@ class GVisorRuntime:
         if res is not None and res.returncode != 0:
             log.warning("runsc delete %s failed (processes are gone): %s", sandbox_id,
                         (res.stderr or res.stdout).strip()[-500:])
+
+    def _status(self, sandbox_id: str) -> str | None:
+        """runsc's status of one container, read from its state file (no runsc process: this is
+        on every stop's path, and concurrent runsc calls contend for the root's lock)."""
+        for path in self.state_dir.glob(f"*:{sandbox_id}.state"):  # "<sandbox>_sandbox:<id>.state"
+            with contextlib.suppress(OSError, ValueError):
+                return json.loads(path.read_text()).get("status")
+        return None
 
     @staticmethod
     def _host_pids(sandbox_id: str) -> list[int]:
