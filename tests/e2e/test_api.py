@@ -36,6 +36,12 @@ def test_wrong_api_key_is_authentication_error(sdk_env: Server) -> None:
     ("GET", "/v2/sandboxes?nextToken=%%%", None, 400),
     ("GET", "/no/such/route", None, 404),
     ("PATCH", "/v2/sandboxes", None, 405),
+    ("POST", "/sandboxes/nope/pause", {"memory": False}, 404),
+    ("POST", "/sandboxes/nope/pause", {"memory": "maybe"}, 400),
+    ("POST", "/v3/templates", {"name": "too-big", "cpuCount": 99}, 400),
+    ("POST", "/v3/templates", {"name": "too-big", "memoryMB": 10**6}, 400),
+    ("POST", "/v3/templates", {"name": "too-big", "minFreeDiskMb": 10**7}, 400),
+    ("POST", "/v3/templates", {"name": "too-small", "memoryMB": 64}, 400),
 ])
 def test_errors_are_code_and_message(sdk_env: Server, method: str, path: str, body: object, status: int) -> None:
     with sdk_env.api() as api:
