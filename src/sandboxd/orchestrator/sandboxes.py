@@ -450,7 +450,8 @@ class Orchestrator:
         One that lost its memory (gVisor's is in RAM: the host restarted) stays paused with its
         disk alone and boots on resume; its slot is made again if the host lost it too."""
         sdir = self.sandbox_dir(row.sandbox_id)
-        if not (backend.has_disk(sdir) or (row.paused_memory and backend.has_memory(row.sandbox_id, sdir, states))):
+        memory = bool(row.paused_memory) and backend.has_memory(row.sandbox_id, sdir, states)
+        if not (memory or backend.has_disk(sdir)):
             return False
         if row.slot_index not in slots_present:
             try:
@@ -458,7 +459,7 @@ class Orchestrator:
             except NetworkError as exc:
                 log.warning("paused sandbox %s: its network slot cannot be made again: %s", row.sandbox_id, exc)
                 return False
-        if row.paused_memory and backend.has_memory(row.sandbox_id, sdir, states):
+        if memory:
             return True
         if row.paused_memory:
             log.warning("paused sandbox %s lost its memory (was the host restarted?): it keeps its disk and "
