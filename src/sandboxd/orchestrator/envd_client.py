@@ -9,9 +9,11 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from typing import Protocol
 
 import httpx
 
@@ -67,13 +69,13 @@ def sync_guest(address: str, access_token: str, timeout_s: float = 60) -> None:
         raise EnvdNotReady(f"sync in the sandbox failed (exit code {code}): {output[-500:]}")
 
 
-def init_envd(address: str, access_token: str, env_vars: dict[str, str], user: str = DEFAULT_USER,
+def init_envd(address: str, access_token: str | None, env_vars: dict[str, str], user: str = DEFAULT_USER,
               workdir: str = DEFAULT_WORKDIR) -> None:
     """``POST /init``: the access token, the sandbox's env vars, its default user and workdir
     (E2B's ``user`` and ``/home/user`` unless the template says otherwise), and the host clock
     (a restored or long-booting guest may be behind)."""
     body = {
-        "accessToken": access_token,
+        **({"accessToken": access_token} if access_token else {}),  # none: E2B's v1 ``secure: false``
         "envVars": env_vars,
         "defaultUser": user,
         "defaultWorkdir": workdir,
@@ -81,7 +83,8 @@ def init_envd(address: str, access_token: str, env_vars: dict[str, str], user: s
     }
     try:
         # the token header lets a later /init (after a resume: clock sync) through
-        r = httpx.post(f"{envd_url(address)}/init", json=body, headers={"X-Access-Token": access_token}, timeout=10.0)
+        r = httpx.post(f"{envd_url(address)}/init", json=body, headers={"X-Access-Token": access_token or ""},
+                       timeout=10.0)
     except httpx.HTTPError as exc:
         raise EnvdNotReady(f"envd /init failed: {exc}") from exc
     if r.status_code != 204:
@@ -152,3 +155,55 @@ def run_process(address: str, access_token: str, user: str, command: str, env: d
     except httpx.HTTPError as exc:
         raise EnvdNotReady(f"envd process call failed: {exc}") from exc
     raise EnvdNotReady("envd ended the process stream without an end event")
+
+
+class OutputWriter(Protocol):
+    def write(self, stream: str, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def start_logged(address: str, access_token: str, user: str, command: str, env: dict[str, str], cwd: str,
+                 output: OutputWriter, on_end: Callable[[str], None]) -> None:
+    """Start ``bash -l -c command`` and return once it runs; a thread then hands its output to
+    ``output`` and how it ended to ``on_end`` (a template's start command: its output is the
+    sandbox's log). No ``Connect-Timeout-Ms``: envd would kill the process when it passed."""
+    request = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", command], "envs": env, "cwd": cwd},
+               "stdin": False}
+    headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
+               "X-Access-Token": access_token,
+               "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode()}
+    settled = threading.Event()  # the process started, or the call failed before it did
+    running: list[bool] = []
+    failure: list[str] = []
+
+    def follow() -> None:
+        ended = "its output stream closed before it ended"
+        try:
+            with httpx.stream("POST", f"{envd_url(address)}/process.Process/Start", content=_envelope(request),
+                              headers=headers, timeout=httpx.Timeout(10.0, read=None)) as r:
+                if r.status_code != 200:
+                    failure.append(f"envd refused the command ({r.status_code}): {r.read()[:300]!r}")
+                    return
+                for event in _events(r.iter_bytes()):
+                    ev = event.get("event", {})
+                    if "start" in ev:
+                        running.append(True)
+                        settled.set()
+                    for key in ("stdout", "stderr"):
+                        if key in ev.get("data", {}):
+                            output.write(key, base64.b64decode(ev["data"][key]).decode(errors="replace"))
+                    if "end" in ev:
+                        ended = f"exited with code {int(ev['end'].get('exitCode', 0))}"
+        except (httpx.HTTPError, EnvdNotReady) as exc:
+            failure.append(f"envd process call failed: {exc}")
+            ended = f"its output stream failed: {exc}"
+        finally:
+            output.close()
+            if running:
+                on_end(ended)
+            settled.set()
+
+    threading.Thread(target=follow, name="start-cmd", daemon=True).start()
+    settled.wait(timeout=30)
+    if not running:
+        raise EnvdNotReady(failure[0] if failure else "envd ended the process stream before it started")

@@ -30,9 +30,11 @@ from sandboxd.orchestrator.envd_client import (
     envd_answers,
     init_envd,
     run_process,
+    start_logged,
     sync_guest,
     wait_healthy,
 )
+from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
 from sandboxd.orchestrator.backends import Backend, Backends
 from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
@@ -75,6 +77,7 @@ class CreateRequest:
     allow_internet_access: bool = True
     auto_pause: bool = False
     auto_pause_memory: bool = True
+    secure: bool = True  # E2B's v1 ``secure: false``: envd without an access token
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class Orchestrator:
         self._locks_guard = threading.Lock()
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
         settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = LogStore(settings.data_dir / "logs")
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -123,7 +127,8 @@ class Orchestrator:
         """Make a sandbox reachable (again): a new boot number, so no pooled connection to an
         earlier run of it is reused."""
         self._routes[row.sandbox_id] = Upstream(row.host_address, next(self._boots))
-        self._tokens[row.sandbox_id] = row.envd_access_token
+        if row.envd_access_token:
+            self._tokens[row.sandbox_id] = row.envd_access_token
 
     def find_signed(self, path: str, operation: str, username: str, signature: str,
                     expiration: int | None) -> str | None:
@@ -180,7 +185,7 @@ class Orchestrator:
     def _create_once(self, req: CreateRequest, template_id: str, alias: str, build_id: str,
                      backend: Backend, res: Resources) -> SandboxRow:
         sandbox_id = new_id()
-        token = secrets.token_hex(24)
+        token = secrets.token_hex(24) if req.secure else ""
         sdir = self.sandbox_dir(sandbox_id)
         started = time.monotonic()
         with contextlib.ExitStack() as undo:
@@ -208,6 +213,7 @@ class Orchestrator:
             self._route(row)
             undo.pop_all()
         log.info("sandbox %s (%s) ready in %.2fs", sandbox_id, alias, time.monotonic() - started)
+        self.logs.event(sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
         return row
 
     def _boot(self, backend: Backend, row: SandboxRow, slot: NetworkSlot) -> None:
@@ -222,7 +228,8 @@ class Orchestrator:
             undo.callback(backend.runtime.stop, row.sandbox_id)
             self._step("runtime", lambda: backend.runtime.start(spec), sdir)
             config = RuntimeConfig.of(self.templates.get(row.build_id))
-            self._step("envd", lambda: self._init_envd(slot, row.envd_access_token, config, row.env_vars), sdir)
+            self._step("envd", lambda: self._init_envd(row.sandbox_id, slot, row.envd_access_token, config,
+                                                       row.env_vars), sdir)
             undo.pop_all()
 
     def _spec(self, row: SandboxRow, slot: NetworkSlot, rootfs: Path) -> RuntimeSpec:
@@ -231,7 +238,8 @@ class Orchestrator:
                            cpu_count=row.cpu_count, memory_mb=row.memory_mb,
                            max_processes=self.settings.max_processes)
 
-    def _init_envd(self, slot: NetworkSlot, token: str, config: RuntimeConfig, env_vars: dict[str, str]) -> None:
+    def _init_envd(self, sandbox_id: str, slot: NetworkSlot, token: str, config: RuntimeConfig,
+                   env_vars: dict[str, str]) -> None:
         """envd answers, gets its configuration (the request's env vars over the template's), then
         the template's start command runs and its ready command passes, if it has them."""
         took = wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s)
@@ -239,7 +247,9 @@ class Orchestrator:
         env = {**config.env, **env_vars}
         init_envd(slot.host_address, token, env, config.user, config.workdir)
         if config.start_cmd:
-            run_process(slot.host_address, token, config.user, config.start_cmd, env, config.workdir, wait=False)
+            start_logged(slot.host_address, token, config.user, config.start_cmd, env, config.workdir,
+                         self.logs.output_sink(sandbox_id),
+                         lambda how: self.logs.event(sandbox_id, f"Start command {how}", logger="start_cmd"))
         if config.ready_cmd and not _PLAIN_SLEEP.fullmatch(config.ready_cmd.strip()):
             self._wait_ready(slot.host_address, token, config, env)
 
@@ -291,6 +301,7 @@ class Orchestrator:
             self._locks.pop(sandbox_id, None)
         future = self._teardowns.submit(self._teardown, sandbox_id, row.slot_index, row.runtime)
         log.info("sandbox %s killed", sandbox_id)
+        self.logs.event(sandbox_id, "Sandbox killed")
         if wait:
             future.result()
         return True
@@ -356,6 +367,7 @@ class Orchestrator:
                                    envd_unresponsive_at_pause=not responsive)
         log.info("sandbox %s paused (%s)%s", sandbox_id, "memory and disk" if memory else "disk only",
                  "" if responsive else ": its envd did not answer, so it resumes only by booting again")
+        self.logs.event(sandbox_id, f"Sandbox paused ({'memory and filesystem' if memory else 'filesystem only'})")
         return True
 
     def resume(self, sandbox_id: str, timeout_s: int | None, memory: bool = True) -> SandboxRow | None:
@@ -387,6 +399,7 @@ class Orchestrator:
             assert row is not None
             self._route(row)
         log.info("sandbox %s resumed", sandbox_id)
+        self.logs.event(sandbox_id, "Sandbox resumed")
         return row
 
     def _resume_with_memory(self, backend: Backend, row: SandboxRow, slot: NetworkSlot) -> None:
@@ -431,6 +444,7 @@ class Orchestrator:
         now = now or utcnow()
         expired = [r for r in self.db.list_sandboxes() if r.state == "running" and _aware(r.end_at) <= now]
         for row in expired:
+            self.logs.event(row.sandbox_id, "Sandbox timed out")
             if row.auto_pause:
                 log.info("sandbox %s timed out: pausing (autoPause)", row.sandbox_id)
                 try:
