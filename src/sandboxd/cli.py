@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -36,8 +37,9 @@ def ensure_api_key(db: Database) -> str | None:
     return db.create_api_key("first key")
 
 
-def _settings(data_dir: Path | None, host: str | None = None, port: int | None = None) -> Settings:
-    return Settings.from_env(data_dir=data_dir, host=host, port=port)
+def _settings(data_dir: Path | None, host: str | None = None, port: int | None = None,
+              **more: object) -> Settings:
+    return Settings.from_env(data_dir=data_dir, host=host, port=port, **more)
 
 
 @click.group()
@@ -53,25 +55,54 @@ def main(verbose: bool) -> None:
 @click.option("--host", default=None, help="Listen address (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Listen port (default 3000).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Default /var/lib/sandboxd.")
-def serve(host: str | None, port: int | None, data_dir: Path | None) -> None:
+@click.option("--domain", default=None,
+              help="Serve HTTPS for this domain: api.<domain> is the API, <port>-<id>.<domain> a sandbox "
+                   "(point wildcard DNS at this host). Default port 443.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Certificate (chain) for <domain> and *.<domain>; default: one from a CA sandboxd makes.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The certificate's private key.")
+def serve(host: str | None, port: int | None, data_dir: Path | None, domain: str | None,
+          tls_cert: Path | None, tls_key: Path | None) -> None:
     """Prepare the node (base template, first API key) and serve the API + proxy."""
+    import os
+
     import uvicorn
 
     from sandboxd.server import build_app
+    from sandboxd.tls import tls_files, trust_instructions
 
-    settings = _settings(data_dir, host, port)
+    settings = _settings(data_dir, host, port, domain=domain.strip(".").lower() if domain else None,
+                         tls_cert=tls_cert, tls_key=tls_key)
+    if settings.domain and port is None and "SANDBOXD_PORT" not in os.environ:
+        settings = replace(settings, port=443)
+    if not settings.domain and (settings.tls_cert or settings.tls_key):
+        raise click.UsageError("--tls-cert/--tls-key need --domain (the certificate is for that domain)")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ssl: dict[str, str] = {}
+    if settings.domain:
+        try:
+            files = tls_files(settings.data_dir, settings.domain, settings.tls_cert, settings.tls_key)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        ssl = {"ssl_certfile": str(files.cert), "ssl_keyfile": str(files.key)}
     db = Database(settings.db_url)
     ensure_base_template(settings, db)
     key = ensure_api_key(db)
-    url = f"http://{settings.host}:{settings.port}"
     if key:
         _echo("\n  Your API key (shown once; create more with `sandboxd keys create`):\n"
               f"\n    export E2B_API_KEY={key}\n")
-    _echo(f"  export E2B_API_URL={url} E2B_SANDBOX_URL={url}\n")
+    if settings.domain:
+        _echo(f"  Serving https://api.{settings.domain} and https://<port>-<sandbox id>.{settings.domain} on "
+              f"{settings.host}:{settings.port}: point *.{settings.domain} (and api.{settings.domain}) at this "
+              f"host in DNS, then\n\n    export E2B_DOMAIN={settings.domain}\n")
+        _echo(trust_instructions(files))
+    else:
+        url = f"http://{settings.host}:{settings.port}"
+        _echo(f"  export E2B_API_URL={url} E2B_SANDBOX_URL={url}\n")
     app = build_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_keep_alive=KEEP_ALIVE_S,
-                log_level="info", access_log=False)
+                log_level="info", access_log=False, **ssl)
 
 
 @main.group()

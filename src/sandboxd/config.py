@@ -35,7 +35,13 @@ class Settings:
     envd_ready_timeout_s: float = 30.0
     #: A failed start is cleaned up and retried this many times before the client gets the error.
     start_attempts: int = 2
+    #: Domain mode (``serve --domain``): HTTPS on one port, ``api.<domain>`` is the API and
+    #: ``<port>-<id>.<domain>`` a sandbox's port; the create/connect responses name this domain.
     domain: str | None = None
+    #: The operator's certificate and key for ``<domain>`` and ``*.<domain>``; without them
+    #: sandboxd makes its own CA in ``<data dir>/tls`` (see sandboxd.tls).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     #: A sandbox's resources unless its template's build asked for others (cpuCount, memoryMB),
     #: within the maxima. The disk is every sandbox's own ext4 image of this size (sparse).
     cpu_count: int = 2
@@ -85,5 +91,5 @@ def _convert(type_name: Any, raw: str) -> Any:
     if t.startswith("float"):
         return float(raw)
     if t.startswith("Path"):
-        return Path(raw)
+        return Path(raw) if raw or "None" not in t else None
     return raw or None if "None" in t else raw

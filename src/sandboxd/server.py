@@ -14,8 +14,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from sandboxd.api.errors import install_error_handlers
+from sandboxd.api.logs import router as logs_router
 from sandboxd.api.sandboxes import router as sandboxes_router
+from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
 from sandboxd.api.templates import router as templates_router
+from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.config import Settings
 from sandboxd.orchestrator.network import SlotPool
 from sandboxd.orchestrator.sandboxes import Orchestrator
@@ -80,11 +83,15 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.state.db = orch.db
     api.state.orchestrator = orch
     install_error_handlers(api)
+    api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)
+    api.include_router(logs_router)
     api.include_router(templates_router)
 
     @api.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    api.include_router(unsupported_router)  # last: any route implemented later takes precedence
 
     return SandboxProxy(api, orch.upstream, orch.find_signed)

@@ -26,6 +26,28 @@ class NewSandbox(BaseModel):
     autoPauseMemory: bool | None = None  # False: the timeout's pause keeps the disk alone
 
 
+class NewSandboxV1(NewSandbox):
+    """``POST /sandboxes`` (v1 create, sent by SDKs up to 2.45): as v2, plus ``secure`` (absent or
+    false: envd without an access token, as SDK 1.x asks by default) and E2B's 15 s default timeout."""
+
+    secure: bool = False
+
+
+class ResumeBody(BaseModel):
+    """``POST /sandboxes/{id}/resume`` (deprecated; SDK 2.0.x and JS 2.0.x send it)."""
+
+    model_config = ConfigDict(extra="ignore")
+    timeout: int = Field(default=15, ge=0)
+    autoPause: bool | None = None
+    memory: bool = True
+
+
+class RefreshBody(BaseModel):
+    """``POST /sandboxes/{id}/refreshes``: keep the sandbox alive ``duration`` seconds more."""
+
+    duration: int | None = Field(default=None, ge=0, le=3600)
+
+
 class PauseBody(BaseModel):
     """``POST /sandboxes/{id}/pause``; older SDKs send no body."""
 
@@ -63,7 +85,7 @@ def sandbox_json(row: SandboxRow, domain: str | None) -> dict[str, Any]:
         "alias": row.alias,
         "clientID": CLIENT_ID,
         "envdVersion": row.envd_version,
-        "envdAccessToken": row.envd_access_token,
+        "envdAccessToken": row.envd_access_token or None,  # none: created with v1 ``secure: false``
         "trafficAccessToken": None,
         "domain": domain,
     }
@@ -91,7 +113,7 @@ def detail_json(row: SandboxRow, domain: str | None) -> dict[str, Any]:
     """``SandboxDetail`` of ``GET /sandboxes/{id}``."""
     return {
         **listed_json(row),
-        "envdAccessToken": row.envd_access_token,
+        "envdAccessToken": row.envd_access_token or None,  # none: created with v1 ``secure: false``
         "domain": domain,
         "allowInternetAccess": row.allow_internet_access,
         "lifecycle": {"autoResume": False, "onTimeout": "pause" if row.auto_pause else "kill"},

@@ -54,14 +54,21 @@ def _visible(orch: Orchestrator, sandbox_id: str) -> SandboxRow:
 
 @router.post("/v2/sandboxes", status_code=201)
 def create_sandbox(body: NewSandbox, request: Request) -> JSONResponse:
+    return create(body, request)
+
+
+def create(body: NewSandbox, request: Request, secure: bool = True,
+           default_timeout_s: int | None = None) -> JSONResponse:
+    """Create (v2; v1 adds its ``secure`` flag and default timeout): 201 with the Sandbox."""
     settings = _settings(request)
-    timeout = body.timeout if body.timeout is not None else settings.default_timeout_s
+    timeout = body.timeout if body.timeout is not None else (default_timeout_s or settings.default_timeout_s)
     if timeout > settings.max_timeout_s:
         raise ApiError(400, f"timeout {timeout}s exceeds the maximum of {settings.max_timeout_s}s")
     req = CreateRequest(template=body.templateID, timeout_s=timeout, metadata=body.metadata or {},
                         env_vars=body.envVars or {},
                         allow_internet_access=body.allow_internet_access is not False,
-                        auto_pause=bool(body.autoPause), auto_pause_memory=body.autoPauseMemory is not False)
+                        auto_pause=bool(body.autoPause), auto_pause_memory=body.autoPauseMemory is not False,
+                        secure=secure)
     try:
         row = _orchestrator(request).create(req)
     except SandboxError as exc:
@@ -92,7 +99,7 @@ def list_sandboxes(
 
 @router.get("/sandboxes")
 def list_sandboxes_v1(request: Request, metadata: str | None = None) -> list[dict]:
-    """The v1 list (no pagination), still used by older SDKs and the CLI."""
+    """The v1 list: running sandboxes only, no pagination (SDK 1.x's ``Sandbox.list``, the CLI)."""
     return [listed_json(r) for r in _filtered(_orchestrator(request), metadata, "running", None, None)]
 
 
@@ -110,17 +117,21 @@ def kill_sandbox(sandbox_id: str, request: Request) -> Response:
 
 @router.post("/sandboxes/{sandbox_id}/timeout", status_code=204)
 def set_timeout(sandbox_id: str, body: TimeoutBody, request: Request) -> Response:
+    """404 for a paused sandbox too, as on E2B: only a running sandbox has a timeout (SDK 2.0's
+    ``connect`` relies on it: it sets the timeout and resumes the sandbox when that fails)."""
     settings = _settings(request)
     if body.timeout > settings.max_timeout_s:
         raise ApiError(400, f"timeout {body.timeout}s exceeds the maximum of {settings.max_timeout_s}s")
     orch = _orchestrator(request)
-    _visible(orch, sandbox_id)
+    if _visible(orch, sandbox_id).state != "running":
+        raise ApiError(404, f"sandbox '{sandbox_id}' is paused: resume it (connect) first")
     if not orch.set_timeout(sandbox_id, body.timeout):
         raise ApiError(404, f"sandbox '{sandbox_id}' not found")
     return Response(status_code=204)
 
 
 @router.post("/v2/sandboxes/{sandbox_id}/connect")
+@router.post("/sandboxes/{sandbox_id}/connect")  # v1, sent by SDKs 2.1-2.45 (same body, without memory)
 def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSONResponse:
     """200 for a running sandbox; a paused one is resumed first (201)."""
     orch = _orchestrator(request)
@@ -140,23 +151,31 @@ def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSO
 @router.get("/sandboxes/{sandbox_id}/metrics")
 def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None, end: int | None = None) -> list[dict]:
     """One live sample from envd (no history is kept yet); empty if it falls outside [start, end]."""
-    row = _visible(_orchestrator(request), sandbox_id)
-    upstream = _orchestrator(request).upstream(sandbox_id)
-    if upstream is None:
+    sample = metric_sample(_orchestrator(request), _visible(_orchestrator(request), sandbox_id))
+    if sample is None:
         return []
+    ts = sample["timestampUnix"]
+    if (start is not None and ts < start) or (end is not None and ts > end):
+        return []
+    return [sample]
+
+
+def metric_sample(orch: Orchestrator, row: SandboxRow) -> dict | None:
+    """E2B's SandboxMetric, sampled from envd now; None if the sandbox is not running here."""
+    upstream = orch.upstream(row.sandbox_id)
+    if upstream is None:
+        return None
     try:
         m = fetch_metrics(upstream.address, row.envd_access_token)
     except EnvdNotReady as exc:
         raise ApiError(502, str(exc)) from exc
     ts = int(m["ts"])
-    if (start is not None and ts < start) or (end is not None and ts > end):
-        return []
-    return [{
+    return {
         "timestamp": iso(datetime.fromtimestamp(ts, timezone.utc)), "timestampUnix": ts,
         "cpuCount": m["cpu_count"], "cpuUsedPct": m["cpu_used_pct"],
         "memUsed": m["mem_used"], "memTotal": m["mem_total"], "memCache": m["mem_cache"],
         "diskUsed": m["disk_used"], "diskTotal": m["disk_total"],  # the sandbox's own disk
-    }]
+    }
 
 
 @router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
