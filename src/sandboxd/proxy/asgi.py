@@ -186,6 +186,10 @@ class SandboxProxy:
     async def _forward(self, scope: Scope, receive: Receive, send: Send, client: httpx.AsyncClient,
                        base: str, sandbox_id: str, port: int) -> None:
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+        if not any(k.lower() == b"accept-encoding" for k, _ in headers):
+            # else httpx adds its default ("gzip, deflate"), envd compresses, and a client that
+            # never asked for it gets gzip (SDK 1.x's Connect client does not decode it)
+            headers.append((b"accept-encoding", b"identity"))
         has_body = any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
         body_done = asyncio.Event()
         content = _request_body(receive, body_done) if has_body else None

@@ -48,8 +48,16 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA a domain-mode server made (clients trust it through SSL_CERT_FILE etc.)."""
+        return self.settings.data_dir / "tls" / "ca.pem" if self.settings.domain else None
+
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"X-API-Key": self.api_key}, timeout=120)
+        # by address, not by name (the host cannot resolve the test domain): the test's own
+        # calls skip verifying the name; the SDKs under test verify it
+        return httpx.Client(base_url=self.url, headers={"X-API-Key": self.api_key}, timeout=120,
+                            verify=not self.settings.domain)
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -78,7 +86,7 @@ def wait_listening(url: str, proc: subprocess.Popen[bytes], log_path: Path, time
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1, verify=False).status_code == 200:
                 return
         time.sleep(0.2)
     raise RuntimeError(f"server did not listen within {timeout}s:\n{log_path.read_text()[-5000:]}")
@@ -125,11 +133,11 @@ def running_server(shared_data_dir: Path, log_path: Path, **overrides: Any) -> I
     dir removed on exit."""
     prefix, cidr = unique_network()
     data_dir = run_dir(shared_data_dir)
-    settings = Settings.from_env({}, data_dir=data_dir, port=free_port(), net_prefix=prefix, net_cidr=cidr,
-                                 **overrides)
+    settings = Settings.from_env({}, **{"data_dir": data_dir, "port": free_port(), "net_prefix": prefix,
+                                        "net_cidr": cidr, **overrides})
     key = Database(settings.db_url).create_api_key("tests")
     proc = spawn(settings, log_path)
-    url = f"http://127.0.0.1:{settings.port}"
+    url = f"{'https' if settings.domain else 'http'}://{settings.host}:{settings.port}"
     try:
         wait_listening(url, proc, log_path)
         yield Server(url, key, settings, proc, log_path)

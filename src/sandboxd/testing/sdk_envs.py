@@ -1,0 +1,57 @@
+"""Released SDKs, each in an environment of its own: a venv per Python package version, an npm
+directory per JS package version, installed once from PyPI / npm and cached by version.
+
+The cache lives under the test data dir (``sdk-envs/``), so a fresh CI machine installs what it
+lacks and a developer's later runs reuse it. An environment is complete only once its stamp file
+exists; concurrent runs serialize on a lock file per environment.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+STAMP = ".installed"
+
+
+def _locked_install(root: Path, install) -> Path:  # noqa: ANN001 - a callable of the env dir
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / STAMP).exists():
+            shutil.rmtree(root, ignore_errors=True)  # a half-made env from an interrupted run
+            install(root)
+            (root / STAMP).touch()
+    return root
+
+
+def python_env(cache: Path, requirement: str) -> Path:
+    """The Python of a venv holding ``requirement`` (e.g. ``e2b==2.45.1``) and nothing else of ours."""
+    root = cache / ("py-" + requirement.replace("==", "-"))
+
+    def install(d: Path) -> None:
+        subprocess.run([sys.executable, "-m", "venv", str(d)], check=True, capture_output=True)
+        r = subprocess.run([str(d / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", requirement],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"pip install {requirement} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+    return _locked_install(root, install) / "bin" / "python"
+
+
+def node_env(cache: Path, package: str, version: str) -> Path:
+    """A directory whose ``node_modules`` has ``package@version`` (run scripts from inside it)."""
+    root = cache / f"js-{package.replace('/', '_').lstrip('@')}-{version}"
+
+    def install(d: Path) -> None:
+        d.mkdir(parents=True)
+        (d / "package.json").write_text('{"name": "sandboxd-sdk-matrix", "private": true, "type": "module"}\n')
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", f"{package}@{version}"],
+                           cwd=d, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"npm install {package}@{version} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+    return _locked_install(root, install)

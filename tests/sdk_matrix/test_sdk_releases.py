@@ -1,0 +1,127 @@
+"""Every SDK release people run, against one sandboxd in domain mode (TLS, wildcard names).
+
+Each release runs the same scenario (``scenarios/``) in its own venv or npm dir, installed once
+from PyPI / npm and cached by version under the test data dir. The clients run in a network
+namespace of their own that resolves ``*.<DOMAIN>`` to the server (``sandboxd.testing.client_netns``)
+and trust the CA the server made, exactly as the server's start-up text tells users to: so the
+releases that only know ``https://api.<domain>`` and ``https://<port>-<id>.<domain>`` (Python 1.x
+and 2.0, JS 2.0) are covered, and the newer ones run the same way E2B users run them.
+
+A release is one entry of ``RELEASES``; a scenario is one script. The scenarios of the releases
+selected for this run go at once, a few at a time, when the first test asks for its result.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sandboxd.testing.client_netns import ClientNetns, client_netns
+from sandboxd.testing.sdk_envs import node_env, python_env
+from sandboxd.testing.server import Server, running_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.sdk_matrix]
+
+DOMAIN = "sandboxd-matrix.test"  # .test is reserved: it can never be a real name
+SCENARIOS = Path(__file__).parent / "scenarios"
+PARALLEL = 3  # scenarios at once: each holds one or two sandboxes; the host has 2 cores
+SCENARIO_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Release:
+    language: str  # "python" or "js"
+    package: str
+    version: str
+    scenario: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.language}-{self.package}-{self.version}"
+
+
+RELEASES = (
+    Release("python", "e2b", "1.11.1", "python_sdk.py"),  # the last 1.x: domain mode only
+    Release("python", "e2b", "2.0.2", "python_sdk.py"),  # domain mode only; v1 create, resume
+    Release("python", "e2b", "2.20.3", "python_sdk.py"),  # v1 create, v1 connect
+    Release("python", "e2b", "2.45.1", "python_sdk.py"),  # v1 create, v1 connect
+    Release("python", "e2b", "2.63.0", "python_sdk.py"),  # v2 create, v2 connect
+    Release("js", "e2b", "2.0.3", "js_sdk.mjs"),  # domain mode only; v1 create, resume
+    Release("js", "e2b", "2.45.0", "js_sdk.mjs"),  # v1 create, v1 connect
+    Release("js", "e2b", "2.51.0", "js_sdk.mjs"),  # the newest on npm: v2 create, v2 connect
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    stdout: str  # the scenario's steps
+    stderr: str  # tracebacks, and whatever the SDK itself prints
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def _prepare(release: Release, cache: Path) -> list[str]:
+    """The command that runs this release's scenario (its environment installed if missing)."""
+    if release.language == "python":
+        python = python_env(cache, f"{release.package}=={release.version}")
+        return [str(python), str(SCENARIOS / release.scenario)]
+    root = node_env(cache, release.package, release.version)
+    script = root / release.scenario  # next to node_modules, so `import 'e2b'` finds this release
+    shutil.copyfile(SCENARIOS / release.scenario, script)
+    return ["node", str(script)]
+
+
+def _run(ns: ClientNetns, server: Server, argv: list[str]) -> Outcome:
+    assert server.ca_file is not None
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+           "E2B_API_KEY": server.api_key, "E2B_DOMAIN": DOMAIN,
+           "SSL_CERT_FILE": str(server.ca_file), "NODE_EXTRA_CA_CERTS": str(server.ca_file)}
+    try:
+        p = subprocess.run(ns.command(argv), env=env, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        return Outcome(-1, str(exc.stdout or ""), f"timed out after {SCENARIO_TIMEOUT_S}s\n{exc.stderr or ''}")
+    return Outcome(p.returncode, p.stdout, p.stderr)
+
+
+@pytest.fixture(scope="session")
+def matrix_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClientNetns, Server]]:
+    log_path = tmp_path_factory.mktemp("matrix-server") / "server.log"
+    try:
+        with client_netns(DOMAIN) as ns, running_server(data_dir, log_path, host=ns.server_address, port=443,
+                                                          domain=DOMAIN) as server:
+            yield ns, server
+    finally:
+        if log_path.exists():
+            print(f"--- matrix server log tail ---\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def outcomes(request: pytest.FixtureRequest, data_dir: Path,
+             matrix_server: tuple[ClientNetns, Server]) -> dict[str, Outcome]:
+    """Run the scenario of every release selected in this session, PARALLEL at a time."""
+    selected = {item.callspec.params["release"].id: item.callspec.params["release"]
+                for item in request.session.items
+                if hasattr(item, "callspec") and "release" in item.callspec.params}
+    ns, server = matrix_server
+    cache = data_dir / "sdk-envs"
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        commands = dict(zip(selected, pool.map(lambda r: _prepare(r, cache), selected.values())))
+        return dict(zip(commands, pool.map(lambda argv: _run(ns, server, argv), commands.values())))
+
+
+@pytest.mark.parametrize("release", RELEASES, ids=lambda r: r.id)
+def test_release_runs_the_scenario(release: Release, outcomes: dict[str, Outcome]) -> None:
+    outcome = outcomes[release.id]
+    print(outcome.output)
+    assert outcome.returncode == 0, f"{release.id} failed its scenario:\n{outcome.output[-6000:]}"
+    assert outcome.stdout.rstrip().endswith("] ok"), outcome.output[-2000:]
