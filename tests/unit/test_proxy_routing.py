@@ -6,7 +6,7 @@ from sandboxd.proxy.asgi import route_of
 
 
 def scope(**headers: str) -> dict:
-    return {"type": "http", "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
+    return {"type": "http", "path": "/process.Process/Start", "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
 
 
 def test_headers_route() -> None:
@@ -24,3 +24,13 @@ def test_control_plane_is_not_routed() -> None:
     assert route_of(scope(host="127.0.0.1:3000")) is None
     assert route_of(scope(host="api.example.com")) is None
     assert route_of(scope()) is None
+
+
+def test_control_plane_calls_that_carry_sandbox_headers_go_to_the_api() -> None:
+    """SDK 2.1-2.2x send E2b-Sandbox-Id/-Port on POST /sandboxes/{id}/connect: not envd's."""
+    headers = [(b"e2b-sandbox-id", b"abc"), (b"e2b-sandbox-port", b"49983")]
+    assert route_of({"type": "http", "path": "/sandboxes/abc/connect", "headers": headers}) is None
+    assert route_of({"type": "http", "path": "/process.Process/Start", "headers": headers}) == ("abc", 49983)
+    assert route_of({"type": "http", "path": "/files", "headers": headers}) == ("abc", 49983)
+    other_port = [(b"e2b-sandbox-id", b"abc"), (b"e2b-sandbox-port", b"8080")]
+    assert route_of({"type": "http", "path": "/sandboxes/abc/connect", "headers": other_port}) == ("abc", 8080)

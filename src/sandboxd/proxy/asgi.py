@@ -51,6 +51,10 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-autho
 _HOST_FORM = re.compile(r"^(?P<port>\d{1,5})-(?P<id>[a-z0-9]{1,64})\.")
 #: envd paths only the orchestrator may call (``/init`` would let anyone replace the access token).
 _INTERNAL_ENVD_PATHS = {"/init"}
+#: What envd serves. A request with sandbox headers for envd's port but another path is for the
+#: control plane: SDK 2.1-2.2x send ``E2b-Sandbox-Id``/``-Port`` on ``POST /sandboxes/{id}/connect``.
+_ENVD_PATHS = {"/health", "/files", "/init", "/envs", "/metrics"}
+_ENVD_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
 
 
 class ClientDisconnected(Exception):
@@ -88,8 +92,11 @@ def route_of(scope: Scope) -> tuple[str, int] | None:
     headers = {k.lower(): v for k, v in scope.get("headers", [])}
     sandbox_id = headers.get(b"e2b-sandbox-id")
     if sandbox_id:
-        port = headers.get(b"e2b-sandbox-port", str(ENVD_PORT).encode())
-        return sandbox_id.decode("latin-1"), _port(port.decode("latin-1"))
+        port = _port(headers.get(b"e2b-sandbox-port", str(ENVD_PORT).encode()).decode("latin-1"))
+        path = scope.get("path", "")
+        if port == ENVD_PORT and path not in _ENVD_PATHS and not path.startswith(_ENVD_PREFIXES):
+            return None
+        return sandbox_id.decode("latin-1"), port
     host = headers.get(b"host", b"").decode("latin-1")
     m = _HOST_FORM.match(host)
     if m:
