@@ -16,11 +16,14 @@ venv="$here/.venv"
 # tini: PID 1 of every sandbox; busybox-static: the libc-free test template; gcc/libc6-dev: the
 # gVisor statx shim; python3-venv: our venv; skopeo/umoci: FROM OCI images in Dockerfile
 # templates; qemu-system-x86/qemu-utils/lz4: the microVM runtime (guest kernel, snapshots).
-# Tests only: docker-registry, the loopback registry the template tests pull from.
+# Tests only: docker-registry, the loopback registry the template tests pull from; dnsmasq-base,
+# the DNS server that resolves the test domain for the SDK release matrix (tests/sdk_matrix);
+# nodejs/npm for the JS SDK releases there, from Debian unless a node is already on PATH.
 APT_PACKAGES=(runsc debootstrap nftables iproute2 e2fsprogs tini busybox-static gcc libc6-dev
               python3 python3-venv ca-certificates util-linux procps skopeo umoci
               qemu-system-x86 qemu-utils lz4)
-TEST_APT_PACKAGES=(docker-registry)
+TEST_APT_PACKAGES=(docker-registry dnsmasq-base)
+command -v node >/dev/null && command -v npm >/dev/null || TEST_APT_PACKAGES+=(nodejs npm)
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then
