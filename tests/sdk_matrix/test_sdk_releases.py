@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,10 +42,13 @@ class Release:
     package: str
     version: str
     scenario: str
+    #: "domain": only E2B_DOMAIN (every release can); "urls": E2B_API_URL + E2B_SANDBOX_URL at the
+    #: API's name, the sandbox chosen by headers (releases from 2.1 on; README's plain-HTTP way)
+    mode: str = "domain"
 
     @property
     def id(self) -> str:
-        return f"{self.language}-{self.package}-{self.version}"
+        return f"{self.language}-{self.package}-{self.version}" + ("-urls" if self.mode == "urls" else "")
 
 
 RELEASES = (
@@ -52,9 +56,11 @@ RELEASES = (
     Release("python", "e2b", "2.0.2", "python_sdk.py"),  # domain mode only; v1 create, resume
     Release("python", "e2b", "2.20.3", "python_sdk.py"),  # v1 create, v1 connect
     Release("python", "e2b", "2.45.1", "python_sdk.py"),  # v1 create, v1 connect
+    Release("python", "e2b", "2.20.3", "python_sdk.py", mode="urls"),  # sandbox headers on connect too
     Release("python", "e2b", "2.63.0", "python_sdk.py"),  # v2 create, v2 connect
     Release("js", "e2b", "2.0.3", "js_sdk.mjs"),  # domain mode only; v1 create, resume
     Release("js", "e2b", "2.45.0", "js_sdk.mjs"),  # v1 create, v1 connect
+    Release("js", "e2b", "2.45.0", "js_sdk.mjs", mode="urls"),
     Release("js", "e2b", "2.51.0", "js_sdk.mjs"),  # the newest on npm: v2 create, v2 connect
 )
 
@@ -77,15 +83,19 @@ def _prepare(release: Release, cache: Path) -> list[str]:
         return [str(python), str(SCENARIOS / release.scenario)]
     root = node_env(cache, release.package, release.version)
     script = root / release.scenario  # next to node_modules, so `import 'e2b'` finds this release
-    shutil.copyfile(SCENARIOS / release.scenario, script)
+    tmp = script.with_name(f".{script.name}.{os.getpid()}.{threading.get_ident()}")
+    shutil.copyfile(SCENARIOS / release.scenario, tmp)
+    os.replace(tmp, script)  # atomically: two modes of one release may run it at once
     return ["node", str(script)]
 
 
-def _run(ns: ClientNetns, server: Server, argv: list[str]) -> Outcome:
+def _run(ns: ClientNetns, server: Server, release: Release, argv: list[str]) -> Outcome:
     assert server.ca_file is not None
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
            "E2B_API_KEY": server.api_key, "E2B_DOMAIN": DOMAIN,
            "SSL_CERT_FILE": str(server.ca_file), "NODE_EXTRA_CA_CERTS": str(server.ca_file)}
+    if release.mode == "urls":
+        env["E2B_API_URL"] = env["E2B_SANDBOX_URL"] = f"https://api.{DOMAIN}"
     try:
         p = subprocess.run(ns.command(argv), env=env, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
@@ -116,7 +126,7 @@ def outcomes(request: pytest.FixtureRequest, data_dir: Path,
     cache = data_dir / "sdk-envs"
     with ThreadPoolExecutor(PARALLEL) as pool:
         commands = dict(zip(selected, pool.map(lambda r: _prepare(r, cache), selected.values())))
-        return dict(zip(commands, pool.map(lambda argv: _run(ns, server, argv), commands.values())))
+        return dict(zip(commands, pool.map(lambda rid: _run(ns, server, selected[rid], commands[rid]), commands)))
 
 
 @pytest.mark.parametrize("release", RELEASES, ids=lambda r: r.id)
