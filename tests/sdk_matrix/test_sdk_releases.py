@@ -57,6 +57,7 @@ RELEASES = (
     Release("python", "e2b", "2.20.3", "python_sdk.py"),  # v1 create, v1 connect
     Release("python", "e2b", "2.45.1", "python_sdk.py"),  # v1 create, v1 connect
     Release("python", "e2b", "2.20.3", "python_sdk.py", mode="urls"),  # sandbox headers on connect too
+    Release("python", "e2b", "2.45.1", "python_sdk.py", mode="urls"),  # issue 18's report: 405 on create
     Release("python", "e2b", "2.63.0", "python_sdk.py"),  # v2 create, v2 connect
     Release("js", "e2b", "2.0.3", "js_sdk.mjs"),  # domain mode only; v1 create, resume
     Release("js", "e2b", "2.45.0", "js_sdk.mjs"),  # v1 create, v1 connect

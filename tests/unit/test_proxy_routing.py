@@ -34,3 +34,17 @@ def test_control_plane_calls_that_carry_sandbox_headers_go_to_the_api() -> None:
     assert route_of({"type": "http", "path": "/files", "headers": headers}) == ("abc", 49983)
     other_port = [(b"e2b-sandbox-id", b"abc"), (b"e2b-sandbox-port", b"8080")]
     assert route_of({"type": "http", "path": "/sandboxes/abc/connect", "headers": other_port}) == ("abc", 8080)
+
+
+def test_an_envd_call_without_sandbox_headers_is_routed_by_its_access_token() -> None:
+    """SDK 2.1-2.2x drop E2b-Sandbox-Id after Sandbox.connect when E2B_SANDBOX_URL is set."""
+    from sandboxd.proxy.asgi import token_route
+
+    tokens = {"secret-of-abc": "abc"}
+    def call(path: str, token: str | None) -> dict:
+        return {"type": "http", "path": path, "headers": [(b"x-access-token", token.encode())] if token else []}
+    assert token_route(call("/files", "secret-of-abc"), tokens.get) == ("abc", 49983)
+    assert token_route(call("/process.Process/Start", "secret-of-abc"), tokens.get) == ("abc", 49983)
+    assert token_route(call("/files", "someone-else"), tokens.get) is None
+    assert token_route(call("/files", None), tokens.get) is None
+    assert token_route(call("/sandboxes/abc", "secret-of-abc"), tokens.get) is None  # the API's

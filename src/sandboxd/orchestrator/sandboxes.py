@@ -143,6 +143,13 @@ class Orchestrator:
                 return sandbox_id
         return None
 
+    def find_by_token(self, token: str) -> str | None:
+        """The running sandbox whose envd access token this is (envd calls that name no sandbox)."""
+        for sandbox_id, known in list(self._tokens.items()):
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return sandbox_id
+        return None
+
     def sandbox_dir(self, sandbox_id: str) -> Path:
         return self.settings.sandboxes_dir / sandbox_id
 

@@ -87,6 +87,21 @@ def signed_files_route(scope: Scope, find_signed: SignedFinder) -> tuple[str, in
     return (sandbox_id, ENVD_PORT) if sandbox_id else None
 
 
+def _is_envd_path(path: str) -> bool:
+    return path in _ENVD_PATHS or path.startswith(_ENVD_PREFIXES)
+
+
+def token_route(scope: Scope, find_by_token: Callable[[str], str | None]) -> tuple[str, int] | None:
+    """An envd call that names no sandbox but carries its access token: the token names it.
+    SDKs 2.1-2.2x forget ``E2b-Sandbox-Id`` on the sandbox ``Sandbox.connect`` returns, when
+    ``E2B_SANDBOX_URL`` is set; the token is the sandbox's own secret, so it routes no one else."""
+    token = dict(scope.get("headers", [])).get(b"x-access-token")
+    if not token or not _is_envd_path(scope.get("path", "")):
+        return None
+    sandbox_id = find_by_token(token.decode("latin-1"))
+    return (sandbox_id, ENVD_PORT) if sandbox_id else None
+
+
 def route_of(scope: Scope) -> tuple[str, int] | None:
     """(sandbox id, port) if this request (HTTP or websocket) is for a sandbox, else None."""
     headers = {k.lower(): v for k, v in scope.get("headers", [])}
@@ -94,7 +109,7 @@ def route_of(scope: Scope) -> tuple[str, int] | None:
     if sandbox_id:
         port = _port(headers.get(b"e2b-sandbox-port", str(ENVD_PORT).encode()).decode("latin-1"))
         path = scope.get("path", "")
-        if port == ENVD_PORT and path not in _ENVD_PATHS and not path.startswith(_ENVD_PREFIXES):
+        if port == ENVD_PORT and not _is_envd_path(path):
             return None
         return sandbox_id.decode("latin-1"), port
     host = headers.get(b"host", b"").decode("latin-1")
@@ -111,10 +126,12 @@ def _port(raw: str) -> int:
 class SandboxProxy:
     """ASGI middleware: sandbox traffic to the sandbox, the rest to ``app``."""
 
-    def __init__(self, app: ASGIApp, resolve: Resolver, find_signed: SignedFinder | None = None) -> None:
+    def __init__(self, app: ASGIApp, resolve: Resolver, find_signed: SignedFinder | None = None,
+                 find_by_token: Callable[[str], str | None] | None = None) -> None:
         self.app = app
         self.resolve = resolve
         self.find_signed = find_signed
+        self.find_by_token = find_by_token
         self._pools: dict[str, tuple[Upstream, httpx.AsyncClient]] = {}
         self._last_sweep = 0.0
 
@@ -148,6 +165,8 @@ class SandboxProxy:
         if scope["type"] == "websocket" and (ws_route := route_of(scope)) is not None:
             return await self._websocket(scope, receive, send, *ws_route)
         route = route_of(scope) if scope["type"] == "http" else None
+        if route is None and scope["type"] == "http" and self.find_by_token is not None:
+            route = token_route(scope, self.find_by_token)
         if route is None and scope["type"] == "http" and self.find_signed is not None:
             route = signed_files_route(scope, self.find_signed)
             if route is None and _is_signed_files(scope):
