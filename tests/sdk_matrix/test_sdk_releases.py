@@ -136,3 +136,28 @@ def test_release_runs_the_scenario(release: Release, outcomes: dict[str, Outcome
     print(outcome.output)
     assert outcome.returncode == 0, f"{release.id} failed its scenario:\n{outcome.output[-6000:]}"
     assert outcome.stdout.rstrip().endswith("] ok"), outcome.output[-2000:]
+
+
+CLI_VERSION = "2.19.0"
+
+
+def test_the_cli_reads_a_sandbox_s_logs(data_dir: Path, matrix_server: tuple[ClientNetns, Server]) -> None:
+    """``e2b sandbox logs`` (E2B's CLI from npm) parses the v1 logs route: each line a JSON record."""
+    import json
+
+    ns, server = matrix_server
+    cli = node_env(data_dir / "sdk-envs", "@e2b/cli", CLI_VERSION) / "node_modules" / ".bin" / "e2b"
+    with server.api() as api:
+        created = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 60})
+        assert created.status_code == 201, created.text
+        sandbox_id = created.json()["sandboxID"]
+        assert api.delete(f"/sandboxes/{sandbox_id}").status_code == 204
+    assert server.ca_file is not None
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+           "E2B_API_KEY": server.api_key, "E2B_DOMAIN": DOMAIN, "NODE_EXTRA_CA_CERTS": str(server.ca_file)}
+    p = subprocess.run(ns.command([str(cli), "sandbox", "logs", sandbox_id, "--format", "json"]), env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [(r["level"], r["message"]) for r in records] == [
+        ("info", "Sandbox created from template base and started"), ("info", "Sandbox killed")], p.stdout
