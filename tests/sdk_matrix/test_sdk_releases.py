@@ -151,6 +151,7 @@ def test_the_cli_reads_a_sandbox_s_logs(data_dir: Path, matrix_server: tuple[Cli
         created = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 60})
         assert created.status_code == 201, created.text
         sandbox_id = created.json()["sandboxID"]
+        assert created.json()["domain"] == DOMAIN  # so SDKs build https://<port>-<id>.<domain>
         assert api.delete(f"/sandboxes/{sandbox_id}").status_code == 204
     assert server.ca_file is not None
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
