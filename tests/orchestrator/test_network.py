@@ -236,18 +236,3 @@ def test_concurrent_acquires_get_distinct_working_slots(slot_pool: SlotPool) -> 
     for s in slots:
         slot_pool.release(s)
     assert slot_pool.existing() == []
-
-
-def test_acquire_and_release_are_fast(slot_pool: SlotPool) -> None:
-    """Slot set-up is on every sandbox create's path (measured ~20-25 ms each on an idle host)."""
-    took_acquire, took_release = [], []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        slot = slot_pool.acquire()
-        took_acquire.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        slot_pool.release(slot)
-        took_release.append(time.perf_counter() - t0)
-    print(f"slot acquire median {sorted(took_acquire)[2] * 1000:.1f} ms, "
-          f"release median {sorted(took_release)[2] * 1000:.1f} ms")
-    assert sorted(took_acquire)[2] < 0.5 and sorted(took_release)[2] < 0.5  # generous: loaded CI hosts

@@ -8,7 +8,6 @@ image run in a fresh data dir each, so nothing cached can make them pass.
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
@@ -47,12 +46,11 @@ def _context(root: Path, data: str = "v1\n", dockerfile: str = DOCKERFILE) -> Pa
     return root
 
 
-def cli_build(data_dir: Path, ctx: Path, name: str) -> tuple[str, str, float]:
-    """``sandboxd template build``; (build id, progress output, seconds)."""
-    t0 = time.monotonic()
+def cli_build(data_dir: Path, ctx: Path, name: str) -> tuple[str, str]:
+    """``sandboxd template build``; (build id, progress output)."""
     res = CliRunner().invoke(main, ["template", "build", "-n", name, "--data-dir", str(data_dir), str(ctx)])
     assert res.exit_code == 0, res.stderr + str(res.exception)
-    return res.stdout.strip(), res.stderr, time.monotonic() - t0
+    return res.stdout.strip(), res.stderr
 
 
 def _mounts_under(*paths: str) -> list[str]:
@@ -65,7 +63,7 @@ def _mounts_under(*paths: str) -> list[str]:
 
 
 def test_dockerfile_steps_all_take_effect(data_dir: Path, store: TemplateStore, tmp_path: Path):
-    build_id, progress, _ = cli_build(data_dir, _context(tmp_path / "ctx"), "test-df-steps")
+    build_id, progress = cli_build(data_dir, _context(tmp_path / "ctx"), "test-df-steps")
     rootfs = store.get(build_id).rootfs
     assert (rootfs / "opt/app/built.txt").read_text() == "built by root: hello world\n"  # RUN + ENV + ARG
     assert (rootfs / "opt/app/data.txt").read_text() == "v1\n"  # COPY of a directory's contents
@@ -86,14 +84,15 @@ def test_dockerfile_steps_all_take_effect(data_dir: Path, store: TemplateStore, 
 def test_rebuilds_are_cached_and_a_changed_copy_source_is_a_new_build(data_dir: Path, store: TemplateStore,
                                                                      tmp_path: Path):
     ctx = _context(tmp_path / "ctx", data="first bytes\n")
-    first, _, cold = cli_build(data_dir, ctx, "test-df-rebuild")
-    again, progress, cached = cli_build(data_dir, ctx, "test-df-rebuild")
+    first, _ = cli_build(data_dir, ctx, "test-df-rebuild")
+    published = (store.path(first) / "meta.json").stat().st_mtime_ns
+    again, progress = cli_build(data_dir, ctx, "test-df-rebuild")
     assert again == first
     assert "layers from the cache" in progress and "CACHED" in progress and "flattening" not in progress
-    assert cached < 8, f"a cached rebuild took {cached:.1f}s"
+    assert (store.path(first) / "meta.json").stat().st_mtime_ns == published  # served, not rebuilt
     new_bytes = "second bytes\n"
     (ctx / "app" / "data.txt").write_text(new_bytes)
-    second, progress, _ = cli_build(data_dir, ctx, "test-df-rebuild")
+    second, progress = cli_build(data_dir, ctx, "test-df-rebuild")
     assert second != first
     run_step = '[5/11] RUN mkdir -p $APP_HOME && echo "built by $(whoami): $GREETING_TEXT" > $APP_HOME/built.txt'
     assert f"{run_step}: CACHED" in progress  # steps before the COPY come from the cache
@@ -111,14 +110,15 @@ def test_a_failed_step_is_named_with_its_output_and_nothing_is_published(data_di
     assert res.exit_code == 1
     assert "build failed at step 4" in res.stderr  # USER root, WORKDIR /, RUN echo ok, RUN ... ls
     assert marker in res.stderr and "No such file or directory" in res.stderr
-    assert set(store.list()) == before
+    # The store is shared with concurrent runs: only this template's builds are ours to check.
+    assert [b for b in set(store.list()) - before if store.get(b).meta.get("name") == "test-df-fail"] == []
     assert list((data_dir / "cache" / "layers" / ".tmp").glob("*")) == []
     assert _mounts_under(str(data_dir / "cache"), "/tmp/sandboxd-step-") == []
 
 
 def test_from_template_starts_from_its_build_and_its_runtime_config(data_dir: Path, store: TemplateStore,
                                                                    tmp_path: Path):
-    parent, _, _ = cli_build(data_dir, _context(tmp_path / "ctx"), "test-df-parent")
+    parent, _ = cli_build(data_dir, _context(tmp_path / "ctx"), "test-df-parent")
     builder = builder_for(data_dir, find_template=lambda ref: parent if ref == "test-df-parent" else None)
     spec = BuildSpec.from_json({"fromTemplate": "test-df-parent", "steps": [
         {"type": "RUN", "args": ["echo \"$GREETING_TEXT as $(whoami) in $(pwd)\" > /home/user/child.txt"]}]})
