@@ -139,10 +139,14 @@ def test_metadata_is_stored_with_the_file(sandbox: Sandbox) -> None:
     assert [e.metadata for e in sandbox.files.list("/home/user/d")] == [{"owner": "team-a", "stage": "raw"}]
     sandbox.files.rename("/home/user/d", "/home/user/e")  # a whole tree
     assert sandbox.files.get_info("/home/user/e/m.txt").metadata == {"owner": "team-a", "stage": "raw"}
-    inodes = sandbox.commands.run("cd /home/user/e && stat -c %i m.txt && rm m.txt && echo new > m.txt && "
-                                  "stat -c %i m.txt").stdout.split()
-    assert inodes[0] == inodes[1]  # ext4 handed the inode number on to the new file...
-    assert not sandbox.files.get_info("/home/user/e/m.txt").metadata  # ...but not the metadata
+    reused = 0
+    for _ in range(5):  # the replacement often gets the old inode number (not always: allocator's choice)
+        sandbox.files.write("/home/user/e/m.txt", "x", metadata={"k": "v"})
+        inodes = sandbox.commands.run("cd /home/user/e && stat -c %i m.txt && rm m.txt && echo new > m.txt && "
+                                      "stat -c %i m.txt").stdout.split()
+        reused += inodes[0] == inodes[1]
+        assert not sandbox.files.get_info("/home/user/e/m.txt").metadata  # same number or not: not inherited
+    print(f"replacements that got the old inode number: {reused}/5")
     sandbox.files.write("/home/user/e/m.txt", "x", metadata={"k": "v"})
     sandbox.files.remove("/home/user/e")
     sandbox.files.write("/home/user/e/m.txt", "x")
