@@ -182,6 +182,32 @@ def cache_gc(remove_builds: bool, min_age: float, dry_run: bool, data_dir: Path 
     click.echo(", ".join(f"{kind}: {verb} {len(names)}" for kind, names in report.removed.items()))
 
 
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--url", default=None, help="The server to reach (default: the configured host and port, where "
+                                          "a stopped server is only a warning).")
+@click.option("--quick", is_flag=True, help="Skip the slow checks (checksums, envd starting in each template).")
+@click.option("--all", "everything", is_flag=True, help="Verify every build and cached layer, not only those in use.")
+def doctor(data_dir: Path | None, url: str | None, quick: bool, everything: bool) -> None:
+    """Check the host and the data dir; each problem with the command that fixes it (exit 1 on one)."""
+    from sandboxd.doctor import Finding, Status, run_checks
+
+    marks = {Status.OK: click.style("ok  ", fg="green"), Status.WARN: click.style("warn", fg="yellow"),
+             Status.FAIL: click.style("FAIL", fg="red", bold=True)}
+
+    def show(f: Finding) -> None:
+        click.echo(f"[{marks[f.status]}] {f.check}: {f.detail}")
+        if f.fix:
+            click.echo(f"       fix: {f.fix}")
+
+    findings = run_checks(_settings(data_dir), url=url, quick=quick, everything=everything, progress=show)
+    failures = [f for f in findings if f.status is Status.FAIL]
+    warnings = [f for f in findings if f.status is Status.WARN]
+    click.echo(f"{len(findings)} checks: {len(failures)} failed, {len(warnings)} warnings")
+    if failures:
+        sys.exit(1)
+
+
 @main.group()
 def keys() -> None:
     """API keys (stored hashed)."""

@@ -1,0 +1,132 @@
+"""Checks of what runs and what was left behind: every running microVM was given its sandbox's
+copy-on-write export (never a template file: seed 004), and no namespaces, mounts, loop devices,
+runsc containers or sandbox dirs remain of sandboxes the database no longer has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from sandboxd.config import Settings
+from sandboxd.doctor.report import Finding
+from sandboxd.orchestrator.disk import loop_devices_of
+from sandboxd.store.db import SandboxRow
+
+VM_NAME = re.compile(r"^guest=sandboxd-(\S+)$")
+
+
+def qemu_processes() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, sandbox id, argv) of every sandboxd QEMU on the host, argv as the kernel has it."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+        if not argv or "qemu-system" not in os.path.basename(argv[0]):
+            continue
+        for flag, value in zip(argv, argv[1:]):
+            if flag == "-name" and (m := VM_NAME.match(value.split(",")[0])):
+                yield int(entry.name), m.group(1), argv
+
+
+def vm_disks(argv: list[str]) -> list[tuple[str, str]]:
+    """(kind, path) of every disk on a QEMU command line: ``nbd`` for an NBD unix socket,
+    ``file`` for an image file given directly (``-blockdev`` with a file driver, or ``-drive``)."""
+    disks = []
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "-blockdev":
+            try:
+                node = json.loads(value)
+            except ValueError:
+                node = {"file": {"driver": "file", "filename": value}}
+            inner = node.get("file") if isinstance(node.get("file"), dict) else node
+            if inner.get("driver") == "nbd":
+                disks.append(("nbd", str(inner.get("server", {}).get("path", ""))))
+            else:
+                disks.append(("file", str(inner.get("filename", value))))
+        elif flag in ("-drive", "-hda", "-hdb", "-cdrom"):
+            m = re.search(r"(?:^|,)file=([^,]+)", value)
+            disks.append(("file", m.group(1) if m else value))
+    return disks
+
+
+def _bad_disk(kind: str, path: str, forbidden: list[Path]) -> str | None:
+    real = Path(path).resolve()
+    if any(real == root or root in real.parents for root in forbidden):
+        return f"{path} is template storage"
+    if kind != "nbd":
+        return f"{path} is an image file, not the sandbox's copy-on-write export"
+    try:
+        if not stat.S_ISSOCK(os.stat(real).st_mode):
+            return f"{path} is not a socket"
+    except OSError:
+        return f"{path} does not exist"
+    return None
+
+
+def check_vm_disks(settings: Settings) -> Finding:
+    forbidden = [settings.templates_dir.resolve(), (settings.data_dir / "cache").resolve()]
+    vms = problems = 0
+    details = []
+    for pid, sandbox_id, argv in qemu_processes():
+        vms += 1
+        disks = vm_disks(argv)
+        why = [w for kind, path in disks if (w := _bad_disk(kind, path, forbidden))] or \
+              ([] if disks else ["it has no disk"])
+        if why:
+            problems += 1
+            details.append(f"VM of {sandbox_id} (pid {pid}): " + "; ".join(why))
+    if problems:
+        return Finding.fail("VM disks", " / ".join(details),
+                            "kill those VMs (kill PID) and their sandboxes; a VM writing a template corrupts "
+                            "every sandbox made from it: then `sandboxd cache verify`")
+    return Finding.ok("VM disks", f"{vms} running microVMs, each on its own copy-on-write export")
+
+
+def _netns() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _mounts_under(path: Path) -> list[str]:
+    real = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        return [m for m in (line.split()[4] for line in f) if m.startswith(real + "/")]
+
+
+def _runsc_containers(settings: Settings) -> list[str]:
+    if not settings.runsc_root.is_dir():
+        return []
+    out = subprocess.run(["runsc", "--root", str(settings.runsc_root), "list", "-quiet"],
+                         capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def check_leftovers(settings: Settings, sandboxes: list[SandboxRow]) -> Finding:
+    """Host state of this data dir's server that no sandbox in its database owns."""
+    ids = {row.sandbox_id for row in sandboxes}
+    slots = {str(row.slot_index) for row in sandboxes}
+    fixes: list[str] = []
+    pattern = re.compile(rf"^{re.escape(settings.net_prefix)}-(\d+)(-g)?$")
+    fixes += [f"ip netns del {ns}" for ns in _netns() if (m := pattern.match(ns)) and m.group(1) not in slots]
+    sdir = settings.sandboxes_dir
+    stray = [p for p in sorted(sdir.iterdir()) if p.name not in ids] if sdir.is_dir() else []
+    for d in stray:
+        fixes += [f"umount -l {m}" for m in sorted(_mounts_under(d), reverse=True)]
+        fixes += [f"losetup -d {dev}" for dev in loop_devices_of(d)]
+    fixes += [f"runsc --root {settings.runsc_root} delete -force {c}" for c in _runsc_containers(settings)
+              if c not in ids]
+    fixes += [f"rm -rf {d}" for d in stray]
+    if fixes:
+        return Finding.fail("leftovers", f"{len(fixes)} leftovers of sandboxes the database no longer has "
+                                         "(stop the server first if it is running)", "; ".join(fixes))
+    return Finding.ok("leftovers", f"no namespaces, mounts, loop devices or containers beyond the "
+                                   f"{len(sandboxes)} sandboxes in the database")
