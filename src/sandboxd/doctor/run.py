@@ -29,7 +29,7 @@ def check_server(url: str, required: bool) -> Finding:
 
 def run_checks(settings: Settings, *, url: str | None = None, quick: bool = False, everything: bool = False,
                progress: ProgressFn = lambda _: None) -> list[Finding]:
-    """All checks. ``quick`` skips the slow ones (runtime probes' boot of envd, checksums);
+    """All checks. ``quick`` skips the slow ones (checksums, envd starting in each template);
     ``everything`` verifies every build and layer, not only those in use. ``url``: the server to
     reach (required then); by default the configured host and port, where a stopped server is
     only a warning."""
@@ -56,7 +56,7 @@ def run_checks(settings: Settings, *, url: str | None = None, quick: bool = Fals
     db = Database(settings.db_url)
     rows = db.list_sandboxes()
     add(data.check_free_space(settings, rows))
-    add(data.check_base_template(settings, db, None if quick else expected_base_build()))
+    add(data.check_base_template(settings, db, expected_base_build()))
     in_use = data.builds_in_use(db)
     if not quick:
         add(*data.check_checksums(settings, in_use, everything))
