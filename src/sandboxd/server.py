@@ -20,6 +20,7 @@ from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
 from sandboxd.api.templates import router as templates_router
 from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.config import Settings
+from sandboxd.observability.endpoint import router as metrics_router
 from sandboxd.orchestrator.network import SlotPool
 from sandboxd.orchestrator.sandboxes import Orchestrator
 from sandboxd.proxy.asgi import SandboxProxy
@@ -87,6 +88,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.include_router(sandboxes_router)
     api.include_router(logs_router)
     api.include_router(templates_router)
+    api.include_router(metrics_router)
 
     @api.get("/health")
     def health() -> dict[str, str]:

@@ -34,6 +34,7 @@ from sandboxd.orchestrator.envd_client import (
     sync_guest,
     wait_healthy,
 )
+from sandboxd.observability import events
 from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
 from sandboxd.orchestrator.backends import Backend, Backends
@@ -157,6 +158,10 @@ class Orchestrator:
 
     def create(self, req: CreateRequest) -> SandboxRow:
         """Start a sandbox and return its record once envd answered; retry a failed start."""
+        with events.observe_create(split_name(req.template)[0]):
+            return self._create(req)
+
+    def _create(self, req: CreateRequest) -> SandboxRow:
         template = self.db.find_template(split_name(req.template)[0])
         build_id = TemplateBuilds(self.db).resolve(req.template)
         if template is None or build_id is None:
@@ -291,7 +296,7 @@ class Orchestrator:
         with self._locks_guard:
             return self._locks.setdefault(sandbox_id, threading.Lock())
 
-    def kill(self, sandbox_id: str, wait: bool = False) -> bool:
+    def kill(self, sandbox_id: str, wait: bool = False, reason: str = "api") -> bool:
         """Make the sandbox unreachable and forget it at once; False if it does not exist.
 
         Tearing it down takes ~1.5 s (a ptrace'd gVisor sandbox is slow to die), so that runs in
@@ -308,6 +313,7 @@ class Orchestrator:
             self._locks.pop(sandbox_id, None)
         future = self._teardowns.submit(self._teardown, sandbox_id, row.slot_index, row.runtime)
         log.info("sandbox %s killed", sandbox_id)
+        events.KILLS.labels(reason).inc()
         self.logs.event(sandbox_id, "Sandbox killed")
         if wait:
             future.result()
@@ -374,6 +380,7 @@ class Orchestrator:
                                    envd_unresponsive_at_pause=not responsive)
         log.info("sandbox %s paused (%s)%s", sandbox_id, "memory and disk" if memory else "disk only",
                  "" if responsive else ": its envd did not answer, so it resumes only by booting again")
+        events.PAUSES.labels("memory" if memory else "filesystem").inc()
         self.logs.event(sandbox_id, f"Sandbox paused ({'memory and filesystem' if memory else 'filesystem only'})")
         return True
 
@@ -406,6 +413,7 @@ class Orchestrator:
             assert row is not None
             self._route(row)
         log.info("sandbox %s resumed", sandbox_id)
+        events.RESUMES.inc()
         self.logs.event(sandbox_id, "Sandbox resumed")
         return row
 
@@ -460,7 +468,7 @@ class Orchestrator:
                 except SandboxError as exc:
                     log.warning("autoPause of %s failed (%s): killing it", row.sandbox_id, exc.message)
             log.info("sandbox %s timed out", row.sandbox_id)
-            self.kill(row.sandbox_id)
+            self.kill(row.sandbox_id, reason="timeout")
         return [r.sandbox_id for r in expired]
 
     # -- recovery ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import logging
 import threading
 from datetime import datetime, timezone
 
+from sandboxd.observability import events
 from sandboxd.store.templates_db import ACTIVE, TemplateBuildRow, TemplateBuilds
 from sandboxd.templates.builder import StepFailed, TemplateBuilder
 from sandboxd.templates.spec import BuildSpec
@@ -59,6 +60,7 @@ class BuildJobs:
                 self.builds.set_status(build_id, "building")
                 result = self.builder.build(spec, lambda lvl, msg, step: self.builds.add_log(build_id, lvl, msg, step))
             self.builds.publish(build_id, result.build.build_id, self.runtime)
+            events.TEMPLATE_BUILDS.labels("ready").inc()
         except StepFailed as exc:
             self._fail(build_id, str(exc), exc.step)
         except Exception as exc:  # noqa: BLE001 - a build must end as error, whatever happened
@@ -69,6 +71,7 @@ class BuildJobs:
                 self._active.discard(build_id)
 
     def _fail(self, build_id: str, message: str, step: str | None) -> None:
+        events.TEMPLATE_BUILDS.labels("error").inc()
         self.builds.add_log(build_id, "error", message, step)
         self.builds.set_status(build_id, "error", reason=message, step=step)
 
