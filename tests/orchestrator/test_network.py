@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sandboxd.orchestrator.egress import OPEN_EGRESS
 from sandboxd.orchestrator.network import GATEWAY_ADDRESS, GUEST_ADDRESS, NetworkError, NetworkSlot, SlotPool
 
 
@@ -137,16 +138,14 @@ def test_host_reaches_only_its_guest_and_guests_reach_nothing(slot_pool: SlotPoo
 
 
 def test_the_guard_is_what_keeps_the_guest_from_host_and_gateway(slot_pool: SlotPool, tmp_path: Path) -> None:
-    """Without egress NAT most guest → host packets die of routing alone; add the NAT a later
-    egress policy will add, and check that the guard (not luck) blocks them, by removing it."""
-    slot = slot_pool.acquire()
-    _nft(slot.netns, 'table ip test_egress { chain post { type nat hook postrouting priority srcnat; '
-                     'oifname "eth-h" masquerade; }; }')
+    """The guard (not the egress rules, not luck) blocks them: with it and the egress rules
+    removed, the same probes connect."""
+    slot = slot_pool.acquire(OPEN_EGRESS)
     with http_server(slot.netns, "0.0.0.0", 8081, tmp_path / "slot.log"), \
             host_listener(slot.host_side_address) as port:
         probes = [(slot.guest_netns, slot.host_side_address, port), (slot.guest_netns, GATEWAY_ADDRESS, 8081)]
         assert [can_connect(*p) for p in probes] == [False, False]
-        _nft(slot.netns, "delete table inet sbx_guard")
+        _nft(slot.netns, "delete table inet sbx_guard; delete table ip sbx_egress")
         assert [can_connect(*p) for p in probes] == [True, True]
 
 

@@ -21,11 +21,13 @@ class ApiError(Exception):
     """Raise anywhere in a route to answer ``status`` with ``message`` (and E2B's machine-readable
     ``error_code`` where it has one)."""
 
-    def __init__(self, status: int, message: str, error_code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, error_code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_code = error_code
+        self.headers = headers
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None,
@@ -47,7 +49,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, error_code=exc.error_code)
+        return error_response(exc.status, exc.message, exc.headers, error_code=exc.error_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import re
+import threading
 from datetime import datetime, timezone
 from typing import Annotated
 from urllib.parse import parse_qsl, unquote
@@ -15,10 +18,11 @@ from urllib.parse import parse_qsl, unquote
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from sandboxd.api.auth import require_api_key
+from sandboxd.api.auth import api_key_of, require_api_key
 from sandboxd.api.errors import ApiError
 from sandboxd.api.models import (
     ConnectBody,
+    NetworkUpdate,
     NewSandbox,
     PauseBody,
     TimeoutBody,
@@ -26,8 +30,10 @@ from sandboxd.api.models import (
     iso,
     listed_json,
     sandbox_json,
+    unsupported_options,
 )
 from sandboxd.config import Settings
+from sandboxd.orchestrator.egress import EgressPolicy, PolicyError
 from sandboxd.orchestrator.envd_client import EnvdNotReady, fetch_metrics
 from sandboxd.orchestrator.sandboxes import CreateRequest, Orchestrator, SandboxError
 from sandboxd.store.db import SandboxRow
@@ -35,6 +41,10 @@ from sandboxd.store.db import SandboxRow
 router = APIRouter(dependencies=[Depends(require_api_key)])
 VISIBLE_STATES = ("running", "paused")  # "starting" sandboxes are not handed out yet
 MAX_PAGE = 100
+#: what the SDK allows in an ``Idempotency-Key`` (e2b.retry.resolve_idempotency_key)
+_IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")
+_idempotency_locks: dict[str, threading.Lock] = {}
+_idempotency_guard = threading.Lock()
 
 
 def _orchestrator(request: Request) -> Orchestrator:
@@ -59,21 +69,103 @@ def create_sandbox(body: NewSandbox, request: Request) -> JSONResponse:
 
 def create(body: NewSandbox, request: Request, secure: bool = True,
            default_timeout_s: int | None = None) -> JSONResponse:
-    """Create (v2; v1 adds its ``secure`` flag and default timeout): 201 with the Sandbox."""
+    """Create (v2; v1 adds its ``secure`` flag and default timeout): 201 with the Sandbox.
+
+    With an ``Idempotency-Key`` a retried create (same API key, same key) answers the sandbox the
+    first one made, also while that one is still starting (the retry waits for it)."""
     settings = _settings(request)
-    timeout = body.timeout if body.timeout is not None else (default_timeout_s or settings.default_timeout_s)
+    req = _create_request(body, request, secure, default_timeout_s or settings.default_timeout_s)
+    orch = _orchestrator(request)
+    if req.idempotency_key is None:
+        return JSONResponse(sandbox_json(_create(orch, req), settings.domain), status_code=201)
+    with _idempotency_guard:
+        lock = _idempotency_locks.setdefault(req.idempotency_key, threading.Lock())
+    with lock:
+        row = orch.db.find_sandbox_by_idempotency_key(req.idempotency_key)
+        if row is None or row.state not in VISIBLE_STATES:
+            row = _create(orch, req)
+    return JSONResponse(sandbox_json(row, settings.domain), status_code=201)
+
+
+def _create(orch: Orchestrator, req: CreateRequest) -> SandboxRow:
+    """A failed start was already retried by the orchestrator: the SDK is told not to again."""
+    try:
+        return orch.create(req)
+    except SandboxError as exc:
+        raise ApiError(exc.status, exc.message, exc.error_code,
+                       {"Should-Retry": "false"} if exc.status >= 500 else None) from exc
+
+
+def _create_request(body: NewSandbox, request: Request, secure: bool, default_timeout_s: int) -> CreateRequest:
+    """Every option of the body, checked: a 400 naming a bad one, a 501 naming one sandboxd
+    cannot honour yet, never an option dropped."""
+    settings = _settings(request)
+    timeout = body.timeout if body.timeout is not None else default_timeout_s
     if timeout > settings.max_timeout_s:
         raise ApiError(400, f"timeout {timeout}s exceeds the maximum of {settings.max_timeout_s}s")
-    req = CreateRequest(template=body.templateID, timeout_s=timeout, metadata=body.metadata or {},
-                        env_vars=body.envVars or {},
-                        allow_internet_access=body.allow_internet_access is not False,
-                        auto_pause=bool(body.autoPause), auto_pause_memory=body.autoPauseMemory is not False,
-                        secure=secure)
+    if (unsupported := unsupported_options(body)) is not None:
+        raise ApiError(501, f"sandboxd does not support {unsupported}")
+    net = body.network
+    allow_internet = body.allow_internet_access is not False
+    egress = None
+    if net is not None and (net.allowOut is not None or net.denyOut is not None or net.dnsServers is not None):
+        egress = _policy(allow_internet, net.allowOut, net.denyOut, net.dnsServers, "network")
+    https_ports = tuple(net.httpsPorts or ()) if net else ()
+    for i, port in enumerate(https_ports):
+        if not 0 < port < 65536:
+            raise ApiError(400, f"network.httpsPorts[{i}]: {port} is not a TCP port")
+    if net and net.maskRequestHost is not None and not _MASK_HOST.fullmatch(net.maskRequestHost):
+        raise ApiError(400, "network.maskRequestHost: a host name, optionally with ':port', where '${PORT}' "
+                            "stands for the sandbox port")
+    return CreateRequest(template=body.templateID, timeout_s=timeout, metadata=body.metadata or {},
+                         env_vars=body.envVars or {}, allow_internet_access=allow_internet, egress=egress,
+                         auto_pause=bool(body.autoPause), auto_pause_memory=body.autoPauseMemory is not False,
+                         auto_resume=bool(body.autoResume and body.autoResume.enabled), secure=secure,
+                         allow_public_traffic=not (net and net.allowPublicTraffic is False),
+                         mask_request_host=net.maskRequestHost if net else None, https_ports=https_ports,
+                         idempotency_key=_idempotency_key(request))
+
+
+_MASK_HOST = re.compile(r"[A-Za-z0-9.${}_-]{1,253}(:[0-9${}A-Z]{1,12})?")
+
+
+def _policy(allow_internet: bool, allow_out: list[str] | None, deny_out: list[str] | None,
+            dns_servers: list[str] | None, prefix: str) -> EgressPolicy:
     try:
-        row = _orchestrator(request).create(req)
+        policy = EgressPolicy.parse(allow_internet, allow_out, deny_out, dns_servers, prefix)
+    except PolicyError as exc:
+        raise ApiError(400, str(exc)) from exc
+    if policy.allow_domains:
+        raise ApiError(501, f"sandboxd does not support {prefix + '.' if prefix else ''}allowOut: domain names "
+                            f"({policy.allow_domains[0]}) are not enforced yet; use addresses or CIDR blocks")
+    return policy
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """``<API key hash>:<Idempotency-Key>``: keys of different API keys never meet."""
+    raw = request.headers.get("idempotency-key")
+    if raw is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(raw):
+        raise ApiError(400, "Idempotency-Key: 1-255 lowercase letters, digits and hyphens")
+    owner = hashlib.sha256((api_key_of(request) or "").encode()).hexdigest()[:16]
+    return f"{owner}:{raw}"
+
+
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204)
+def update_network(sandbox_id: str, body: NetworkUpdate, request: Request) -> Response:
+    """Replace a sandbox's egress rules at once (E2B: omitted fields are cleared, so ``{}`` opens
+    it to every public address again)."""
+    if (unsupported := unsupported_options(body)) is not None:
+        raise ApiError(501, f"sandboxd does not support {unsupported}")
+    policy = _policy(body.allow_internet_access is not False, body.allowOut, body.denyOut, body.dnsServers, "")
+    try:
+        row = _orchestrator(request).update_network(sandbox_id, policy)
     except SandboxError as exc:
         raise ApiError(exc.status, exc.message) from exc
-    return JSONResponse(sandbox_json(row, settings.domain), status_code=201)
+    if row is None:
+        raise ApiError(404, f"sandbox '{sandbox_id}' not found")
+    return Response(status_code=204)
 
 
 @router.get("/v2/sandboxes")

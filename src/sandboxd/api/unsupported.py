@@ -18,7 +18,6 @@ from sandboxd.api.errors import ApiError
 UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
     ("GET", "/default-templates", "the list of E2B's public templates"),
     ("POST", "/sandboxes/{sandbox_id}/fork", "forking a sandbox"),
-    ("PUT", "/sandboxes/{sandbox_id}/network", "changing a running sandbox's network rules"),
     ("POST", "/sandboxes/{sandbox_id}/snapshots", "snapshots"),
     ("GET", "/snapshots", "snapshots"),
     ("GET", "/secrets", "secrets"),

@@ -8,8 +8,9 @@ Slot N of prefix P::
 
 Why two namespaces: every guest has the same address (169.254.0.21), so snapshots and templates
 never embed a per-sandbox IP; the slot namespace gives each guest a unique, host-routable
-address (its ``host_address``) and DNATs it to the guest. Its forward chain lets only the host's
-connections in: nothing the guest starts leaves the slot (egress is a later, explicit policy).
+address (its ``host_address``) and DNATs it to the guest. Its guard lets the host's connections
+in and the guest's out to public addresses only; which of those it may reach is the sandbox's
+egress policy (:func:`egress_nft`, names through the egress proxy, ``orchestrator/egress*.py``).
 
 Why the guest address is put back only between runs: the runtime (gVisor's netstack) owns eth0
 through a packet socket and answers for 169.254.0.21 itself; runsc reads the address from eth0 at
@@ -29,6 +30,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from sandboxd.orchestrator.egress import NO_EGRESS, EgressPolicy
 
 GUEST_ADDRESS = "169.254.0.21"
 GATEWAY_ADDRESS = "169.254.0.22"
@@ -67,39 +70,75 @@ DENIED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169
                  "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
 
 
-def _slot_nft(slot: NetworkSlot, allow_internet: bool) -> str:
-    """DNAT host → guest; forward the host's connections to the guest (and their replies) and,
-    with internet access, the guest's connections to public addresses only, masqueraded behind
-    the slot address; the slot namespace itself accepts nothing new (not even from the guest)."""
+#: Where the egress proxy listens in each slot namespace (on the gateway address): connections the
+#: rules send there are let through only if their TLS SNI or HTTP Host is a name ``allow_out`` names.
+EGRESS_PROXY_PORT = 15001
+
+
+def _slot_nft(slot: NetworkSlot) -> str:
+    """DNAT host → guest; forward the host's connections to the guest (and their replies), and
+    the guest's own connections to public addresses only, masqueraded behind the slot address
+    (what else they may reach is :func:`egress_nft`'s table); the slot namespace itself accepts
+    nothing new from the guest but what the egress rules redirect to the egress proxy."""
     denied = ", ".join(DENIED_RANGES)
-    egress_nat = (f'  chain egress {{ type nat hook postrouting priority srcnat; oifname "eth-h" '
-                  f'ip saddr {GUEST_ADDRESS} masquerade; }}\n') if allow_internet else ""
-    egress_forward = (f'    iifname "gl" oifname "eth-h" ip saddr {GUEST_ADDRESS} ip daddr != {{ {denied} }} accept;\n'
-                      if allow_internet else "")
     return f"""
 table ip sbx {{
   chain dnat_to_guest {{ type nat hook prerouting priority dstnat; iifname "eth-h" ip daddr {slot.host_address} dnat to {GUEST_ADDRESS}; }}
-{egress_nat}}}
+  chain egress {{ type nat hook postrouting priority srcnat; oifname "eth-h" ip saddr {GUEST_ADDRESS} masquerade; }}
+}}
 table inet sbx_guard {{
   chain forward {{ type filter hook forward priority filter; policy drop;
-    ct state established,related accept;
-    iifname "eth-h" oifname "gl" ip daddr {GUEST_ADDRESS} accept;
-{egress_forward}  }}
+    iifname "eth-h" oifname "gl" ct state established,related accept;
+    iifname "eth-h" oifname "gl" ip daddr {GUEST_ADDRESS} ct direction original accept;
+    iifname "gl" oifname "eth-h" ct direction reply accept;
+    iifname "gl" oifname "eth-h" ip saddr {GUEST_ADDRESS} ip daddr != {{ {denied} }} accept;
+  }}
   chain input {{ type filter hook input priority filter; policy drop;
-    ct state established,related accept; iifname "lo" accept; }}
+    ct state established,related accept; iifname "lo" accept;
+    iifname "gl" ip daddr {GATEWAY_ADDRESS} tcp dport {EGRESS_PROXY_PORT} ct status dnat accept; }}
 }}
 """
+
+
+def _set(name: str, cidrs: tuple[str, ...]) -> str:
+    elements = f" elements = {{ {', '.join(cidrs)} }};" if cidrs else ""
+    return f"  set {name} {{ type ipv4_addr; flags interval; auto-merge;{elements} }}\n"
+
+
+def egress_nft(policy: EgressPolicy) -> str:
+    """The slot's ``sbx_egress`` table, replaced whole (one nft transaction) at each change, so
+    a running sandbox's rules change at once. Judged on every packet the guest sends, not only
+    on new connections: a connection the new rules deny stops, it is not grandfathered. With
+    names allowed, new TCP connections the addresses alone would deny go to the egress proxy."""
+    denied = 'iifname "gl" ct direction original ip daddr @deny'
+    redirect = ""
+    if policy.allow_domains:
+        private = ", ".join(DENIED_RANGES)
+        redirect = (f"  chain by_name {{ type nat hook prerouting priority dstnat; iifname \"gl\" meta l4proto tcp "
+                    f"ip daddr != {{ {private} }} ip daddr != @allow ip daddr @deny "
+                    f"redirect to :{EGRESS_PROXY_PORT}; }}\n")
+    return ("table ip sbx_egress {}\ndelete table ip sbx_egress\ntable ip sbx_egress {\n"
+            + _set("allow", policy.effective_allow) + _set("deny", policy.deny_cidrs)
+            + "  chain forward { type filter hook forward priority filter + 1; policy accept;\n"
+            + "    iifname \"gl\" ct direction original ip daddr @allow accept;\n"
+            + f"    {denied} meta l4proto tcp reject with tcp reset;\n"
+            + f"    {denied} reject with icmp type admin-prohibited; }}\n"
+            + redirect + "}\n")
 
 
 def host_nft(prefix: str, base_cidr: str) -> str:
     """The host's part of egress, one table per server: slots' traffic (already masqueraded to
     their slot address) is masqueraded again on the way out, and never forwarded to private or
-    local ranges (defence in depth: the slot namespace already drops those)."""
+    local ranges (defence in depth: the slot namespace already drops those); nothing from a slot
+    reaches the host's own services, whatever address of the host it dials (replies to the
+    host's connections to its guests excepted)."""
     denied = ", ".join(DENIED_RANGES)
     return f"""
 table ip sandboxd_{prefix} {{
   chain forward {{ type filter hook forward priority filter; policy accept;
     iifname "{prefix}-*" ip daddr {{ {denied} }} drop; }}
+  chain input {{ type filter hook input priority filter; policy accept;
+    iifname "{prefix}-*" ct state established,related accept; iifname "{prefix}-*" drop; }}
   chain postrouting {{ type nat hook postrouting priority srcnat;
     ip saddr {base_cidr} oifname != "{prefix}-*" masquerade; }}
 }}
@@ -140,26 +179,26 @@ class SlotPool:
                            host_address=str(block + 2), host_side_address=str(block + 1),
                            host_veth=f"{self.prefix}-{index}-h")
 
-    def acquire(self, allow_internet: bool = False) -> NetworkSlot:
+    def acquire(self, policy: EgressPolicy = NO_EGRESS) -> NetworkSlot:
         """Create the lowest free slot; on failure remove exactly what this call made and raise
         :class:`NetworkError` (never anything another process made under the same names, e.g. a
         leftover host veth, which :meth:`cleanup_stale` removes)."""
-        return self._build(self.slot(self._reserve()), allow_internet)
+        return self._build(self.slot(self._reserve()), policy)
 
-    def recreate(self, index: int, allow_internet: bool = False) -> NetworkSlot:
+    def recreate(self, index: int, policy: EgressPolicy = NO_EGRESS) -> NetworkSlot:
         """Make slot ``index`` again (a paused sandbox keeps its index, but not its namespaces
         across a reboot of the host); a slot that exists is left as it is."""
         with self._lock:
             self._reserved.add(index)
         if index in self.existing():
             return self.slot(index)
-        return self._build(self.slot(index), allow_internet)
+        return self._build(self.slot(index), policy)
 
-    def _build(self, slot: NetworkSlot, allow_internet: bool) -> NetworkSlot:
+    def _build(self, slot: NetworkSlot, policy: EgressPolicy) -> NetworkSlot:
         """Create a reserved slot, or undo what was made of it and give the reservation up."""
         try:
             with contextlib.ExitStack() as undo:
-                self._create(slot, undo.callback, allow_internet)
+                self._create(slot, undo.callback, policy)
                 undo.pop_all()
         except BaseException:
             with self._lock:
@@ -174,6 +213,10 @@ class SlotPool:
             _delete_netns(ns)
         with self._lock:
             self._reserved.discard(slot.index)
+
+    def set_egress(self, slot: NetworkSlot, policy: EgressPolicy) -> None:
+        """Replace the slot's egress rules in one transaction (a running sandbox's too)."""
+        _run("ip", "netns", "exec", slot.netns, "nft", "-f", "-", stdin=egress_nft(policy))
 
     def restore_guest_address(self, slot: NetworkSlot) -> None:
         """Put 169.254.0.21/30 and the default route back on the guest's eth0 (idempotent).
@@ -220,7 +263,7 @@ class SlotPool:
         names = os.listdir(SYS_NET) if SYS_NET.is_dir() else []
         return [int(m[1]) for n in names if (m := pattern.match(n))]
 
-    def _create(self, s: NetworkSlot, on_undo: Callable[..., object], allow_internet: bool) -> None:
+    def _create(self, s: NetworkSlot, on_undo: Callable[..., object], policy: EgressPolicy) -> None:
         """Build the slot; register the undo of each step right after it succeeded, so a failure
         (e.g. a name clash with an interface someone else made) removes only what this call made."""
         for ns in (s.netns, s.guest_netns):
@@ -239,7 +282,7 @@ class SlotPool:
             f"link set lo up\naddr add {GUEST_ADDRESS}/30 dev eth0\nlink set eth0 up\n"
             f"route add default via {GATEWAY_ADDRESS}\n"))
         _run("ip", "netns", "exec", s.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _run("ip", "netns", "exec", s.netns, "nft", "-f", "-", stdin=_slot_nft(s, allow_internet))
+        _run("ip", "netns", "exec", s.netns, "nft", "-f", "-", stdin=_slot_nft(s) + egress_nft(policy))
 
 
 def _delete_netns(name: str) -> None:

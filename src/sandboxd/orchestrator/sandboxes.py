@@ -35,6 +35,7 @@ from sandboxd.orchestrator.envd_client import (
     wait_healthy,
 )
 from sandboxd.observability import events
+from sandboxd.orchestrator.egress import NO_EGRESS, OPEN_EGRESS, EgressPolicy
 from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
 from sandboxd.orchestrator.backends import Backend, Backends
@@ -76,9 +77,21 @@ class CreateRequest:
     metadata: dict[str, str] = field(default_factory=dict)
     env_vars: dict[str, str] = field(default_factory=dict)
     allow_internet_access: bool = True
+    egress: EgressPolicy | None = None  # None: open, or none at all without internet access
     auto_pause: bool = False
     auto_pause_memory: bool = True
+    auto_resume: bool = False
     secure: bool = True  # E2B's v1 ``secure: false``: envd without an access token
+    allow_public_traffic: bool = True  # False: the proxy demands the traffic access token
+    mask_request_host: str | None = None
+    https_ports: tuple[int, ...] = ()
+    idempotency_key: str | None = None
+
+    @property
+    def egress_policy(self) -> EgressPolicy:
+        if self.egress is not None:
+            return self.egress
+        return OPEN_EGRESS if self.allow_internet_access else NO_EGRESS
 
 
 @dataclass(frozen=True)
@@ -127,7 +140,8 @@ class Orchestrator:
     def _route(self, row: SandboxRow) -> None:
         """Make a sandbox reachable (again): a new boot number, so no pooled connection to an
         earlier run of it is reused."""
-        self._routes[row.sandbox_id] = Upstream(row.host_address, next(self._boots))
+        self._routes[row.sandbox_id] = Upstream(row.host_address, next(self._boots), row.traffic_access_token,
+                                                row.mask_request_host, frozenset(row.https_ports or ()))
         if row.envd_access_token:
             self._tokens[row.sandbox_id] = row.envd_access_token
 
@@ -203,7 +217,7 @@ class Orchestrator:
         with contextlib.ExitStack() as undo:
             sdir.mkdir(parents=True)
             undo.callback(remove_tree, sdir)
-            slot = self._step("network", lambda: self.slots.acquire(req.allow_internet_access))
+            slot = self._step("network", lambda: self.slots.acquire(req.egress_policy))
             undo.callback(self.slots.release, slot)
             now = utcnow()
             self.db.add_sandbox(
@@ -212,8 +226,12 @@ class Orchestrator:
                 host_address=slot.host_address, envd_access_token=token, envd_version=ENVD_VERSION,
                 metadata_=req.metadata, env_vars=req.env_vars, cpu_count=res.cpu_count,
                 memory_mb=res.memory_mb, disk_size_mb=res.disk_mb,
-                allow_internet_access=req.allow_internet_access, auto_pause=req.auto_pause,
-                auto_pause_memory=req.auto_pause_memory, started_at=now, end_at=now + timedelta(seconds=req.timeout_s))
+                allow_internet_access=not req.egress_policy.denies_all, auto_pause=req.auto_pause,
+                auto_pause_memory=req.auto_pause_memory, started_at=now, end_at=now + timedelta(seconds=req.timeout_s),
+                egress=req.egress.to_json() if req.egress is not None else None,
+                traffic_access_token=None if req.allow_public_traffic else secrets.token_hex(24),
+                mask_request_host=req.mask_request_host, https_ports=list(req.https_ports) or None,
+                auto_resume=req.auto_resume, idempotency_key=req.idempotency_key)
             undo.callback(self.db.delete_sandbox, sandbox_id)
             row = self.db.get_sandbox(sandbox_id)
             assert row is not None
@@ -437,6 +455,22 @@ class Orchestrator:
             raise SandboxError(exc.status, f"{exc.message}\nThe sandbox stays paused with its files (its memory "
                                            "was dropped): connect again to boot it.") from exc
 
+    def update_network(self, sandbox_id: str, policy: EgressPolicy) -> SandboxRow | None:
+        """Replace a running or paused sandbox's egress rules at once (its slot's rules, and the
+        names its egress proxy lets through); None if there is no such sandbox."""
+        with self._lock(sandbox_id):
+            row = self.db.get_sandbox(sandbox_id)
+            if row is None or row.state not in ("running", "paused"):
+                return None
+            try:
+                self.slots.set_egress(self.slots.slot(row.slot_index), policy)
+            except NetworkError as exc:
+                raise SandboxError(500, f"the network rules could not be changed: {exc}") from exc
+            row = self.db.update_sandbox(sandbox_id, egress=policy.to_json(),
+                                         allow_internet_access=not policy.denies_all)
+        self.logs.event(sandbox_id, "Sandbox network rules updated")
+        return row
+
     def set_timeout(self, sandbox_id: str, timeout_s: int) -> bool:
         """The sandbox now ends ``timeout_s`` from now (shorter or longer than before)."""
         end = utcnow() + timedelta(seconds=timeout_s)
@@ -484,7 +518,7 @@ class Orchestrator:
             return False
         if row.slot_index not in slots_present:
             try:
-                self.slots.recreate(row.slot_index, row.allow_internet_access)
+                self.slots.recreate(row.slot_index, egress_of(row))
             except NetworkError as exc:
                 log.warning("paused sandbox %s: its network slot cannot be made again: %s", row.sandbox_id, exc)
                 return False
@@ -497,6 +531,17 @@ class Orchestrator:
             self.db.update_sandbox(row.sandbox_id, paused_memory=False)
         backend.runtime.stop(row.sandbox_id)
         backend.release_rootfs(sdir)
+        return True
+
+    def _reapply_egress(self, row: SandboxRow) -> bool:
+        """A reattached sandbox's egress rules again (this server's egress proxy is new, and the
+        slot may hold rules an earlier version of sandboxd wrote); False, and the sandbox is not
+        kept, if they cannot be: it would run with rules other than its own."""
+        try:
+            self.slots.set_egress(self.slots.slot(row.slot_index), egress_of(row))
+        except NetworkError as exc:
+            log.warning("sandbox %s: its egress rules cannot be applied again (%s): removing it", row.sandbox_id, exc)
+            return False
         return True
 
     def recover(self) -> RecoveryReport:
@@ -517,7 +562,8 @@ class Orchestrator:
             else:
                 kept = (row.state == "running" and states[backend.name].get(row.sandbox_id) == "running"
                         and row.slot_index in slots_present
-                        and backend.reattach_rootfs(row.build_id, self.sandbox_dir(row.sandbox_id)))
+                        and backend.reattach_rootfs(row.build_id, self.sandbox_dir(row.sandbox_id))
+                        and self._reapply_egress(row))
                 if kept:
                     self._route(row)
             if kept:
@@ -543,6 +589,11 @@ class Orchestrator:
         report = RecoveryReport(reattached, removed, stale_containers, stale_slots, stale_dirs)
         log.info("recovery: %s", report)
         return report
+
+
+def egress_of(row: SandboxRow) -> EgressPolicy:
+    """The egress rules a sandbox was created with (or last updated to)."""
+    return EgressPolicy.from_json(row.egress, row.allow_internet_access)
 
 
 def _aware(dt: datetime) -> datetime:

@@ -13,6 +13,7 @@ which is what envd's protocol wants).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -42,6 +43,12 @@ class Upstream:
 
     address: str
     boot: int = 0
+    #: ``allowPublicTraffic: false``: every request must carry it (``e2b-traffic-access-token``)
+    traffic_token: str | None = None
+    #: ``maskRequestHost``: the Host the sandbox's servers see (``${PORT}`` is the port)
+    mask_host: str | None = None
+    #: ``httpsPorts``: ports whose server speaks TLS itself (the proxy re-encrypts, unverified)
+    https_ports: frozenset[int] = frozenset()
 
 
 Resolver = Callable[[str], Upstream | None]
@@ -55,6 +62,31 @@ _INTERNAL_ENVD_PATHS = {"/init"}
 #: control plane: SDK 2.1-2.2x send ``E2b-Sandbox-Id``/``-Port`` on ``POST /sandboxes/{id}/connect``.
 _ENVD_PATHS = {"/health", "/files", "/init", "/envs", "/metrics"}
 _ENVD_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
+#: E2B's header for a sandbox created with ``allowPublicTraffic: false``
+TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
+
+
+def traffic_denied(upstream: Upstream, port: int, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why this request may not reach the sandbox's ``port`` (None: it may). A sandbox without
+    public traffic answers only requests carrying its traffic token, on every port but envd's,
+    whose own access token guards it."""
+    if upstream.traffic_token is None or port == ENVD_PORT:
+        return None
+    given = next((v for k, v in headers if k.lower() == TRAFFIC_TOKEN_HEADER), None)
+    if given is None:
+        return f"this sandbox is not public: send its traffic access token in {TRAFFIC_TOKEN_HEADER.decode()}"
+    if not hmac.compare_digest(given, upstream.traffic_token.encode()):
+        return "invalid traffic access token"
+    return None
+
+
+def upstream_headers(upstream: Upstream, port: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The client's headers as the sandbox gets them: hop-by-hop and the traffic token removed,
+    Host as ``maskRequestHost`` says (else the client library sets the upstream's own)."""
+    out = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() != TRAFFIC_TOKEN_HEADER]
+    if upstream.mask_host:
+        out.append((b"host", upstream.mask_host.replace("${PORT}", str(port)).encode("latin-1")))
+    return out
 
 
 class ClientDisconnected(Exception):
@@ -144,7 +176,8 @@ class SandboxProxy:
             if entry is not None:
                 asyncio.ensure_future(entry[1].aclose())
             # No read timeout: process streams stay open as long as the process runs.
-            client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+            # verify=False: only ``httpsPorts`` use TLS, to the sandbox's own (self-signed) server
+            client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), verify=False,
                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
                                        follow_redirects=False)
             entry = self._pools[sandbox_id] = (upstream, client)
@@ -183,15 +216,22 @@ class SandboxProxy:
             return await _error(send, 400, "E2b-Sandbox-Port is not a valid port")
         if port == ENVD_PORT and scope["path"] in _INTERNAL_ENVD_PATHS:
             return await _error(send, 403, f"{scope['path']} is internal to the orchestrator")
+        if (denied := traffic_denied(upstream, port, scope["headers"])) is not None:
+            return await _error(send, 403, denied, sandbox_id=sandbox_id, port=port)
         self._sweep()
+        scheme = "https" if port in upstream.https_ports else "http"
         await self._forward(scope, receive, send, self._pool(sandbox_id, upstream),
-                            f"http://{upstream.address}:{port}", sandbox_id, port)
+                            f"{scheme}://{upstream.address}:{port}", sandbox_id, port,
+                            upstream_headers(upstream, port, scope["headers"]))
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
         upstream = self.resolve(sandbox_id)
         if upstream is None or port < 0:
             await receive()
             return await send({"type": "websocket.close", "code": 1008, "reason": "The sandbox was not found"})
+        if (denied := traffic_denied(upstream, port, scope["headers"])) is not None:
+            await receive()
+            return await send({"type": "websocket.close", "code": 1008, "reason": denied})
         path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         query = scope.get("query_string", b"").decode("latin-1")
         await relay_websocket(scope, receive, send,
@@ -210,8 +250,7 @@ class SandboxProxy:
         await self.app(scope, receive, send_wrapper)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, client: httpx.AsyncClient,
-                       base: str, sandbox_id: str, port: int) -> None:
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+                       base: str, sandbox_id: str, port: int, headers: list[tuple[bytes, bytes]]) -> None:
         if not any(k.lower() == b"accept-encoding" for k, _ in headers):
             # else httpx adds its default ("gzip, deflate"), envd compresses, and a client that
             # never asked for it gets gzip (SDK 1.x's Connect client does not decode it)

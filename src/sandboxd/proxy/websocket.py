@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 log = logging.getLogger("sandboxd.proxy")
 
-_SKIP_HEADERS = {b"host", b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version",
+_SKIP_HEADERS = {b"host", b"e2b-traffic-access-token", b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version",
                  b"sec-websocket-extensions", b"sec-websocket-protocol", b"content-length"}
 
 

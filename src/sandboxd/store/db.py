@@ -79,6 +79,15 @@ class SandboxRow(Base):
     #: while paused: whether processes and memory were kept (else only the disk; resume boots)
     paused_memory: Mapped[bool | None] = mapped_column(nullable=True, default=None)
     envd_unresponsive_at_pause: Mapped[bool] = mapped_column(default=False)  # then it resumes only by booting
+    #: egress rules (``EgressPolicy.to_json``); None: every public address, or none without internet access
+    egress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
+    #: set when created with ``allowPublicTraffic: false``: the proxy then demands it on every port
+    traffic_access_token: Mapped[str | None] = mapped_column(String(128), nullable=True, default=None)
+    mask_request_host: Mapped[str | None] = mapped_column(String(256), nullable=True, default=None)
+    https_ports: Mapped[list[int] | None] = mapped_column(JSON, nullable=True, default=None)
+    auto_resume: Mapped[bool] = mapped_column(default=False)  # traffic to it while paused resumes it
+    #: ``<api key hash>:<Idempotency-Key>`` of the create that made it: a retried create returns it
+    idempotency_key: Mapped[str | None] = mapped_column(String(320), nullable=True, default=None)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     end_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -175,6 +184,10 @@ class Database:
                 return False
             s.delete(row)
             return True
+
+    def find_sandbox_by_idempotency_key(self, key: str) -> SandboxRow | None:
+        with self.session() as s:
+            return s.scalars(select(SandboxRow).where(SandboxRow.idempotency_key == key)).first()
 
     def list_sandboxes(self) -> list[SandboxRow]:
         with self.session() as s:
