@@ -52,6 +52,8 @@ class Settings:
     max_disk_size_mb: int = 65536
     #: Processes (tasks) one user may run in a sandbox: a fork bomb gets EAGAIN at this count.
     max_processes: int = 1024
+    #: How often every running sandbox's CPU, memory and disk use is sampled (E2B: every 5 s).
+    metrics_interval_s: float = 5.0
     database_url: str | None = field(default=None)
 
     @property

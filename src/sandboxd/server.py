@@ -22,6 +22,7 @@ from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.config import Settings
 from sandboxd.observability.endpoint import router as metrics_router
 from sandboxd.orchestrator.network import SlotPool
+from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import Orchestrator
 from sandboxd.proxy.asgi import SandboxProxy
 from sandboxd.orchestrator.backends import Backends
@@ -61,20 +62,35 @@ async def _reap_forever(orch: Orchestrator) -> None:
             log.exception("reaper failed")
 
 
+async def _sample_forever(orch: Orchestrator, samples: MetricSamples, interval_s: float) -> None:
+    """Sample every running sandbox's metrics each ``interval_s`` (GET /sandboxes/{id}/metrics)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            running = [r for r in orch.db.list_sandboxes() if r.state == "running"]
+            await asyncio.to_thread(samples.sample_all, running,
+                                    lambda sandbox_id: (u.address if (u := orch.upstream(sandbox_id)) else None))
+        except Exception:  # noqa: BLE001 - the sampler must survive one bad sandbox
+            log.exception("metrics sampler failed")
+
+
 def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxProxy:
     """The ASGI app to serve: the proxy in front of the FastAPI control plane."""
     orch = orch or make_orchestrator(settings)
+    samples = MetricSamples(settings.data_dir / "metrics")
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(orch.recover)
-        reaper = asyncio.create_task(_reap_forever(orch))
+        tasks = [asyncio.create_task(_reap_forever(orch)),
+                 asyncio.create_task(_sample_forever(orch, samples, settings.metrics_interval_s))]
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await asyncio.to_thread(orch.drain)
             if not orch.db.list_sandboxes():  # running sandboxes keep their egress until a restart
                 orch.slots.teardown_host()
@@ -83,6 +99,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.state.settings = settings
     api.state.db = orch.db
     api.state.orchestrator = orch
+    api.state.metric_samples = samples
     install_error_handlers(api)
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)

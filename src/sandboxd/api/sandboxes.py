@@ -6,18 +6,16 @@ blocking work (mounts, runsc, waiting for envd) belongs.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 import threading
 from datetime import datetime, timezone
 from typing import Annotated
-from urllib.parse import parse_qsl, unquote
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from sandboxd.api import listing
 from sandboxd.api.auth import api_key_of, require_api_key
 from sandboxd.api.errors import ApiError
 from sandboxd.api.models import (
@@ -34,17 +32,16 @@ from sandboxd.api.models import (
 )
 from sandboxd.config import Settings
 from sandboxd.orchestrator.egress import EgressPolicy, PolicyError
-from sandboxd.orchestrator.envd_client import EnvdNotReady, fetch_metrics
+from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import CreateRequest, Orchestrator, SandboxError
 from sandboxd.store.db import SandboxRow
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
-VISIBLE_STATES = ("running", "paused")  # "starting" sandboxes are not handed out yet
-MAX_PAGE = 100
 #: what the SDK allows in an ``Idempotency-Key`` (e2b.retry.resolve_idempotency_key)
 _IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")
 _idempotency_locks: dict[str, threading.Lock] = {}
 _idempotency_guard = threading.Lock()
+VISIBLE_STATES = listing.LISTED_STATES
 
 
 def _orchestrator(request: Request) -> Orchestrator:
@@ -175,24 +172,31 @@ def list_sandboxes(
     state: str | None = None,
     startedAfter: datetime | None = None,  # noqa: N803 - E2B's parameter names
     template: str | None = None,
-    order: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
+    order: str | None = None,
+    limit: int | None = None,
     nextToken: str | None = None,  # noqa: N803
 ) -> JSONResponse:
-    rows = _filtered(_orchestrator(request), metadata, state, startedAfter, template)
-    rows.sort(key=_page_key, reverse=order == "desc")
-    if nextToken:
-        after = _decode_token(nextToken)
-        rows = [r for r in rows if (_page_key(r) > after if order == "asc" else _page_key(r) < after)]
-    page = rows[:limit]
-    headers = {"x-next-token": _encode_token(_page_key(page[-1]))} if len(rows) > limit else {}
-    return JSONResponse([listed_json(r) for r in page], headers=headers)
+    """E2B's v2 list (see :mod:`sandboxd.api.listing`): newest first, paged by ``x-next-token``."""
+    orch = _orchestrator(request)
+    query = listing.parse_query(orch.db, metadata=metadata, state=state, started_after=startedAfter,
+                                template=template, order=order, limit=limit, next_token=nextToken)
+    if query is None:  # no such template: nothing to list
+        return JSONResponse([], headers={"x-total-running": "0"} if state is None or "running" in state else {})
+    found = listing.page(orch.db.list_sandboxes(), query)
+    headers = {"x-total-running": str(found.total_running)} if "running" in query.states else {}
+    if found.next_token:
+        headers["x-next-token"] = found.next_token
+    return JSONResponse([listed_json(r) for r in found.rows], headers=headers)
 
 
 @router.get("/sandboxes")
 def list_sandboxes_v1(request: Request, metadata: str | None = None) -> list[dict]:
-    """The v1 list: running sandboxes only, no pagination (SDK 1.x's ``Sandbox.list``, the CLI)."""
-    return [listed_json(r) for r in _filtered(_orchestrator(request), metadata, "running", None, None)]
+    """The v1 list: running sandboxes only, newest first, no pagination (SDK 1.x, the CLI)."""
+    wanted = listing.parse_metadata(metadata)
+    rows = [r for r in _orchestrator(request).db.list_sandboxes()
+            if r.state == "running" and all((r.metadata_ or {}).get(k) == v for k, v in wanted.items())]
+    rows.sort(key=lambda r: (-listing.micros(r.started_at), r.sandbox_id))
+    return [listed_json(r) for r in rows]
 
 
 @router.get("/sandboxes/{sandbox_id}")
@@ -242,30 +246,41 @@ def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSO
 
 @router.get("/sandboxes/{sandbox_id}/metrics")
 def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None, end: int | None = None) -> list[dict]:
-    """One live sample from envd (no history is kept yet); empty if it falls outside [start, end]."""
-    sample = metric_sample(_orchestrator(request), _visible(_orchestrator(request), sandbox_id))
-    if sample is None:
-        return []
-    ts = sample["timestampUnix"]
-    if (start is not None and ts < start) or (end is not None and ts > end):
-        return []
-    return [sample]
+    """The sampled series over the sandbox's life (start: its start, end: now by default), oldest
+    first, as E2B keeps it; a paused sandbox keeps its history. A running sandbox not sampled yet
+    is sampled now, so a call right after create sees one sample."""
+    orch = _orchestrator(request)
+    row = _visible(orch, sandbox_id)
+    samples = _samples(request)
+    first = listing.micros(row.started_at) // 1_000_000 if start is None else start
+    last = int(datetime.now(timezone.utc).timestamp()) + 1 if end is None else end
+    if first > last:
+        raise ApiError(400, f"Invalid time range for metrics: start ({first}) is after end ({last})")
+    if not samples.series(sandbox_id) and (upstream := orch.upstream(sandbox_id)) is not None:
+        samples.sample_one(row, upstream.address)
+    return [metric_json(s) for s in samples.series(sandbox_id, first, last) or []]
 
 
-def metric_sample(orch: Orchestrator, row: SandboxRow) -> dict | None:
-    """E2B's SandboxMetric, sampled from envd now; None if the sandbox is not running here."""
-    upstream = orch.upstream(row.sandbox_id)
-    if upstream is None:
-        return None
-    try:
-        m = fetch_metrics(upstream.address, row.envd_access_token)
-    except EnvdNotReady as exc:
-        raise ApiError(502, str(exc)) from exc
+def _samples(request: Request) -> MetricSamples:
+    return request.app.state.metric_samples
+
+
+def latest_metric(request: Request, row: SandboxRow) -> dict | None:
+    """E2B's SandboxMetric: the sandbox's newest sample (taken now if it has none yet)."""
+    samples = _samples(request)
+    sample = samples.latest(row.sandbox_id)
+    if sample is None and (upstream := _orchestrator(request).upstream(row.sandbox_id)) is not None:
+        sample = samples.sample_one(row, upstream.address)
+    return metric_json(sample) if sample is not None else None
+
+
+def metric_json(m: dict) -> dict:
+    """envd's ``/metrics`` keys as E2B's SandboxMetric."""
     ts = int(m["ts"])
     return {
         "timestamp": iso(datetime.fromtimestamp(ts, timezone.utc)), "timestampUnix": ts,
         "cpuCount": m["cpu_count"], "cpuUsedPct": m["cpu_used_pct"],
-        "memUsed": m["mem_used"], "memTotal": m["mem_total"], "memCache": m["mem_cache"],
+        "memUsed": m["mem_used"], "memTotal": m["mem_total"], "memCache": m.get("mem_cache", 0),
         "diskUsed": m["disk_used"], "diskTotal": m["disk_total"],  # the sandbox's own disk
     }
 
@@ -284,50 +299,3 @@ def pause_sandbox(sandbox_id: str, request: Request, body: Annotated[PauseBody |
     if paused is False:
         raise ApiError(409, f"sandbox '{sandbox_id}' is already paused")
     return Response(status_code=204)
-
-
-# -- filtering and pagination -------------------------------------------------------------------
-
-
-def _filtered(orch: Orchestrator, metadata: str | None, state: str | None,
-              started_after: datetime | None, template: str | None) -> list[SandboxRow]:
-    wanted_states = set(state.split(",")) if state else set(VISIBLE_STATES)
-    wanted_meta = _decode_metadata(metadata)
-    out = []
-    for r in orch.db.list_sandboxes():
-        if r.state not in wanted_states or r.state not in VISIBLE_STATES:
-            continue
-        if template and template not in (r.template_id, r.alias):
-            continue
-        if started_after and iso(r.started_at) <= iso(started_after):
-            continue
-        if any((r.metadata_ or {}).get(k) != v for k, v in wanted_meta.items()):
-            continue
-        out.append(r)
-    return out
-
-
-def _decode_metadata(raw: str | None) -> dict[str, str]:
-    """The SDK encodes each key and value, joins them as a query string, and that string is
-    encoded once more on the wire: undo the inner encoding after splitting."""
-    if not raw:
-        return {}
-    return {unquote(k): unquote(v) for k, v in parse_qsl(raw, keep_blank_values=True)}
-
-
-def _page_key(row: SandboxRow) -> str:
-    return f"{iso(row.started_at)}|{row.sandbox_id}"
-
-
-def _encode_token(key: str) -> str:
-    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> str:
-    try:
-        key = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid nextToken") from exc
-    if "|" not in key:
-        raise ApiError(400, "invalid nextToken")
-    return key

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from sandboxd.api.auth import require_api_key
 from sandboxd.api.errors import ApiError
 from sandboxd.api.models import NewSandboxV1, RefreshBody, ResumeBody, sandbox_json
-from sandboxd.api.sandboxes import create, metric_sample
+from sandboxd.api.sandboxes import create, latest_metric
 from sandboxd.orchestrator.sandboxes import Orchestrator, SandboxError
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -73,8 +73,8 @@ def refresh_sandbox(sandbox_id: str, request: Request,
 
 @router.get("/sandboxes/metrics")
 def sandboxes_metrics(request: Request, sandbox_ids: Annotated[list[str], Query()]) -> dict:
-    """``{"sandboxes": {id: SandboxMetric}}`` for the running sandboxes among ``sandbox_ids``
-    (comma-separated, or repeated as SDK 1.x's client sends them); others are left out."""
+    """``{"sandboxes": {id: SandboxMetric}}``: the newest sample of each running sandbox among
+    ``sandbox_ids`` (comma-separated, or repeated as SDK 1.x's client sends them); others are left out."""
     ids = [i for raw in sandbox_ids for i in raw.split(",") if i]
     if not ids or len(ids) > MAX_METRICS_IDS:
         raise ApiError(400, f"sandbox_ids: give 1 to {MAX_METRICS_IDS} sandbox ids")
@@ -82,7 +82,7 @@ def sandboxes_metrics(request: Request, sandbox_ids: Annotated[list[str], Query(
     out = {}
     for sandbox_id in dict.fromkeys(ids):
         row = orch.db.get_sandbox(sandbox_id)
-        if row is not None and row.state == "running" and (sample := metric_sample(orch, row)) is not None:
+        if row is not None and row.state == "running" and (sample := latest_metric(request, row)) is not None:
             out[sandbox_id] = sample
     return {"sandboxes": out}
 

@@ -1,8 +1,8 @@
 """``filesystem.EntryInfo`` from a path: type, size, mode, owner, times, symlink, metadata.
 
 Shared by the filesystem service (Stat, ListDir, MakeDir, Move). The SDK drops entries whose type is
-unspecified, so every entry gets a type; a symlink carries its target's type plus ``isSymlink``
-(newer upstream behaviour), a dangling one FILE_TYPE_SYMLINK.
+unspecified, so every entry gets a type; a symlink carries its target's type and mode plus
+``isSymlink`` and ``symlinkTarget`` (upstream behaviour), a dangling one FILE_TYPE_SYMLINK.
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ def entry_info(path: str, st: os.stat_result | None = None) -> fpb.EntryInfo:
         entry.is_symlink = True
         entry.symlink_target = os.path.realpath(path)
         try:
-            entry.type = file_type(os.stat(path).st_mode)
+            target = os.stat(path)
         except OSError:
             pass  # dangling: stays FILE_TYPE_SYMLINK
+        else:  # as E2B's envd: the target's type and permission bits, the link's own size
+            entry.type = file_type(target.st_mode)
+            entry.mode = stat.S_IMODE(target.st_mode)
     return entry

@@ -140,11 +140,11 @@ class FilesystemService(Filesystem):
         with os_errors(f"remove '{path}'"):
             if os.path.isdir(path) and not os.path.islink(path):
                 await asyncio.to_thread(shutil.rmtree, path)
-            else:
+            elif os.path.lexists(path):
                 os.unlink(path)
+            # else: nothing there, which is what was asked (E2B's envd: os.RemoveAll)
         file_metadata.STORE.removed(path)
         return fpb.RemoveResponse()
-
 
     async def watch_dir(self, request: fpb.WatchDirRequest, ctx: RequestContext) -> AsyncIterator[fpb.WatchDirResponse]:
         _, path = self._path(ctx, request.path)

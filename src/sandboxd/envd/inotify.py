@@ -140,16 +140,26 @@ class DirWatcher:
         full = os.path.join(directory, name) if name else directory
         if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and directory != self.root:
             return  # reported by the parent's watch already
+        kind = event_kind(mask)
+        if kind is not None:
+            rel = os.path.relpath(full, self.root)
+            self._on_event("" if rel == "." else rel, kind)
         if self._recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
             try:
                 self._add(full)
                 self._add_tree(full)
             except OSError:
-                pass
-        kind = event_kind(mask)
-        if kind is not None:
-            rel = os.path.relpath(full, self.root)
-            self._on_event("" if rel == "." else rel, kind)
+                return
+            self._report_existing(full)
+
+    def _report_existing(self, top: str) -> None:
+        """A directory that appeared under a recursive watch may have been filled before its own
+        watch was in place (``mkdir -p a/b && touch a/b/f``): report what is in it as created, so
+        no file in a new directory goes unseen (one that raced the watch may be reported twice)."""
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in sorted(dirnames) + sorted(filenames):
+                self._on_event(os.path.relpath(os.path.join(dirpath, name), self.root), CREATE)
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
 
     def close(self) -> None:
         """Stop watching; idempotent."""
