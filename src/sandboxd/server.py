@@ -18,6 +18,7 @@ from sandboxd.api.logs import router as logs_router
 from sandboxd.api.sandboxes import router as sandboxes_router
 from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
 from sandboxd.api.templates import router as templates_router
+from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.config import Settings
 from sandboxd.observability.endpoint import router as metrics_router
@@ -105,6 +106,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.include_router(sandboxes_router)
     api.include_router(logs_router)
     api.include_router(templates_router)
+    api.include_router(templates_list_router)  # after: /templates/aliases/{alias} is not a template id
     api.include_router(metrics_router)
 
     @api.get("/health")

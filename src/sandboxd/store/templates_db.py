@@ -189,6 +189,19 @@ class TemplateBuilds:
     def template(self, ref: str) -> TemplateAlias | None:
         return self.db.find_template(ref)
 
+    def aliases(self) -> list[TemplateAlias]:
+        """Every named template (``base`` and the built ones), oldest first."""
+        with self.db.session() as s:
+            return list(s.scalars(select(TemplateAlias).order_by(TemplateAlias.updated_at, TemplateAlias.alias)))
+
+    def builds_of(self, template_id: str | None = None) -> list[TemplateBuildRow]:
+        """Build requests of one template (or of all), newest first."""
+        with self.db.session() as s:
+            q = select(TemplateBuildRow).order_by(TemplateBuildRow.created_at.desc(), TemplateBuildRow.build_id)
+            if template_id is not None:
+                q = q.where(TemplateBuildRow.template_id == template_id)
+            return list(s.scalars(q))
+
     def tags(self, template_id: str) -> list[TemplateTagRow]:
         with self.db.session() as s:
             return list(s.scalars(select(TemplateTagRow).where(TemplateTagRow.template_id == template_id)

@@ -6,8 +6,11 @@ its tags and ``GET .../status`` behave the same whichever way a template was bui
 
 from __future__ import annotations
 
+import contextlib
+import re
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +41,60 @@ class Progress:
             self.echo(f"{time.monotonic() - self.t0:6.1f}s {mark}{prefix}{line}")
 
 
+class LiveProgress:
+    """The same log entries as a live display on a terminal (rich): a bar of the steps done, how
+    many came from the layer cache, the step running now and the time; each step's output and
+    the build's own messages scroll above it."""
+
+    _HEAD = re.compile(r"^\[(\d+)/(\d+)\] ")
+
+    def __init__(self, progress: object, task: object, record: Callable[[str, str, str | None], None]) -> None:
+        self.progress, self.task, self.record = progress, task, record
+        self.hits = 0
+
+    def __call__(self, level: str, message: str, step: str | None) -> None:
+        from rich.markup import escape
+
+        self.record(level, message, step)
+        p, task = self.progress, self.task
+        say = p.console.print  # type: ignore[attr-defined]
+        head = self._HEAD.match(message)
+        if head:  # "[i/n] STEP": steps before i are done (a step without a layer says nothing else)
+            number = int(head.group(1))
+            cached = message.endswith(": CACHED")
+            finished = cached or ": done in " in message
+            self.hits += cached
+            p.update(task, completed=number if finished else number - 1, hits=self.hits,  # type: ignore[attr-defined]
+                     now="" if finished else escape(message[:60]))
+            style = "green" if cached else "bold" if finished else "red" if level == "error" else ""
+            say(f"[{style}]{escape(message)}[/]" if style else escape(message), highlight=False)
+        elif step in ("base", "finalize"):
+            if step == "finalize":
+                p.update(task, completed=p.tasks[0].total, now="")  # type: ignore[attr-defined]
+            say(escape(message) if level != "error" else f"[red]{escape(message)}[/]", highlight=False)
+        else:
+            for line in message.splitlines() or [""]:
+                say(f"[dim]    | {escape(line)}[/]", highlight=False)
+
+
+@contextlib.contextmanager
+def _progress_display(steps: int, echo: Callable[[str], None],
+                      record: Callable[[str, str, str | None], None]) -> Iterator[Callable[[str, str, str | None], None]]:
+    """A live display when stderr is a terminal, plain timestamped lines otherwise (logs, CI)."""
+    if not sys.stderr.isatty():
+        yield Progress(echo, record)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as RichProgress
+
+    columns = (SpinnerColumn(), TextColumn("steps"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("[green]{task.fields[hits]} cached[/]"), TimeElapsedColumn(), TextColumn("{task.fields[now]}"))
+    with RichProgress(*columns, console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task("build", total=steps, hits=0, now="")
+        yield LiveProgress(progress, task, record)
+
+
 def build_from_dockerfile(settings: Settings, dockerfile: Path, context: Path, name: str, *,
                           no_cache: bool, echo: Callable[[str], None]) -> str | None:
     """Build, point ``name`` (and its tag) at the result, return the build id; None on failure
@@ -56,9 +113,10 @@ def build_from_dockerfile(settings: Settings, dockerfile: Path, context: Path, n
     alias, tag = split_name(name)
     row = builds.new_build(alias, [tag or DEFAULT_TAG])
     builds.set_status(row.build_id, "building")
-    progress = Progress(echo, lambda level, msg, step: builds.add_log(row.build_id, level, msg, step))
+    record = lambda level, msg, step: builds.add_log(row.build_id, level, msg, step)  # noqa: E731
     try:
-        result = builder.build(spec, progress)
+        with _progress_display(len(spec.steps), echo, record) as progress:
+            result = builder.build(spec, progress)
     except StepFailed as exc:
         builds.set_status(row.build_id, "error", reason=str(exc), step=exc.step)
         echo(f"build failed at step {exc.step}: {exc.message}")
