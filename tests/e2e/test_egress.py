@@ -9,11 +9,13 @@ machine is ever contacted.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from e2b import Sandbox
 
 from sandboxd.testing.fake_internet import FakeInternet, fake_internet, host_listener
+from sandboxd.tls import ensure_server_cert
 
 from .conftest import Server
 
@@ -100,5 +102,69 @@ def test_an_open_connection_stops_when_the_rules_deny_it(sdk_env: Server, intern
         lines = result.stdout.split()
         assert lines[0] == "True"
         assert lines[1] == "failed", result.stdout
+    finally:
+        sbx.kill()
+
+
+_PROBE = r"""
+import socket, ssl, sys, urllib.request
+for spec in sys.argv[1:]:
+    kind, rest = spec.split(":", 1)
+    try:
+        if kind == "url":
+            print(urllib.request.urlopen(rest, timeout=5).read().decode().strip())
+            continue
+        ip, port, name = rest.split(":")
+        sock = socket.create_connection((ip, int(port)), timeout=5)
+        if kind == "https":
+            ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+            sock = ctx.wrap_socket(sock, server_hostname=name)
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        print(data.split(b"\r\n\r\n", 1)[1].decode().strip() if b" 200 " in data.split(b"\r\n")[0] else "failed empty")
+    except Exception as e:
+        print("failed", type(e).__name__)
+"""
+
+
+@pytest.fixture
+def named_internet(tmp_path: Path) -> Iterator[FakeInternet]:
+    tls = ensure_server_cert(tmp_path, "wild.test")
+    with fake_internet(names={"allowed.test": "0", "a.wild.test": "1", "denied.test": "0"},
+                       tls=(tls.cert, tls.key)) as net:
+        yield net
+
+
+def _probe(sbx: Sandbox, *specs: str) -> list[str]:
+    sbx.files.write("/tmp/probe.py", _PROBE)
+    return sbx.commands.run("python3 /tmp/probe.py " + " ".join(specs), timeout=60).stdout.split("\n")[:len(specs)]
+
+
+def test_domains_by_sni_and_host(sdk_env: Server, named_internet: FakeInternet) -> None:
+    """Names are matched on the connection itself (TLS SNI, HTTP Host), not on DNS: a sandbox
+    that resolves a name itself, or names an allowed host to another address, gets only what
+    the name allows; update_network changes names at once."""
+    net = named_internet
+    first, second = net.hosts
+    assert net.dns is not None
+    sbx = Sandbox.create(timeout=120, network={"deny_out": ["0.0.0.0/0"], "allow_out": ["allowed.test", "*.wild.test"],
+                                               "dns_servers": [net.dns]})
+    try:
+        sbx.commands.run(f"echo nameserver {net.dns} > /etc/resolv.conf", user="root")
+        results = _probe(sbx, "url:http://allowed.test:8080/", f"http:{first}:8080:denied.test",
+                         f"https:{second}:8443:a.wild.test", f"https:{second}:8443:wild.test",
+                         f"https:{first}:8443:evil.test", f"url:http://{first}:8080/",
+                         "url:http://denied.test:8080/")
+        assert results[0] == f"{first} allowed.test:8080 -"
+        assert results[1].startswith("failed")
+        assert results[2] == f"{second} a.wild.test a.wild.test"
+        assert [r.startswith("failed") for r in results[3:]] == [True] * 4, results
+        sbx.update_network({"deny_out": ["0.0.0.0/0"], "allow_out": ["denied.test"], "dns_servers": [net.dns]})
+        results = _probe(sbx, "url:http://allowed.test:8080/", "url:http://denied.test:8080/")
+        assert results[0].startswith("failed") and results[1] == f"{first} denied.test:8080 -", results
+        sbx.update_network({"deny_out": ["0.0.0.0/0"], "allow_out": ["denied.test"], "dns_servers": []})
+        assert _probe(sbx, "url:http://denied.test:8080/")[0].startswith("failed")  # no DNS server now
     finally:
         sbx.kill()

@@ -129,13 +129,9 @@ _MASK_HOST = re.compile(r"[A-Za-z0-9.${}_-]{1,253}(:[0-9${}A-Z]{1,12})?")
 def _policy(allow_internet: bool, allow_out: list[str] | None, deny_out: list[str] | None,
             dns_servers: list[str] | None, prefix: str) -> EgressPolicy:
     try:
-        policy = EgressPolicy.parse(allow_internet, allow_out, deny_out, dns_servers, prefix)
+        return EgressPolicy.parse(allow_internet, allow_out, deny_out, dns_servers, prefix)
     except PolicyError as exc:
         raise ApiError(400, str(exc)) from exc
-    if policy.allow_domains:
-        raise ApiError(501, f"sandboxd does not support {prefix + '.' if prefix else ''}allowOut: domain names "
-                            f"({policy.allow_domains[0]}) are not enforced yet; use addresses or CIDR blocks")
-    return policy
 
 
 def _idempotency_key(request: Request) -> str | None:

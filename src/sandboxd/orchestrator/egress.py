@@ -6,7 +6,7 @@ E2B's semantics, which the SDKs document: with no ``deny_out`` everything public
 a name in ``allow_out`` needs ``deny_out`` to hold all traffic (else the name adds nothing and the
 user is told so) and is matched against the TLS SNI or HTTP Host of the connection, never against
 DNS answers (which the sandbox controls). Whatever the rules say, private, link-local, loopback and
-other non-public ranges stay unreachable (see :data:`sandboxd.orchestrator.network.DENIED_RANGES`).
+other non-public ranges stay unreachable (:data:`DENIED_RANGES`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ALL_TRAFFIC = "0.0.0.0/0"
+#: Never reachable from a sandbox, whatever its rules: the host's own networks, other
+#: sandboxes, link-local (the gateway), loopback, CGNAT, multicast and reserved space.
+DENIED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+                 "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
 #: E2B's default nameserver, allowed when ``allow_out`` names a domain and ``dnsServers`` is absent
 DEFAULT_DNS = ("8.8.8.8",)
 MAX_DNS_SERVERS = 10

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandboxd.orchestrator.egress import NO_EGRESS, EgressPolicy
+from sandboxd.orchestrator.egress import DENIED_RANGES, NO_EGRESS, EgressPolicy
+from sandboxd.orchestrator.egress_proxy import EgressProxy
 
 GUEST_ADDRESS = "169.254.0.21"
 GATEWAY_ADDRESS = "169.254.0.22"
@@ -57,6 +58,10 @@ class NetworkSlot:
     def guest_netns_path(self) -> str:
         return str(NETNS_DIR / self.guest_netns)
 
+    @property
+    def netns_path(self) -> str:
+        return str(NETNS_DIR / self.netns)
+
 
 def _run(*argv: str, stdin: str | None = None) -> None:
     proc = subprocess.run(argv, input=stdin, capture_output=True, text=True)
@@ -64,10 +69,6 @@ def _run(*argv: str, stdin: str | None = None) -> None:
         raise NetworkError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
-#: Never reachable from a sandbox, internet access or not: the host's own networks, other
-#: sandboxes, link-local (the gateway), loopback, CGNAT, multicast and reserved space.
-DENIED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-                 "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
 
 
 #: Where the egress proxy listens in each slot namespace (on the gateway address): connections the
@@ -159,6 +160,7 @@ class SlotPool:
         self.max_slots = min(max_slots, self.network.num_addresses // 4)
         self._lock = threading.Lock()
         self._reserved: set[int] = set()
+        self.egress_proxy = EgressProxy()  # a slot's names; started when a slot first allows one
 
     def setup_host(self) -> None:
         """Once per server start: IPv4 forwarding and this server's egress table on the host
@@ -208,6 +210,7 @@ class SlotPool:
 
     def release(self, slot: NetworkSlot) -> None:
         """Remove the slot's veths and namespaces; idempotent."""
+        self.egress_proxy.close(slot.netns)
         _delete_link(slot.host_veth)  # first, synchronously: namespace teardown is asynchronous
         for ns in (slot.guest_netns, slot.netns):
             _delete_netns(ns)
@@ -215,8 +218,16 @@ class SlotPool:
             self._reserved.discard(slot.index)
 
     def set_egress(self, slot: NetworkSlot, policy: EgressPolicy) -> None:
-        """Replace the slot's egress rules in one transaction (a running sandbox's too)."""
+        """Replace the slot's egress rules in one transaction (a running sandbox's too), and the
+        names its egress proxy lets through."""
         _run("ip", "netns", "exec", slot.netns, "nft", "-f", "-", stdin=egress_nft(policy))
+        self._serve_names(slot, policy)
+
+    def _serve_names(self, slot: NetworkSlot, policy: EgressPolicy) -> None:
+        try:
+            self.egress_proxy.apply(slot.netns, slot.netns_path, policy, (GATEWAY_ADDRESS, EGRESS_PROXY_PORT))
+        except OSError as exc:
+            raise NetworkError(f"egress proxy in {slot.netns}: {exc}") from exc
 
     def restore_guest_address(self, slot: NetworkSlot) -> None:
         """Put 169.254.0.21/30 and the default route back on the guest's eth0 (idempotent).
@@ -283,6 +294,8 @@ class SlotPool:
             f"route add default via {GATEWAY_ADDRESS}\n"))
         _run("ip", "netns", "exec", s.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         _run("ip", "netns", "exec", s.netns, "nft", "-f", "-", stdin=_slot_nft(s) + egress_nft(policy))
+        self._serve_names(s, policy)
+        on_undo(self.egress_proxy.close, s.netns)
 
 
 def _delete_netns(name: str) -> None:

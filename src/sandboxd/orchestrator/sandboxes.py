@@ -558,7 +558,8 @@ class Orchestrator:
         for row in rows:
             backend = self.backends.get(row.runtime)
             if row.state == "paused":
-                kept = self._recover_paused(backend, row, states[backend.name], slots_present)
+                kept = (self._recover_paused(backend, row, states[backend.name], slots_present)
+                        and self._reapply_egress(row))
             else:
                 kept = (row.state == "running" and states[backend.name].get(row.sandbox_id) == "running"
                         and row.slot_index in slots_present

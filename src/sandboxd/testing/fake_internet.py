@@ -61,7 +61,7 @@ class FakeInternet:
     netns: str
     host_side: str  # the host's own address on the link (a "public" address of the host)
     hosts: list[str]  # addresses the namespace answers on, first 198.51.100.x, then 203.0.113.x
-    dns: str | None = None  # a DNS server there (dnsmasq), if names were given
+    dns: str | None = None  # a DNS server there (dnsmasq, on an address of its own), if names were given
     names: dict[str, str] = field(default_factory=dict)
 
 
@@ -83,7 +83,8 @@ def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | 
     ns, veth = f"tinet{tag}", f"tin{tag}-h"
     block = 4 * random.randrange(1, 63)
     host_side, first = f"198.51.100.{block + 1}", f"198.51.100.{block + 2}"
-    second = f"203.0.113.{random.randrange(2, 250)}"
+    last = random.randrange(2, 250)
+    second, dns = f"203.0.113.{last}", f"203.0.113.{last + 1}"  # DNS on an address of its own
     procs: list[subprocess.Popen[bytes]] = []
     _sh("ip", "netns", "add", ns)
     try:
@@ -92,10 +93,12 @@ def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | 
         _sh("ip", "link", "set", veth, "up")
         _sh("ip", "-n", ns, "addr", "add", f"{first}/30", "dev", "eth0")
         _sh("ip", "-n", ns, "addr", "add", f"{second}/32", "dev", "lo")
+        _sh("ip", "-n", ns, "addr", "add", f"{dns}/32", "dev", "lo")
         _sh("ip", "-n", ns, "link", "set", "eth0", "up")
         _sh("ip", "-n", ns, "link", "set", "lo", "up")
         _sh("ip", "-n", ns, "route", "add", "default", "via", host_side)
-        _sh("ip", "route", "add", f"{second}/32", "via", first)
+        for address in (second, dns):
+            _sh("ip", "route", "add", f"{address}/32", "via", first)
         argv = ["ip", "netns", "exec", ns, sys.executable, "-c", _SERVER]
         if tls:
             argv += [str(tls[0]), str(tls[1])]
@@ -108,15 +111,16 @@ def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | 
             records = {n: (net.hosts[int(a)] if a.isdigit() and len(a) == 1 else a) for n, a in names.items()}
             args = [f"--address=/{n}/{a}" for n, a in records.items()]
             procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "dnsmasq", "--no-daemon", "--no-resolv",
-                                           "--no-hosts", f"--listen-address={first}", "--bind-interfaces",
+                                           "--no-hosts", f"--listen-address={dns}", "--bind-interfaces",
                                            "--port=53", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            net.dns, net.names = first, records
+            net.dns, net.names = dns, records
         yield net
     finally:
         for proc in procs:
             proc.kill()
             proc.wait()
-        subprocess.run(["ip", "route", "del", f"{second}/32"], capture_output=True)
+        for address in (second, dns):
+            subprocess.run(["ip", "route", "del", f"{address}/32"], capture_output=True)
         subprocess.run(["ip", "link", "del", veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
