@@ -3,7 +3,8 @@
 #
 #   ./sandboxd.sh serve [--port N ...]   install what is missing, build the base template, and serve
 #                                        the E2B API + sandbox proxy on 127.0.0.1:3000
-#   ./sandboxd.sh test  [pytest args]    install what is missing, run the whole test suite
+#   ./sandboxd.sh test  [pytest args]    install what is missing, lint (ruff) and type-check (mypy),
+#                                        then run the test suite
 #
 # Installing is idempotent and fast when nothing is missing: apt only runs for absent packages,
 # pip only when pyproject.toml changed since the last install.
@@ -68,6 +69,9 @@ case "$cmd" in
   test)
     need_root; install_apt "${TEST_APT_PACKAGES[@]}"; install_venv
     cd "$here"
+    # lint and types first: seconds (both cache), and a finding fails the run like a test would
+    "$venv/bin/ruff" check --quiet src tests benchmarks
+    "$venv/bin/mypy" --no-error-summary
     exec "$venv/bin/pytest" "$@"
     ;;
   *)

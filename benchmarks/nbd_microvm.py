@@ -146,13 +146,13 @@ def bench_nbd(work: Path, repeat: int) -> list[tuple[str, float, float, float]]:
             raw, qd1, qd16 = [], [], []
             for r in range(repeat):
                 offs = offsets_for(pattern, IMAGE_MB * 2**20, r)
-                raw.append(timed(lambda: raw_run(scratch if kind == "write" else base, kind, offs)))
+                raw.append(timed(lambda: raw_run(scratch if kind == "write" else base, kind, offs)))  # noqa: B023 - called at once
                 for depth, out in ((1, qd1), (16, qd16)):
                     cow = work / f"cow-{secrets.token_hex(4)}"  # a fresh device: every write is a first write
                     server = ServerProcess(base, cow, work / "run")
                     try:
                         client = Client(server.socket)
-                        out.append(timed(lambda: client.run(kind, offs, depth)))
+                        out.append(timed(lambda: client.run(kind, offs, depth)))  # noqa: B023 - called at once
                         client.close()
                     finally:
                         server.close()

@@ -29,7 +29,7 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def timed(fn):  # noqa: ANN001, ANN201 - tiny helper
+def timed(fn):  # tiny helper
     t0 = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - t0

@@ -6,6 +6,7 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,7 +39,7 @@ def ensure_api_key(db: Database) -> str | None:
 
 
 def _settings(data_dir: Path | None, host: str | None = None, port: int | None = None,
-              **more: object) -> Settings:
+              **more: Any) -> Settings:
     return Settings.from_env(data_dir=data_dir, host=host, port=port, **more)
 
 
@@ -79,7 +80,7 @@ def serve(host: str | None, port: int | None, data_dir: Path | None, domain: str
     if not settings.domain and (settings.tls_cert or settings.tls_key):
         raise click.UsageError("--tls-cert/--tls-key need --domain (the certificate is for that domain)")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    ssl: dict[str, str] = {}
+    ssl: dict[str, Any] = {}
     if settings.domain:
         try:
             files = tls_files(settings.data_dir, settings.domain, settings.tls_cert, settings.tls_key)

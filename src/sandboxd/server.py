@@ -22,11 +22,11 @@ from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.config import Settings
 from sandboxd.observability.endpoint import router as metrics_router
+from sandboxd.orchestrator.backends import Backends
 from sandboxd.orchestrator.network import SlotPool
 from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import Orchestrator
 from sandboxd.proxy.asgi import SandboxProxy
-from sandboxd.orchestrator.backends import Backends
 from sandboxd.store.db import Database
 from sandboxd.templates.store import TemplateStore
 

@@ -91,7 +91,7 @@ def test_failed_start_reports_console_and_leaves_nothing(sdk_env: Server) -> Non
     settings = sdk_env.settings
     store = TemplateStore(settings.templates_dir)
 
-    def builder(rootfs, log) -> None:  # noqa: ANN001 - the store's builder signature
+    def builder(rootfs, log) -> None:  # the store's builder signature
         (rootfs / "etc").mkdir()
         (rootfs / "etc" / "hostname").write_text("broken\n")
 

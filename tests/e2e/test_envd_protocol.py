@@ -7,7 +7,7 @@ import asyncio
 import subprocess
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -192,7 +192,7 @@ def test_watch_dir_sync(sandbox: Sandbox) -> None:
 # -- /files: signed URLs and tokens ------------------------------------------------------------
 
 
-def test_signed_urls_work_with_curl(sandbox: Sandbox, tmp_path) -> None:  # noqa: ANN001
+def test_signed_urls_work_with_curl(sandbox: Sandbox, tmp_path) -> None:
     sandbox.files.write("/home/user/shared.txt", "signed content")
     url = sandbox.download_url("/home/user/shared.txt", use_signature_expiration=60)
     assert "signature=" in url and "E2b-Sandbox-Id" not in url
@@ -233,7 +233,7 @@ def test_metrics(sandbox: Sandbox) -> None:
     m = metrics[0]
     assert m.cpu_count >= 1 and 0 < m.mem_used <= m.mem_total
     assert 4_000_000 <= m.disk_used <= m.disk_total
-    assert abs((m.timestamp - datetime.now(timezone.utc)).total_seconds()) < 30
+    assert abs((m.timestamp - datetime.now(UTC)).total_seconds()) < 30
 
 
 # -- async SDK ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from e2b import Sandbox, SandboxQuery, SandboxState
@@ -55,7 +55,7 @@ def test_list_get_info_and_metadata_filter(sdk_env: Server) -> None:
         assert info.metadata == {"suite": "lifecycle", "who": "a b&c"}
         assert info.state == SandboxState.RUNNING
         assert info.name == "base"
-        remaining = (info.end_at - datetime.now(timezone.utc)).total_seconds()
+        remaining = (info.end_at - datetime.now(UTC)).total_seconds()
         assert 30 < remaining <= 61
     finally:
         for s in (a, b, c):
@@ -66,7 +66,7 @@ def test_set_timeout_and_connect(sdk_env: Server) -> None:
     sbx = Sandbox.create(timeout=30)
     try:
         sbx.set_timeout(600)
-        remaining = (sbx.get_info().end_at - datetime.now(timezone.utc)).total_seconds()
+        remaining = (sbx.get_info().end_at - datetime.now(UTC)).total_seconds()
         assert 590 < remaining <= 601
         again = Sandbox.connect(sbx.sandbox_id)
         assert again.commands.run("echo via connect").stdout == "via connect\n"
@@ -89,9 +89,10 @@ def test_kill_removes_everything(sdk_env: Server) -> None:
 
 
 def test_timeout_kills_and_cleans_up(sdk_env: Server) -> None:
-    sbx = Sandbox.create(timeout=2)
+    sbx = Sandbox.create()
     slot = _slot(sdk_env, sbx.sandbox_id)
     assert sbx.commands.run("echo alive").stdout == "alive\n"
+    sbx.set_timeout(2)  # after the command: a slow create on a loaded host must not race the reaper
     deadline = time.monotonic() + 20
     while sbx.sandbox_id in _all_ids() and time.monotonic() < deadline:
         time.sleep(0.25)

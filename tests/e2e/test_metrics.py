@@ -15,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sandboxd.nbd.exports import ExportMetrics
 from sandboxd.observability.collector import NBD_GAUGES
-
 from sandboxd.testing.server import Server
 
 pytestmark = pytest.mark.slow

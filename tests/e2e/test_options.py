@@ -45,7 +45,7 @@ def test_create_options_are_honoured_or_named(sdk_env: Server, body: dict, statu
 
 
 def test_sdk_surfaces_the_named_option(sdk_env: Server) -> None:
-    with pytest.raises(Exception, match="network.rules"):
+    with pytest.raises(Exception, match=r"network\.rules"):
         Sandbox.create(network={"allow_out": ["api.example.com"], "deny_out": ["0.0.0.0/0"],
                                 "rules": {"api.example.com": [{"transform": {"headers": {"X-A": "b"}}}]}})
 

@@ -39,7 +39,7 @@ def _start_counter(sbx: Sandbox) -> None:
         time.sleep(0.1)
 
 
-def _row(server: Server, sandbox_id: str):  # noqa: ANN202 - SandboxRow
+def _row(server: Server, sandbox_id: str):  # SandboxRow
     row = Database(server.settings.db_url).get_sandbox(sandbox_id)
     assert row is not None
     return row

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from e2b import AsyncSandbox, Sandbox
@@ -39,7 +39,7 @@ def test_metrics_series_over_the_sandbox_life(sdk_env: Server) -> None:
         assert [m.timestamp for m in later] == [t for t in stamps if t >= stamps[1]][:len(later)]
         assert sbx.get_metrics(end=stamps[0] - timedelta(seconds=1)) == []
         with pytest.raises(SandboxException, match="400"):
-            sbx.get_metrics(start=datetime.now(timezone.utc) + timedelta(hours=1))  # start after end
+            sbx.get_metrics(start=datetime.now(UTC) + timedelta(hours=1))  # start after end
 
         assert sbx.pause()
         kept = Sandbox.get_metrics(sbx.sandbox_id)

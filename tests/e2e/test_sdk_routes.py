@@ -47,10 +47,10 @@ def test_v1_create_list_refresh_metrics_pause_resume_and_logs(sdk_env: Server) -
     from e2b.api.client.models import (
         LogsDirection,
         NewSandbox,
-        SandboxTimeoutRequest,
         ResumedSandbox,
         SandboxPauseRequest,
         SandboxRefreshRequest,
+        SandboxTimeoutRequest,
     )
 
     client = _client(sdk_env)

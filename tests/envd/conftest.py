@@ -50,7 +50,7 @@ class Envd:
 @contextlib.contextmanager
 def run_envd(port: int, *extra: str) -> Iterator[Envd]:
     """Start envd on 127.0.0.1:port, wait for /health, stop it (and show its log) afterwards."""
-    log = open(f"/tmp/envd-test-{port}.log", "wb")  # noqa: SIM115
+    log = open(f"/tmp/envd-test-{port}.log", "wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
     env["ENVD_LEAK"] = "envd's own environment must not reach children"
     proc = subprocess.Popen(

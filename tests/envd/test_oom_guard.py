@@ -40,7 +40,7 @@ def test_the_biggest_process_is_found_and_killed_with_its_session() -> None:
         while (found := biggest_process(_all_pids() - {hog.pid})) is None or found[1] < HOG_MB << 20:
             assert time.monotonic() < deadline, f"the hog never reached {HOG_MB} MiB: {found}"
             time.sleep(0.05)
-        pid, rss, session, name = found
+        pid, _rss, session, name = found
         assert (pid, session) == (hog.pid, hog.pid) and name.startswith("python")
         kills: list[Victim] = []
         guard = OomGuard(kills.append, protected=_all_pids() - {hog.pid})

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from vm_helpers import Vm, assert_vm_uses_only_its_export
 
 from sandboxd.nbd.provider import NbdRootfsProvider
 from sandboxd.orchestrator.network import NetworkSlot, SlotPool
@@ -25,8 +26,6 @@ from sandboxd.runtimes.microvm import MicroVMRuntime
 from sandboxd.templates.base import build_tiny
 from sandboxd.templates.envd_bundle import envd_argv, envd_env
 from sandboxd.templates.store import Build, TemplateStore
-
-from vm_helpers import Vm, assert_vm_uses_only_its_export
 
 
 @pytest.fixture(scope="session")

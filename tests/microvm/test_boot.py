@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from vm_helpers import Vm, run, wait_health
 
 from sandboxd.nbd.provider import NbdRootfsProvider
 from sandboxd.orchestrator.network import SlotPool
@@ -16,8 +17,6 @@ from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError
 from sandboxd.runtimes.guest import GuestArtifacts
 from sandboxd.runtimes.microvm import MicroVMRuntime, RootfsGuardError, VmConfig, check_rootfs, qemu_argv
 from sandboxd.templates.store import Build
-
-from vm_helpers import Vm, run, wait_health
 
 
 def test_vm_config_has_exactly_one_disk_field() -> None:

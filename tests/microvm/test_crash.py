@@ -10,12 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from vm_helpers import Vm, run, wait_health
 
 from sandboxd.nbd.provider import NbdRootfsProvider
 from sandboxd.runtimes.microvm import MicroVMRuntime
 from sandboxd.templates.store import Build, TemplateStore
-
-from vm_helpers import Vm, run, wait_health
 
 
 @pytest.mark.slow

@@ -7,13 +7,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from vm_helpers import Vm, run, wait_health
 
 from sandboxd.nbd.provider import NbdRootfsProvider
 from sandboxd.runtimes.microvm import MicroVMRuntime
-from sandboxd.templates.store import file_sha256
-from sandboxd.templates.store import Build, TemplateStore
-
-from vm_helpers import Vm, run, wait_health
+from sandboxd.templates.store import Build, TemplateStore, file_sha256
 
 N = 3
 

@@ -7,13 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from vm_helpers import Vm, run, wait_health
 
 from sandboxd.nbd.provider import NbdRootfsProvider
 from sandboxd.runtimes.microvm import MicroVMRuntime
-from sandboxd.templates.store import file_sha256
-from sandboxd.templates.store import Build
-
-from vm_helpers import Vm, run, wait_health
+from sandboxd.templates.store import Build, file_sha256
 
 
 @pytest.mark.slow
@@ -33,7 +31,7 @@ def test_pause_and_resume_keep_memory_and_disk(
     ready = resumed.start_seconds + wait_health(resumed, timeout=20)
     print(f"cold boot→envd {boot:.2f} s; snapshot {snap.seconds * 1000:.0f} ms ({snap.bytes / 2**20:.0f} MiB); "
           f"restore→envd {ready:.2f} s")
-    status, out = run(resumed, "cat /root/mem /dev/shm/mem")
+    _status, out = run(resumed, "cat /root/mem /dev/shm/mem")
     assert out == "unsynced\ntmpfs\n", out
     assert ready < boot
 

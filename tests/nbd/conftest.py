@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nbd_helpers import BASE_SIZE
 
 from sandboxd.nbd.thread import NbdServerThread
-
-from nbd_helpers import BASE_SIZE
 
 
 @pytest.fixture

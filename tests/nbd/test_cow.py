@@ -8,10 +8,9 @@ import random
 from pathlib import Path
 
 import pytest
+from nbd_helpers import BASE_SIZE, sha256
 
 from sandboxd.nbd.cow import CowDevice, CowError
-
-from nbd_helpers import BASE_SIZE, sha256
 
 
 def test_reads_come_from_base_until_written(base: Path, tmp_path: Path) -> None:

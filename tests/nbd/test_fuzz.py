@@ -13,10 +13,10 @@ import struct
 import subprocess
 from pathlib import Path
 
+from nbd_helpers import BASE_SIZE, sha256
+
 from sandboxd.nbd import protocol as p
 from sandboxd.nbd.thread import NbdServerThread
-
-from nbd_helpers import BASE_SIZE, sha256
 
 SESSIONS = 1000
 KNOWN_OPTIONS = [p.OPT_EXPORT_NAME, p.OPT_ABORT, p.OPT_LIST, p.OPT_STARTTLS, p.OPT_INFO, p.OPT_GO,
@@ -28,7 +28,7 @@ def _length(rng: random.Random) -> int:
 
 
 def _option(rng: random.Random) -> bytes:
-    option = rng.choice(KNOWN_OPTIONS + [rng.randrange(2**32)])
+    option = rng.choice([*KNOWN_OPTIONS, rng.randrange(2 ** 32)])
     if option in (p.OPT_GO, p.OPT_INFO) and rng.random() < 0.6:
         name = rng.choice([b"", b"nbd0", rng.randbytes(rng.randrange(20))])
         n = rng.randrange(4)

@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from nbd_helpers import BASE_SIZE, RawClient, error_of, sha256
 
 from sandboxd.nbd import protocol as p
 from sandboxd.nbd.thread import NbdServerThread
-
-from nbd_helpers import BASE_SIZE, RawClient, error_of, sha256
 
 
 def uri(sock: Path) -> str:

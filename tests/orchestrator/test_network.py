@@ -133,7 +133,7 @@ def test_host_reaches_only_its_guest_and_guests_reach_nothing(slot_pool: SlotPoo
             (None, b.host_address, 8081),  # the host reaches the guest, never the slot namespace
         ]
         with ThreadPoolExecutor(len(must_fail)) as pool:  # each probe waits out its 1 s timeout
-            reached = [probe for probe, ok in zip(must_fail, pool.map(lambda p: can_connect(*p), must_fail)) if ok]
+            reached = [probe for probe, ok in zip(must_fail, pool.map(lambda p: can_connect(*p), must_fail), strict=True) if ok]
         assert reached == []
 
 
@@ -189,9 +189,8 @@ def test_restore_guest_address_is_idempotent_and_refused_while_in_use(slot_pool:
     slot_pool.restore_guest_address(slot)
     assert f"{GUEST_ADDRESS}/30" in _ip("-n", slot.guest_netns, "-o", "addr", "show", "dev", "eth0")
     assert f"default via {GATEWAY_ADDRESS}" in _ip("-n", slot.guest_netns, "route")
-    with _process_in(slot.guest_netns):
-        with pytest.raises(NetworkError, match="in use"):
-            slot_pool.restore_guest_address(slot)
+    with _process_in(slot.guest_netns), pytest.raises(NetworkError, match="in use"):
+        slot_pool.restore_guest_address(slot)
 
 
 @contextlib.contextmanager

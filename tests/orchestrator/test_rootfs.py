@@ -121,12 +121,11 @@ def test_with_a_disk_the_writes_are_bounded_and_outlive_the_mount(lower: Path, s
     assert ov.upper == sandbox_dir.resolve() / "disk" / "upper" and is_mounted(sandbox_dir / "disk")
     st = os.statvfs(ov.merged)
     assert 28 * 2**20 < st.f_blocks * st.f_frsize <= 32 * 2**20  # what df shows in the sandbox
-    with pytest.raises(OSError) as full:
-        with open(ov.merged / "filler", "wb") as f:
-            for _ in range(64):
-                f.write(b"\0" * 2**20)
-                f.flush()
-                os.fsync(f.fileno())
+    with pytest.raises(OSError) as full, open(ov.merged / "filler", "wb") as f:
+        for _ in range(64):
+            f.write(b"\0" * 2**20)
+            f.flush()
+            os.fsync(f.fileno())
     assert full.value.errno == errno.ENOSPC
     (ov.merged / "filler").unlink()
     (ov.merged / "kept").write_text("on the disk")

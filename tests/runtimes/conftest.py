@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from gvisor_helpers import Sandbox, assert_no_traces
 
 from sandboxd.orchestrator.network import NetworkSlot, SlotPool
 from sandboxd.orchestrator.rootfs import mount_overlay, unmount_overlay
@@ -22,8 +23,6 @@ from sandboxd.runtimes.gvisor import GVisorRuntime
 from sandboxd.templates.base import build_base, build_tiny
 from sandboxd.templates.envd_bundle import envd_argv, envd_env
 from sandboxd.templates.store import Build, TemplateStore
-
-from gvisor_helpers import Sandbox, assert_no_traces
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from gvisor_helpers import Sandbox, assert_no_traces, processes_mentioning, wait_health
 
 from sandboxd.orchestrator.network import NetworkError, SlotPool
 from sandboxd.orchestrator.rootfs import mount_overlay, unmount_overlay
 from sandboxd.runtimes.base import CONSOLE_TAIL_BYTES, RuntimeSpec, RuntimeStartError
 from sandboxd.runtimes.gvisor import GVisorRuntime
 from sandboxd.templates.store import Build, TemplateStore
-
-from gvisor_helpers import Sandbox, assert_no_traces, processes_mentioning, wait_health
 
 
 @pytest.mark.slow

@@ -126,8 +126,8 @@ def outcomes(request: pytest.FixtureRequest, data_dir: Path,
     ns, server = matrix_server
     cache = data_dir / "sdk-envs"
     with ThreadPoolExecutor(PARALLEL) as pool:
-        commands = dict(zip(selected, pool.map(lambda r: _prepare(r, cache), selected.values())))
-        return dict(zip(commands, pool.map(lambda rid: _run(ns, server, selected[rid], commands[rid]), commands)))
+        commands = dict(zip(selected, pool.map(lambda r: _prepare(r, cache), selected.values()), strict=True))
+        return dict(zip(commands, pool.map(lambda rid: _run(ns, server, selected[rid], commands[rid]), commands), strict=True))
 
 
 @pytest.mark.parametrize("release", RELEASES, ids=lambda r: r.id)

@@ -14,7 +14,6 @@ import pytest
 from sandboxd.templates.store import TemplateStore
 
 
-
 def _log(msg: str) -> None:
     print(msg, flush=True)
 

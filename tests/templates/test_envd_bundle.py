@@ -52,7 +52,7 @@ def test_envd_argv_with_tini_runs_and_leaks_no_python_env(tiny: Build):
     assert res.returncode == 0, res.stderr
     child_env = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
     assert child_env["PATH"] == eb.DEFAULT_PATH
-    assert not [k for k in child_env if k.startswith("PYTHON") or k.startswith("LD_")]
+    assert not [k for k in child_env if k.startswith(("PYTHON", "LD_"))]
 
 
 def test_envd_env_sets_path_and_no_loader_vars():

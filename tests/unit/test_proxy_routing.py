@@ -6,7 +6,8 @@ from sandboxd.proxy.asgi import route_of
 
 
 def scope(**headers: str) -> dict:
-    return {"type": "http", "path": "/process.Process/Start", "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
+    return {"type": "http", "path": "/process.Process/Start",
+            "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
 
 
 def test_headers_route() -> None:

@@ -29,7 +29,7 @@ class Upstream:
     def __init__(self) -> None:
         self.disconnected = threading.Event()
 
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
         path = scope["path"]
@@ -44,7 +44,7 @@ class Upstream:
             await send({"type": "http.response.body", "body": body})
             return
         if path == "/forever":
-            asyncio.ensure_future(self._watch_disconnect(receive))
+            self._watcher = asyncio.ensure_future(self._watch_disconnect(receive))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for i in range(3 if path == "/stream" else 10_000):
             if self.disconnected.is_set():
@@ -53,13 +53,13 @@ class Upstream:
             await asyncio.sleep(0.2)
         await send({"type": "http.response.body", "body": b""})
 
-    async def _watch_disconnect(self, receive) -> None:  # noqa: ANN001
+    async def _watch_disconnect(self, receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         self.disconnected.set()
 
 
-def _serve(app, port: int) -> uvicorn.Server:  # noqa: ANN001
+def _serve(app, port: int) -> uvicorn.Server:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.monotonic() + 10
@@ -72,7 +72,7 @@ def _serve(app, port: int) -> uvicorn.Server:  # noqa: ANN001
 def proxied() -> Iterator[tuple[str, int, Upstream]]:
     upstream, up_port, proxy_port = Upstream(), _free_port(), _free_port()
 
-    async def control_plane(scope, receive, send) -> None:  # noqa: ANN001
+    async def control_plane(scope, receive, send) -> None:
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"control plane"})
@@ -84,7 +84,7 @@ def proxied() -> Iterator[tuple[str, int, Upstream]]:
         s.should_exit = True
 
 
-def test_response_streams_chunk_by_chunk(proxied) -> None:  # noqa: ANN001
+def test_response_streams_chunk_by_chunk(proxied) -> None:
     url, up_port, _ = proxied
     headers = {"E2b-Sandbox-Id": "sbx1", "E2b-Sandbox-Port": str(up_port)}
     arrivals = []
@@ -95,7 +95,7 @@ def test_response_streams_chunk_by_chunk(proxied) -> None:  # noqa: ANN001
     assert arrivals[-1][0] - arrivals[0][0] > 0.3  # not buffered until the end
 
 
-def test_chunked_request_body_and_query_pass_through(proxied) -> None:  # noqa: ANN001
+def test_chunked_request_body_and_query_pass_through(proxied) -> None:
     url, up_port, _ = proxied
     headers = {"E2b-Sandbox-Id": "sbx1", "E2b-Sandbox-Port": str(up_port)}
 
@@ -108,7 +108,7 @@ def test_chunked_request_body_and_query_pass_through(proxied) -> None:  # noqa: 
     assert r.headers["x-seen-query"] == "path=%2Fa%20b&x=1"
 
 
-def test_client_disconnect_closes_upstream(proxied) -> None:  # noqa: ANN001
+def test_client_disconnect_closes_upstream(proxied) -> None:
     url, up_port, upstream = proxied
     headers = {"E2b-Sandbox-Id": "sbx1", "E2b-Sandbox-Port": str(up_port)}
     with httpx.stream("GET", f"{url}/forever", headers=headers) as r:
@@ -117,7 +117,7 @@ def test_client_disconnect_closes_upstream(proxied) -> None:  # noqa: ANN001
     assert upstream.disconnected.wait(5)
 
 
-def test_unknown_sandbox_closed_port_and_control_plane(proxied) -> None:  # noqa: ANN001
+def test_unknown_sandbox_closed_port_and_control_plane(proxied) -> None:
     url, _, _ = proxied
     r = httpx.get(f"{url}/health", headers={"E2b-Sandbox-Id": "other"})
     assert r.status_code == 502 and "was not found" in r.json()["message"]

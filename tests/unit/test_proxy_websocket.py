@@ -28,7 +28,7 @@ def proxy_and_upstream() -> Iterator[tuple[int, int]]:
     up_port, proxy_port = _free_port(), _free_port()
     stop = threading.Event()
 
-    async def echo(ws) -> None:  # noqa: ANN001
+    async def echo(ws) -> None:
         async for message in ws:
             await ws.send(message if isinstance(message, bytes) else f"echo:{message}:{ws.request.path}")
 
@@ -39,7 +39,7 @@ def proxy_and_upstream() -> Iterator[tuple[int, int]]:
 
     threading.Thread(target=lambda: asyncio.run(upstream_main()), daemon=True).start()
 
-    async def control_plane(scope, receive, send) -> None:  # noqa: ANN001
+    async def control_plane(scope, receive, send) -> None:
         pass
 
     server = uvicorn.Server(uvicorn.Config(SandboxProxy(control_plane, {"sbx1": Upstream("127.0.0.1")}.get),

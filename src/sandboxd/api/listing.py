@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, unquote
 
 from sandboxd.api.errors import ApiError
@@ -76,8 +76,8 @@ def parse_metadata(raw: str | None) -> dict[str, str]:
 def micros(dt: datetime) -> int:
     """A start time as whole microseconds since the epoch (the cursor's precision, as E2B's)."""
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
+    delta = dt - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
@@ -125,7 +125,7 @@ def page(rows: list[SandboxRow], q: ListQuery) -> Page:
 
 def encode_cursor(row: SandboxRow, descending: bool) -> str:
     at = micros(row.started_at)
-    when = datetime.fromtimestamp(at // 1_000_000, timezone.utc).replace(microsecond=at % 1_000_000)
+    when = datetime.fromtimestamp(at // 1_000_000, UTC).replace(microsecond=at % 1_000_000)
     text = f"{when.isoformat().replace('+00:00', 'Z')}__{row.sandbox_id}" + ("" if descending else f"__{_ASC}")
     return base64.urlsafe_b64encode(text.encode()).decode()
 

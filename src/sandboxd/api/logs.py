@@ -13,8 +13,8 @@ logged is a 404.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Annotated, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
@@ -35,10 +35,10 @@ def _entries(request: Request, sandbox_id: str) -> list[LogEntry]:
 
 
 def _timestamp(entry: LogEntry) -> str:
-    return iso(datetime.fromtimestamp(entry.timestamp_ms / 1000, timezone.utc))
+    return iso(datetime.fromtimestamp(entry.timestamp_ms / 1000, UTC))
 
 
-def entry_json(entry: LogEntry) -> dict:
+def entry_json(entry: LogEntry) -> dict[str, Any]:
     """SandboxLogEntry: every key required, ``fields`` a string map."""
     return {"timestamp": _timestamp(entry), "message": entry.message, "level": entry.level,
             "fields": {k: str(v) for k, v in entry.fields.items()}}
@@ -46,7 +46,7 @@ def entry_json(entry: LogEntry) -> dict:
 
 @router.get("/sandboxes/{sandbox_id}/logs")
 def sandbox_logs_v1(sandbox_id: str, request: Request, start: Annotated[int | None, Query(ge=0)] = None,
-                    limit: Annotated[int, Query(ge=0, le=MAX_LIMIT)] = MAX_LIMIT) -> dict:
+                    limit: Annotated[int, Query(ge=0, le=MAX_LIMIT)] = MAX_LIMIT) -> dict[str, Any]:
     page = select(_entries(request, sandbox_id), cursor_ms=start, limit=limit)
     return {
         "logs": [{"timestamp": _timestamp(e),
@@ -61,7 +61,7 @@ def sandbox_logs_v2(sandbox_id: str, request: Request, cursor: Annotated[int | N
                     limit: Annotated[int, Query(ge=0, le=MAX_LIMIT)] = MAX_LIMIT,
                     direction: Literal["forward", "backward"] = "forward",
                     level: Literal["debug", "info", "warn", "error"] | None = None,
-                    search: str | None = None) -> dict:
+                    search: str | None = None) -> dict[str, Any]:
     page = select(_entries(request, sandbox_id), cursor_ms=cursor, limit=limit,
                   backward=direction == "backward", min_level=level, search=search)
     return {"logs": [entry_json(e) for e in page]}

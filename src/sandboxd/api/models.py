@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -139,8 +139,8 @@ class ConnectBody(_Strict):
 def iso(dt: datetime) -> str:
     """RFC 3339 in UTC with a ``Z``, as E2B answers (SQLite returns naive UTC datetimes)."""
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def sandbox_json(row: SandboxRow, domain: str | None) -> dict[str, Any]:

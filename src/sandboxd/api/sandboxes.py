@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from datetime import datetime, timezone
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -186,7 +186,7 @@ def list_sandboxes(
 
 
 @router.get("/sandboxes")
-def list_sandboxes_v1(request: Request, metadata: str | None = None) -> list[dict]:
+def list_sandboxes_v1(request: Request, metadata: str | None = None) -> list[dict[str, Any]]:
     """The v1 list: running sandboxes only, newest first, no pagination (SDK 1.x, the CLI)."""
     wanted = listing.parse_metadata(metadata)
     rows = [r for r in _orchestrator(request).db.list_sandboxes()
@@ -196,7 +196,7 @@ def list_sandboxes_v1(request: Request, metadata: str | None = None) -> list[dic
 
 
 @router.get("/sandboxes/{sandbox_id}")
-def get_sandbox(sandbox_id: str, request: Request) -> dict:
+def get_sandbox(sandbox_id: str, request: Request) -> dict[str, Any]:
     return detail_json(_visible(_orchestrator(request), sandbox_id), _settings(request).domain)
 
 
@@ -241,7 +241,7 @@ def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSO
 
 
 @router.get("/sandboxes/{sandbox_id}/metrics")
-def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None, end: int | None = None) -> list[dict]:
+def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
     """The sampled series over the sandbox's life (start: its start, end: now by default), oldest
     first, as E2B keeps it; a paused sandbox keeps its history. A running sandbox not sampled yet
     is sampled now, so a call right after create sees one sample."""
@@ -249,7 +249,7 @@ def sandbox_metrics(sandbox_id: str, request: Request, start: int | None = None,
     row = _visible(orch, sandbox_id)
     samples = _samples(request)
     first = listing.micros(row.started_at) // 1_000_000 if start is None else start
-    last = int(datetime.now(timezone.utc).timestamp()) + 1 if end is None else end
+    last = int(datetime.now(UTC).timestamp()) + 1 if end is None else end
     if first > last:
         raise ApiError(400, f"Invalid time range for metrics: start ({first}) is after end ({last})")
     if not samples.series(sandbox_id) and (upstream := orch.upstream(sandbox_id)) is not None:
@@ -261,7 +261,7 @@ def _samples(request: Request) -> MetricSamples:
     return request.app.state.metric_samples
 
 
-def latest_metric(request: Request, row: SandboxRow) -> dict | None:
+def latest_metric(request: Request, row: SandboxRow) -> dict[str, Any] | None:
     """E2B's SandboxMetric: the sandbox's newest sample (taken now if it has none yet)."""
     samples = _samples(request)
     sample = samples.latest(row.sandbox_id)
@@ -270,11 +270,11 @@ def latest_metric(request: Request, row: SandboxRow) -> dict | None:
     return metric_json(sample) if sample is not None else None
 
 
-def metric_json(m: dict) -> dict:
+def metric_json(m: dict[str, Any]) -> dict[str, Any]:
     """envd's ``/metrics`` keys as E2B's SandboxMetric."""
     ts = int(m["ts"])
     return {
-        "timestamp": iso(datetime.fromtimestamp(ts, timezone.utc)), "timestampUnix": ts,
+        "timestamp": iso(datetime.fromtimestamp(ts, UTC)), "timestampUnix": ts,
         "cpuCount": m["cpu_count"], "cpuUsedPct": m["cpu_used_pct"],
         "memUsed": m["mem_used"], "memTotal": m["mem_total"], "memCache": m.get("mem_cache", 0),
         "diskUsed": m["disk_used"], "diskTotal": m["disk_total"],  # the sandbox's own disk

@@ -9,7 +9,7 @@ CLI and other languages' SDKs). Each route stays thin: the orchestrator does the
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -72,7 +72,7 @@ def refresh_sandbox(sandbox_id: str, request: Request,
 
 
 @router.get("/sandboxes/metrics")
-def sandboxes_metrics(request: Request, sandbox_ids: Annotated[list[str], Query()]) -> dict:
+def sandboxes_metrics(request: Request, sandbox_ids: Annotated[list[str], Query()]) -> dict[str, Any]:
     """``{"sandboxes": {id: SandboxMetric}}``: the newest sample of each running sandbox among
     ``sandbox_ids`` (comma-separated, or repeated as SDK 1.x's client sends them); others are left out."""
     ids = [i for raw in sandbox_ids for i in raw.split(",") if i]

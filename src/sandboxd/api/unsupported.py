@@ -9,6 +9,8 @@ implemented simply takes precedence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Depends
 
 from sandboxd.api.auth import require_api_key
@@ -50,7 +52,7 @@ UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _not_implemented(method: str, path: str, what: str):  # noqa: ANN202 - a FastAPI endpoint
+def _not_implemented(method: str, path: str, what: str) -> Callable[[], None]:
     def endpoint() -> None:
         raise ApiError(501, f"sandboxd does not implement {method} {path} ({what}) yet")
 

@@ -91,7 +91,7 @@ def check_checksums(settings: Settings, build_ids: set[str], everything: bool) -
     images = bad_images = 0
     for build_id in ids:
         d = ext4.cache_dir(settings.data_dir, build_id)
-        meta = ext4._read_meta(d)
+        meta = ext4.read_meta(d)
         if meta:
             images += 1
             if meta.get("build_id") != build_id or not ext4.verified_sha256(d / ext4.IMAGE_NAME, meta.get("sha256", "")):

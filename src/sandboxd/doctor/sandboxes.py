@@ -5,6 +5,7 @@ runsc containers or sandbox dirs remain of sandboxes the database no longer has.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -32,7 +33,7 @@ def qemu_processes() -> Iterator[tuple[int, str, list[str]]]:
             continue
         if not argv or "qemu-system" not in os.path.basename(argv[0]):
             continue
-        for flag, value in zip(argv, argv[1:]):
+        for flag, value in itertools.pairwise(argv):
             if flag == "-name" and (m := VM_NAME.match(value.split(",")[0])):
                 yield int(entry.name), m.group(1), argv
 
@@ -41,7 +42,7 @@ def vm_disks(argv: list[str]) -> list[tuple[str, str]]:
     """(kind, path) of every disk on a QEMU command line: ``nbd`` for an NBD unix socket,
     ``file`` for an image file given directly (``-blockdev`` with a file driver, or ``-drive``)."""
     disks = []
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in itertools.pairwise(argv):
         if flag == "-blockdev":
             try:
                 node = json.loads(value)

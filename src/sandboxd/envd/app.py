@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from connectrpc.code import Code
@@ -74,7 +74,7 @@ def _watch_disconnect(receive: Receive) -> Receive:
     gone = asyncio.Event()
     DISCONNECTED.set(gone)
 
-    async def wrapped() -> dict[str, Any]:
+    async def wrapped() -> MutableMapping[str, Any]:
         message = await receive()
         if message["type"] == "http.disconnect":
             gone.set()
@@ -113,13 +113,13 @@ class EnvdApp:
         method, path = scope["method"], scope["path"]
         is_rpc = path.startswith(RPC_PREFIXES)
         token = self.state.access_token
-        if token is not None and needs_token(method, path):
-            if not tokens_equal(header(scope, "x-access-token"), token):
-                if is_rpc:
-                    await send_connect_error(send, 401, "unauthenticated", "invalid or missing access token")
-                else:
-                    await send_error(send, 401, "invalid or missing access token")
-                return
+        if (token is not None and needs_token(method, path)
+                and not tokens_equal(header(scope, "x-access-token"), token)):
+            if is_rpc:
+                await send_connect_error(send, 401, "unauthenticated", "invalid or missing access token")
+            else:
+                await send_error(send, 401, "invalid or missing access token")
+            return
         if is_rpc:
             prefix = path[: path.index("/", 1) + 1]
             await self._rpc[prefix](scope, _watch_disconnect(receive), send)
@@ -141,7 +141,7 @@ class EnvdApp:
                 _start_sudo_broker_if_needed()
                 if _guards_memory():
                     loop = asyncio.get_running_loop()
-                    OomGuard(lambda v: loop.call_soon_threadsafe(self.processes.oom_killed, v)).start()
+                    OomGuard(lambda v: loop.call_soon_threadsafe(self.processes.oom_killed, v)).start()  # noqa: B023 - one loop
                 log.info("envd %s ready", ENVD_VERSION)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

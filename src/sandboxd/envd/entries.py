@@ -16,6 +16,7 @@ from . import file_metadata
 from .rpc.filesystem import filesystem_pb as fpb
 from .users import group_name, user_name
 
+
 def file_type(mode: int) -> fpb.FileType:
     """Map st_mode to FileType; anything not a directory (sockets, fifos...) counts as a file."""
     if stat.S_ISDIR(mode):

@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from .inotify import GoneWatches
 
@@ -41,7 +42,7 @@ class FileMetadata:
         self.index_path = index_path
         self.boot_id_path = boot_id_path
         self._lock = threading.Lock()
-        self._index: dict[str, dict] | None = None  # path → {"ino": int, "metadata": {...}}
+        self._index: dict[str, dict[str, Any]] | None = None  # path → {"ino": int, "metadata": {...}}
         self._watches: GoneWatches | None = None
 
     # -- the API's operations ------------------------------------------------------------------
@@ -99,7 +100,7 @@ class FileMetadata:
 
     # -- the index -----------------------------------------------------------------------------
 
-    def _entries(self, expected_gone: str | None = None) -> dict[str, dict]:
+    def _entries(self, expected_gone: str | None = None) -> dict[str, dict[str, Any]]:
         """The index, up to date with every deletion and move the watches saw (except of what
         is under ``expected_gone``: envd's own rename)."""
         if self._index is None:
@@ -115,7 +116,7 @@ class FileMetadata:
                 self._save(self._index)
         return self._index
 
-    def _load(self) -> dict[str, dict]:
+    def _load(self) -> dict[str, dict[str, Any]]:
         try:
             raw = json.loads(self.index_path.read_text())
         except FileNotFoundError:
@@ -147,7 +148,7 @@ class FileMetadata:
         except OSError:
             return ""
 
-    def _save(self, entries: dict[str, dict]) -> None:
+    def _save(self, entries: dict[str, dict[str, Any]]) -> None:
         self.index_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.index_path.with_name(self.index_path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

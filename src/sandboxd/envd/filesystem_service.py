@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -83,18 +84,18 @@ class FilesystemService(Filesystem):
         self._state = state
         self._watchers = PolledWatchers()
 
-    def _path(self, ctx: RequestContext, path: str) -> tuple[User, str]:
+    def _path(self, ctx: RequestContext[Any, Any], path: str) -> tuple[User, str]:
         user = rpc_user(ctx, self._state)
         if not path:
             raise ConnectError(Code.INVALID_ARGUMENT, "path is required")
         return user, resolve_path(path, user)
 
-    async def stat(self, request: fpb.StatRequest, ctx: RequestContext) -> fpb.StatResponse:
+    async def stat(self, request: fpb.StatRequest, ctx: RequestContext[Any, Any]) -> fpb.StatResponse:
         _, path = self._path(ctx, request.path)
         with os_errors(f"stat '{path}'"):
             return fpb.StatResponse(entry=entry_info(path))
 
-    async def list_dir(self, request: fpb.ListDirRequest, ctx: RequestContext) -> fpb.ListDirResponse:
+    async def list_dir(self, request: fpb.ListDirRequest, ctx: RequestContext[Any, Any]) -> fpb.ListDirResponse:
         _, path = self._path(ctx, request.path)
         depth = max(request.depth, 1)
         with os_errors(f"list '{path}'"):
@@ -109,7 +110,7 @@ class FilesystemService(Filesystem):
                 e.path = path + e.path[len(real) :]
         return fpb.ListDirResponse(entries=entries)
 
-    async def make_dir(self, request: fpb.MakeDirRequest, ctx: RequestContext) -> fpb.MakeDirResponse:
+    async def make_dir(self, request: fpb.MakeDirRequest, ctx: RequestContext[Any, Any]) -> fpb.MakeDirResponse:
         user, path = self._path(ctx, request.path)
         with os_errors(f"make directory '{path}'"):
             if os.path.lexists(path):
@@ -119,7 +120,7 @@ class FilesystemService(Filesystem):
             makedirs_owned(path, user)
             return fpb.MakeDirResponse(entry=entry_info(path))
 
-    async def move(self, request: fpb.MoveRequest, ctx: RequestContext) -> fpb.MoveResponse:
+    async def move(self, request: fpb.MoveRequest, ctx: RequestContext[Any, Any]) -> fpb.MoveResponse:
         user, source = self._path(ctx, request.source)
         _, destination = self._path(ctx, request.destination)
         with os_errors(f"move '{source}' to '{destination}'"):
@@ -135,7 +136,7 @@ class FilesystemService(Filesystem):
             file_metadata.STORE.moved(source, destination)
             return fpb.MoveResponse(entry=entry_info(destination))
 
-    async def remove(self, request: fpb.RemoveRequest, ctx: RequestContext) -> fpb.RemoveResponse:
+    async def remove(self, request: fpb.RemoveRequest, ctx: RequestContext[Any, Any]) -> fpb.RemoveResponse:
         _, path = self._path(ctx, request.path)
         with os_errors(f"remove '{path}'"):
             if os.path.isdir(path) and not os.path.islink(path):
@@ -146,7 +147,7 @@ class FilesystemService(Filesystem):
         file_metadata.STORE.removed(path)
         return fpb.RemoveResponse()
 
-    async def watch_dir(self, request: fpb.WatchDirRequest, ctx: RequestContext) -> AsyncIterator[fpb.WatchDirResponse]:
+    async def watch_dir(self, request: fpb.WatchDirRequest, ctx: RequestContext[Any, Any]) -> AsyncIterator[fpb.WatchDirResponse]:
         _, path = self._path(ctx, request.path)
         async for message in stream_watch(
             path, request.recursive, request.include_entry, keepalive_interval(ctx), lambda: ctx.timeout_ms
@@ -154,20 +155,20 @@ class FilesystemService(Filesystem):
             yield message
 
     async def create_watcher(
-        self, request: fpb.CreateWatcherRequest, ctx: RequestContext
+        self, request: fpb.CreateWatcherRequest, ctx: RequestContext[Any, Any]
     ) -> fpb.CreateWatcherResponse:
         _, path = self._path(ctx, request.path)
         watcher_id = self._watchers.create(path, request.recursive, request.include_entry)
         return fpb.CreateWatcherResponse(watcher_id=watcher_id)
 
     async def get_watcher_events(
-        self, request: fpb.GetWatcherEventsRequest, ctx: RequestContext
+        self, request: fpb.GetWatcherEventsRequest, ctx: RequestContext[Any, Any]
     ) -> fpb.GetWatcherEventsResponse:
         rpc_user(ctx, self._state)
         return fpb.GetWatcherEventsResponse(events=self._watchers.drain(request.watcher_id))
 
     async def remove_watcher(
-        self, request: fpb.RemoveWatcherRequest, ctx: RequestContext
+        self, request: fpb.RemoveWatcherRequest, ctx: RequestContext[Any, Any]
     ) -> fpb.RemoveWatcherResponse:
         rpc_user(ctx, self._state)
         self._watchers.remove(request.watcher_id)

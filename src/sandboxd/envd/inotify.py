@@ -8,6 +8,11 @@ follow upstream envd's fsnotify mapping: create (also a move into the tree), wri
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ctypes
+
 import asyncio
 import errno
 import logging
@@ -39,10 +44,10 @@ _EVENT_HEADER = struct.Struct("iIII")
 
 CREATE, WRITE, REMOVE, RENAME, CHMOD = "create", "write", "remove", "rename", "chmod"
 
-_libc = None
+_libc: ctypes.CDLL | None = None
 
 
-def _lib():  # noqa: ANN202 - ctypes.CDLL, imported lazily
+def _lib() -> ctypes.CDLL:
     """libc through ctypes, loaded on first watch: envd must start even if ctypes is unavailable."""
     global _libc
     if _libc is None:

@@ -88,7 +88,7 @@ def biggest_process(protected: set[int]) -> tuple[int, int, int, str] | None:
 class OomGuard:
     """A daemon thread; ``check()`` is one round (tests call it directly)."""
 
-    def __init__(self, on_kill: Callable[[Victim], None], protected: set[int] | None = None) -> None:
+    def __init__(self, on_kill: Callable[[Victim], object], protected: set[int] | None = None) -> None:
         self.on_kill = on_kill
         self.protected = protected if protected is not None else {1, os.getpid()}
         self.kills = 0
@@ -111,7 +111,7 @@ class OomGuard:
                         self._stop.wait(SETTLE_S)
                         continue
                     interval = poll_interval(available)
-                except Exception:  # noqa: BLE001 - the guard must outlive one bad read
+                except Exception:  # the guard must outlive one bad read
                     log.exception("oom guard round failed")
                     interval = MAX_INTERVAL_S
                 self._stop.wait(interval)
@@ -134,6 +134,6 @@ class OomGuard:
                     pid, name, rss >> 20, total >> 20)
         try:
             self.on_kill(victim)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("oom guard: reporting the kill failed")
         return victim

@@ -202,6 +202,7 @@ class ProcessManager:
             raise SpawnError(f"cwd '{cwd}' does not exist or is not a directory")
         loop = asyncio.get_running_loop()
         creds = _credentials(user)
+        pty_fd: int | None
         if pty_size is not None:
             popen, stdin_fd, pty_fd, readers = _spawn_pty(spec, env, cwd, creds, pty_size)
         else:
@@ -338,7 +339,7 @@ def _spawn_pty(
 class _FdReader:
     """Reads an fd on the event loop and publishes chunks until EOF (EIO on a PTY is EOF too)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, name: str, publish: Callable[[Event], None]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, name: str, publish: Callable[[Event], None]) -> None:
         self._loop, self._fd, self._name, self._publish = loop, fd, name, publish
         self.closed: asyncio.Future[None] = loop.create_future()
         os.set_blocking(fd, False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -46,7 +47,7 @@ def process_env(user: User, init_env: dict[str, str], request_env: dict[str, str
     return env
 
 
-def keepalive_interval(ctx: RequestContext) -> float:
+def keepalive_interval(ctx: RequestContext[Any, Any]) -> float:
     """Seconds of idleness before a keepalive event (header ``Keepalive-Ping-Interval``)."""
     raw = ctx.request_headers.get("keepalive-ping-interval")
     try:
@@ -58,12 +59,12 @@ def keepalive_interval(ctx: RequestContext) -> float:
 
 def _event(**kw: object) -> pb.ProcessEvent:
     ((name, value),) = kw.items()
-    return pb.ProcessEvent(event=Oneof(name, value))
+    return pb.ProcessEvent(event=Oneof(name, value))  # type: ignore[arg-type]  # the field is checked at run time
 
 
 def _to_pb(event: Event) -> pb.ProcessEvent:
     if isinstance(event, OutputEvent):
-        return _event(data=pb.ProcessEvent.DataEvent(output=Oneof(event.stream, event.data)))
+        return _event(data=pb.ProcessEvent.DataEvent(output=Oneof(event.stream, event.data)))  # type: ignore[arg-type]
     end = pb.ProcessEvent.EndEvent(exit_code=event.exit_code, exited=event.exited, status=event.status)
     if event.error is not None:
         end.error = event.error
@@ -71,7 +72,7 @@ def _to_pb(event: Event) -> pb.ProcessEvent:
 
 
 async def _events(
-    mp: ManagedProcess, queue: asyncio.Queue[Event], ctx: RequestContext, fail_on_deadline: bool
+    mp: ManagedProcess, queue: asyncio.Queue[Event], ctx: RequestContext[Any, Any], fail_on_deadline: bool
 ) -> AsyncIterator[pb.ProcessEvent]:
     """Start event, then the process's events with keepalives, until the end event."""
     interval = keepalive_interval(ctx)
@@ -111,10 +112,10 @@ class ProcessService(Process):
     def _select(self, selector: pb.ProcessSelector | None) -> ManagedProcess:
         """The process a ProcessSelector names; ``not_found`` if it is not running."""
         match selector.selector if selector is not None else None:
-            case Oneof(field="pid", value=pid):
+            case Oneof(field="pid", value=int(pid)):
                 mp = self._manager.get(pid)
                 what = f"process with pid {pid}"
-            case Oneof(field="tag", value=tag):
+            case Oneof(field="tag", value=str(tag)):
                 mp = self._manager.by_tag(tag)
                 what = f"process with tag {tag}"
             case _:
@@ -130,7 +131,7 @@ class ProcessService(Process):
             return resolve_path(self._state.default_workdir, user)
         return user.home
 
-    async def start(self, request: pb.StartRequest, ctx: RequestContext) -> AsyncIterator[pb.StartResponse]:
+    async def start(self, request: pb.StartRequest, ctx: RequestContext[Any, Any]) -> AsyncIterator[pb.StartResponse]:
         user = rpc_user(ctx, self._state)
         cfg = request.process
         if cfg is None or not cfg.cmd:
@@ -164,14 +165,14 @@ class ProcessService(Process):
         async for event in _events(mp, queue, ctx, fail_on_deadline=True):
             yield pb.StartResponse(event=event)
 
-    async def connect(self, request: pb.ConnectRequest, ctx: RequestContext) -> AsyncIterator[pb.ConnectResponse]:
+    async def connect(self, request: pb.ConnectRequest, ctx: RequestContext[Any, Any]) -> AsyncIterator[pb.ConnectResponse]:
         rpc_user(ctx, self._state)
         mp = self._select(request.process)
         queue = mp.subscribe()
         async for event in _events(mp, queue, ctx, fail_on_deadline=False):
             yield pb.ConnectResponse(event=event)
 
-    async def list(self, request: pb.ListRequest, ctx: RequestContext) -> pb.ListResponse:
+    async def list(self, request: pb.ListRequest, ctx: RequestContext[Any, Any]) -> pb.ListResponse:
         rpc_user(ctx, self._state)
         infos = []
         for mp in self._manager.all():
@@ -199,21 +200,21 @@ class ProcessService(Process):
         except OSError as e:
             raise ConnectError(Code.FAILED_PRECONDITION, f"write to process {mp.pid}: {e.strerror or e}") from e
 
-    async def send_input(self, request: pb.SendInputRequest, ctx: RequestContext) -> pb.SendInputResponse:
+    async def send_input(self, request: pb.SendInputRequest, ctx: RequestContext[Any, Any]) -> pb.SendInputResponse:
         rpc_user(ctx, self._state)
         await self._write(self._select(request.process), request.input)
         return pb.SendInputResponse()
 
     async def stream_input(
-        self, request: AsyncIterator[pb.StreamInputRequest], ctx: RequestContext
+        self, request: AsyncIterator[pb.StreamInputRequest], ctx: RequestContext[Any, Any]
     ) -> pb.StreamInputResponse:
         rpc_user(ctx, self._state)
         mp: ManagedProcess | None = None
         async for message in request:
             match message.event:
-                case Oneof(field="start", value=start):
+                case Oneof(field="start", value=pb.StreamInputRequest.StartEvent() as start):
                     mp = self._select(start.process)
-                case Oneof(field="data", value=data):
+                case Oneof(field="data", value=pb.StreamInputRequest.DataEvent() as data):
                     if mp is None:
                         raise ConnectError(Code.INVALID_ARGUMENT, "first message must be a start event")
                     await self._write(mp, data.input)
@@ -221,7 +222,7 @@ class ProcessService(Process):
                     pass  # keepalive
         return pb.StreamInputResponse()
 
-    async def close_stdin(self, request: pb.CloseStdinRequest, ctx: RequestContext) -> pb.CloseStdinResponse:
+    async def close_stdin(self, request: pb.CloseStdinRequest, ctx: RequestContext[Any, Any]) -> pb.CloseStdinResponse:
         rpc_user(ctx, self._state)
         mp = self._select(request.process)
         try:
@@ -230,7 +231,7 @@ class ProcessService(Process):
             raise ConnectError(Code.FAILED_PRECONDITION, str(e)) from e
         return pb.CloseStdinResponse()
 
-    async def send_signal(self, request: pb.SendSignalRequest, ctx: RequestContext) -> pb.SendSignalResponse:
+    async def send_signal(self, request: pb.SendSignalRequest, ctx: RequestContext[Any, Any]) -> pb.SendSignalResponse:
         rpc_user(ctx, self._state)
         mp = self._select(request.process)
         sig = _SIGNALS.get(request.signal)
@@ -239,7 +240,7 @@ class ProcessService(Process):
         mp.signal(sig)
         return pb.SendSignalResponse()
 
-    async def update(self, request: pb.UpdateRequest, ctx: RequestContext) -> pb.UpdateResponse:
+    async def update(self, request: pb.UpdateRequest, ctx: RequestContext[Any, Any]) -> pb.UpdateResponse:
         rpc_user(ctx, self._state)
         mp = self._select(request.process)
         if request.pty is not None and request.pty.size is not None:

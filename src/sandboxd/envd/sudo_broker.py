@@ -27,6 +27,7 @@ import stat
 import struct
 import subprocess
 import threading
+from typing import Any
 
 log = logging.getLogger("envd.sudo")
 
@@ -98,7 +99,7 @@ class SudoBroker:
             self._allowed[uid] = check.returncode == 0 and "may run the following" in check.stdout
         return self._allowed[uid]
 
-    def _run(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
+    def _run(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
         argv = [self.sudo, *[str(a) for a in request.get("argv", [])]]
         env = {str(k): str(v) for k, v in dict(request.get("env", {})).items()}
         cwd = str(request.get("cwd") or "/")
@@ -113,7 +114,7 @@ class SudoBroker:
             conn.sendall(f"E {128 - code if code < 0 else code}\n".encode())
 
 
-def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
+def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     fds = array.array("i")
     data, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(3 * fds.itemsize))
     for level, kind, payload in ancdata:
@@ -174,7 +175,9 @@ def _proof_uid(name: object) -> int | None:
     return st.st_uid if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
 
 
-def _name(uid: int) -> str:
+def _name(uid: int | None) -> str:
+    if uid is None:
+        return "unknown"
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:

@@ -73,7 +73,7 @@ async def stream_watch(
     """The WatchDir stream; it ends at the Connect deadline, and closing it removes the watch."""
     watcher, queue = open_watch(path, recursive, include_entry)
     try:
-        yield fpb.WatchDirResponse(event=Oneof("start", fpb.WatchDirResponse.StartEvent()))
+        yield fpb.WatchDirResponse(event=Oneof("start", fpb.WatchDirResponse.StartEvent()))  # type: ignore[arg-type]  # mypy widens the name to str
         while True:
             wait_s = keepalive_s
             left = remaining_ms()
@@ -87,9 +87,9 @@ async def stream_watch(
                 return
             if event is None:
                 if wait_s == keepalive_s:
-                    yield fpb.WatchDirResponse(event=Oneof("keepalive", fpb.WatchDirResponse.KeepAlive()))
+                    yield fpb.WatchDirResponse(event=Oneof("keepalive", fpb.WatchDirResponse.KeepAlive()))  # type: ignore[arg-type]  # mypy widens the name to str
                 continue
-            yield fpb.WatchDirResponse(event=Oneof("filesystem", event))
+            yield fpb.WatchDirResponse(event=Oneof("filesystem", event))  # type: ignore[arg-type]  # mypy widens the name to str
     finally:
         watcher.close()
 

@@ -112,7 +112,7 @@ class EventLog:
         for fn in list(self._subscribers):
             try:
                 fn(event)
-            except Exception:  # noqa: BLE001 - a subscriber's bug is its own
+            except Exception:  # a subscriber's bug is its own
                 log.exception("nbd event subscriber failed")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from sandboxd.nbd.cow import CowDevice
 from sandboxd.nbd.exports import ExportEvent, ExportState
@@ -115,14 +116,14 @@ class NbdRootfsProvider:
         return self.nbd.events()
 
 
-def _read_record(cow: Path) -> dict | None:
+def _read_record(cow: Path) -> dict[str, Any] | None:
     try:
         return json.loads((cow / RECORD).read_text())
     except (OSError, ValueError):
         return None
 
 
-def _write_record(cow: Path, record: dict) -> None:
+def _write_record(cow: Path, record: dict[str, Any]) -> None:
     cow.mkdir(parents=True, exist_ok=True)
     tmp = cow / f".{RECORD}.tmp"
     tmp.write_text(json.dumps(record, indent=1))

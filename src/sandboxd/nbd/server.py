@@ -176,9 +176,9 @@ class NbdServer:
         except ProtocolError as exc:
             self.pool.protocol_errors += 1
             self.pool.events.emit("rejected", export, f"client pid {s.pid}: {exc}")
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away (or stalled in the handshake)
-        except Exception as exc:  # noqa: BLE001 - one connection's bug must not end the server
+        except Exception as exc:  # one connection's bug must not end the server
             log.exception("nbd connection on %s failed", export.name)
             self.pool.events.emit("error", export, f"{type(exc).__name__}: {exc}")
         finally:

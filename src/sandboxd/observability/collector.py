@@ -10,6 +10,7 @@ import collections
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import func, select
@@ -88,8 +89,8 @@ class NodeCollector:
         failed.add_metric([], sum(1 for _, m in samples if m is None))
         yield from (cpu, cpus, mem, mem_total, disk, failed)
 
-    def _sample_all(self, running: list[SandboxRow]) -> list[tuple[SandboxRow, dict | None]]:
-        def sample(row: SandboxRow) -> tuple[SandboxRow, dict | None]:
+    def _sample_all(self, running: list[SandboxRow]) -> list[tuple[SandboxRow, dict[str, Any] | None]]:
+        def sample(row: SandboxRow) -> tuple[SandboxRow, dict[str, Any] | None]:
             upstream = self.orch.upstream(row.sandbox_id)
             if upstream is None:
                 return row, None

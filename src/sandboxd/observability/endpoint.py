@@ -16,5 +16,5 @@ router = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=Fa
 @router.get("/metrics")
 def metrics(request: Request) -> Response:
     node = NodeCollector(request.app.state.orchestrator)
-    body = generate_latest(events.REGISTRY) + generate_latest(node)  # type: ignore[arg-type]
+    body = generate_latest(events.REGISTRY) + generate_latest(node)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -34,7 +34,10 @@ class Backend(Protocol):
     runtime stopped; resuming boots it again over the same files)."""
 
     name: str
-    runtime: Runtime
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime this backend's sandboxes run in."""
 
     def prepare_rootfs(self, build_id: str, sandbox_dir: Path, disk_mb: int) -> Path:
         """Make (or, for a sandbox paused with its disk alone, make again) the sandbox's

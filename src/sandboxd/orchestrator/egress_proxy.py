@@ -29,6 +29,7 @@ import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
 from sandboxd.orchestrator.egress import DENIED_RANGES, EgressPolicy
 
 log = logging.getLogger("sandboxd.egress")
@@ -90,7 +91,7 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed), port
 
 
-def requested_name(data: bytes) -> str | None | object:
+def requested_name(data: bytes) -> str | object | None:
     """The host a connection's first bytes name: TLS SNI or HTTP/1 ``Host`` (without port);
     None if they name none (or are neither), :data:`NEED_MORE` if more bytes are needed."""
     if not data:
@@ -116,7 +117,7 @@ def requested_name(data: bytes) -> str | None | object:
     return None
 
 
-def _sni(data: bytes) -> str | None | object:
+def _sni(data: bytes) -> str | object | None:
     """The server name of a TLS ClientHello, which may span several records."""
     hello = b""
     pos = 0
@@ -250,7 +251,7 @@ class EgressProxy:
     async def _handle(self, slot: _Slot, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._serve(slot, reader, writer)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             log.debug("egress connection ended: %r", exc)
         finally:
             writer.transport.abort()
@@ -283,7 +284,7 @@ class EgressProxy:
             up_writer.transport.abort()
 
 
-async def _read_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None | object]:
+async def _read_name(reader: asyncio.StreamReader) -> tuple[bytes, str | object | None]:
     data = b""
     while len(data) < MAX_HELLO:
         chunk = await reader.read(MAX_HELLO - len(data))

@@ -12,8 +12,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import httpx
 
@@ -79,7 +79,7 @@ def init_envd(address: str, access_token: str | None, env_vars: dict[str, str], 
         "envVars": env_vars,
         "defaultUser": user,
         "defaultWorkdir": workdir,
-        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "timestamp": datetime.now(UTC).isoformat(),
     }
     try:
         # the token header lets a later /init (after a resume: clock sync) through
@@ -91,7 +91,7 @@ def init_envd(address: str, access_token: str | None, env_vars: dict[str, str], 
         raise EnvdNotReady(f"envd /init answered {r.status_code}: {r.text[:500]}")
 
 
-def fetch_metrics(address: str, access_token: str) -> dict:
+def fetch_metrics(address: str, access_token: str) -> dict[str, Any]:
     """envd's ``GET /metrics`` (CPU, memory and disk of the sandbox as it sees them)."""
     try:
         r = httpx.get(f"{envd_url(address)}/metrics", headers={"X-Access-Token": access_token}, timeout=5.0)
@@ -102,12 +102,12 @@ def fetch_metrics(address: str, access_token: str) -> dict:
     return r.json()
 
 
-def _envelope(message: dict) -> bytes:
+def _envelope(message: dict[str, Any]) -> bytes:
     payload = json.dumps(message).encode()
     return struct.pack(">BI", 0, len(payload)) + payload
 
 
-def _events(chunks: Iterator[bytes]) -> Iterator[dict]:
+def _events(chunks: Iterator[bytes]) -> Iterator[dict[str, Any]]:
     """Decode Connect streaming envelopes (flag byte, 4-byte length, JSON) from a byte stream."""
     buf = b""
     for chunk in chunks:

@@ -84,7 +84,8 @@ def _slot_nft(slot: NetworkSlot) -> str:
     denied = ", ".join(DENIED_RANGES)
     return f"""
 table ip sbx {{
-  chain dnat_to_guest {{ type nat hook prerouting priority dstnat; iifname "eth-h" ip daddr {slot.host_address} dnat to {GUEST_ADDRESS}; }}
+  chain dnat_to_guest {{ type nat hook prerouting priority dstnat;
+    iifname "eth-h" ip daddr {slot.host_address} dnat to {GUEST_ADDRESS}; }}
   chain egress {{ type nat hook postrouting priority srcnat; oifname "eth-h" ip saddr {GUEST_ADDRESS} masquerade; }}
 }}
 table inet sbx_guard {{

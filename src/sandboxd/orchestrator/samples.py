@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from sandboxd.orchestrator.envd_client import EnvdNotReady, fetch_metrics
 from sandboxd.store.db import SandboxRow
@@ -44,7 +45,7 @@ class MetricSamples:
     def _path(self, sandbox_id: str) -> Path:
         return self.root / f"{sandbox_id}.jsonl"
 
-    def add(self, sandbox_id: str, sample: dict) -> None:
+    def add(self, sandbox_id: str, sample: dict[str, Any]) -> None:
         path = self._path(sandbox_id)
         try:
             with self._lock:
@@ -52,7 +53,8 @@ class MetricSamples:
                     f.write(json.dumps(sample) + "\n")
                 count = self._counts.get(sandbox_id)
                 if count is None:
-                    count = sum(1 for _ in open(path, encoding="utf-8"))
+                    with open(path, encoding="utf-8") as written:
+                        count = sum(1 for _ in written)
                 else:
                     count += 1
                 if count > self.max_samples:
@@ -65,7 +67,7 @@ class MetricSamples:
         except OSError as exc:  # a full disk must not stop the sampler
             log.warning("sandbox %s: metric sample lost: %s", sandbox_id, exc)
 
-    def series(self, sandbox_id: str, start: int | None = None, end: int | None = None) -> list[dict] | None:
+    def series(self, sandbox_id: str, start: int | None = None, end: int | None = None) -> list[dict[str, Any]] | None:
         """Samples with ``start <= ts <= end``, oldest first; None if the sandbox never had one."""
         try:
             with self._lock:
@@ -82,7 +84,7 @@ class MetricSamples:
                 out.append(sample)
         return out
 
-    def latest(self, sandbox_id: str) -> dict | None:
+    def latest(self, sandbox_id: str) -> dict[str, Any] | None:
         found = self.series(sandbox_id)
         return found[-1] if found else None
 
@@ -100,7 +102,7 @@ class MetricSamples:
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def sample_one(self, row: SandboxRow, address: str) -> dict | None:
+    def sample_one(self, row: SandboxRow, address: str) -> dict[str, Any] | None:
         """Ask one sandbox's envd now and keep the answer; None if it did not answer."""
         try:
             sample = fetch_metrics(address, row.envd_access_token)

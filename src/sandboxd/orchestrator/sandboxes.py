@@ -18,13 +18,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 from sandboxd.config import Settings
 from sandboxd.envd import ENVD_VERSION
 from sandboxd.envd.auth import file_signature
+from sandboxd.observability import events
+from sandboxd.orchestrator.backends import Backend, Backends
+from sandboxd.orchestrator.egress import NO_EGRESS, OPEN_EGRESS, EgressPolicy
 from sandboxd.orchestrator.envd_client import (
     EnvdNotReady,
     envd_answers,
@@ -34,11 +38,8 @@ from sandboxd.orchestrator.envd_client import (
     sync_guest,
     wait_healthy,
 )
-from sandboxd.observability import events
-from sandboxd.orchestrator.egress import NO_EGRESS, OPEN_EGRESS, EgressPolicy
 from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
-from sandboxd.orchestrator.backends import Backend, Backends
 from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
@@ -349,15 +350,15 @@ class Orchestrator:
         backends = [self.backends.get(runtime)] if runtime else self.backends.made()
         sdir = self.sandbox_dir(sandbox_id)
         steps: list[tuple[str, Callable[[], object]]] = [
-            (f"{b.name} runtime", lambda b=b: b.runtime.stop(sandbox_id)) for b in backends]
+            (f"{b.name} runtime", partial(b.runtime.stop, sandbox_id)) for b in backends]
         if slot_index is not None:
             steps.append(("network", lambda: self.slots.release(self.slots.slot(slot_index))))
-        steps += [(f"{b.name} rootfs", lambda b=b: b.release_rootfs(sdir)) for b in backends]
+        steps += [(f"{b.name} rootfs", partial(b.release_rootfs, sdir)) for b in backends]
         steps += [("rootfs mounts", lambda: unmount_overlay(sdir)), ("dir", lambda: remove_tree(sdir))]
         for name, step in steps:
             try:
                 step()
-            except Exception:  # noqa: BLE001 - keep going: the remaining steps must still run
+            except Exception:  # keep going: the remaining steps must still run
                 log.exception("teardown of %s: %s step failed", sandbox_id, name)
 
     def pause(self, sandbox_id: str, memory: bool = True, strict: bool = False) -> bool | None:
@@ -599,4 +600,4 @@ def egress_of(row: SandboxRow) -> EgressPolicy:
 
 def _aware(dt: datetime) -> datetime:
     """SQLite hands back naive datetimes; they were stored as UTC."""
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)

@@ -33,7 +33,7 @@ log = logging.getLogger("sandboxd.proxy")
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
-ASGIApp = Callable[[Scope, Receive, Send], Any]
+ASGIApp = Callable[[Any, Any, Any], Any]  # any ASGI app (FastAPI types its scope as a MutableMapping)
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,7 @@ class SandboxProxy:
         self.find_by_token = find_by_token
         self._pools: dict[str, tuple[Upstream, httpx.AsyncClient]] = {}
         self._last_sweep = 0.0
+        self._closing: set[asyncio.Future[None]] = set()  # pools being closed, kept until they are
 
     def _pool(self, sandbox_id: str, upstream: Upstream) -> httpx.AsyncClient:
         """One connection pool per boot of a sandbox. Addresses are reused when a slot is, and a
@@ -174,7 +175,7 @@ class SandboxProxy:
         entry = self._pools.get(sandbox_id)
         if entry is None or entry[0] != upstream:
             if entry is not None:
-                asyncio.ensure_future(entry[1].aclose())
+                self._close_later(entry[1])
             # No read timeout: process streams stay open as long as the process runs.
             # verify=False: only ``httpsPorts`` use TLS, to the sandbox's own (self-signed) server
             client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), verify=False,
@@ -182,6 +183,13 @@ class SandboxProxy:
                                        follow_redirects=False)
             entry = self._pools[sandbox_id] = (upstream, client)
         return entry[1]
+
+    def _close_later(self, client: httpx.AsyncClient) -> None:
+        """Close a pool in the background; the task is referenced until done (the loop holds
+        tasks only weakly)."""
+        task = asyncio.ensure_future(client.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _sweep(self) -> None:
         """Close the pools of sandboxes that are gone (at most once a second)."""
@@ -192,7 +200,7 @@ class SandboxProxy:
         for sandbox_id, (upstream, client) in list(self._pools.items()):
             if self.resolve(sandbox_id) != upstream:
                 del self._pools[sandbox_id]
-                asyncio.ensure_future(client.aclose())
+                self._close_later(client)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and (ws_route := route_of(scope)) is not None:

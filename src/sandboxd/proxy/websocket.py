@@ -29,7 +29,7 @@ async def relay_websocket(scope: dict[str, Any], receive: Any, send: Any, url: s
     try:
         upstream = await connect(url, additional_headers=headers, subprotocols=subprotocols,
                                  open_timeout=10, max_size=None, compression=None)
-    except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, InvalidHandshake) as exc:
         status = exc.response.status_code if isinstance(exc, InvalidStatus) else 502
         log.debug("websocket upstream %s refused: %s", url, exc)
         if (await receive())["type"] == "websocket.connect":
@@ -41,7 +41,7 @@ async def relay_websocket(scope: dict[str, Any], receive: Any, send: Any, url: s
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
         to_client = asyncio.ensure_future(_upstream_to_client(upstream, send))
         to_upstream = asyncio.ensure_future(_client_to_upstream(receive, upstream))
-        done, pending = await asyncio.wait({to_client, to_upstream}, return_when=asyncio.FIRST_COMPLETED)
+        _done, pending = await asyncio.wait({to_client, to_upstream}, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -32,6 +32,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from sandboxd.envd.sudo_broker import SUDO
 from sandboxd.runtimes.base import CONSOLE_LOG, RuntimeSpec, RuntimeStartError, console_tail
@@ -213,7 +214,7 @@ class GVisorRuntime:
         if not os.path.ismount(real):
             raise ValueError(f"sandbox rootfs {real} is not a mount point (expected its overlay)")
 
-    def oci_config(self, spec: RuntimeSpec) -> dict:
+    def oci_config(self, spec: RuntimeSpec) -> dict[str, Any]:
         mounts = [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
@@ -246,7 +247,7 @@ class GVisorRuntime:
                 "args": spec.argv,
                 "env": [f"{k}={v}" for k, v in spec.env.items()],
                 "cwd": "/",
-                "capabilities": {k: caps for k in ("bounding", "effective", "permitted", "inheritable")},
+                "capabilities": dict.fromkeys(("bounding", "effective", "permitted", "inheritable"), caps),
                 "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576},
                             # every process inherits it; root is exempt (CAP_SYS_RESOURCE)
                             {"type": "RLIMIT_NPROC", "hard": spec.max_processes, "soft": spec.max_processes}],
@@ -269,7 +270,7 @@ HOST_TASKS_PER_PROCESS = 12
 HOST_TASKS_BASE = 512  # envd, tini and gVisor's own (~70 idle)
 
 
-def resources(spec: RuntimeSpec) -> dict:
+def resources(spec: RuntimeSpec) -> dict[str, Any]:
     """Memory, CPU and task limits of the sandbox's host cgroup (runsc puts its sandbox and gofer
     processes in a cgroup named after the sandbox id and removes it on delete).
 

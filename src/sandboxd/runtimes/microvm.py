@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from sandboxd.runtimes import vmnet
 from sandboxd.runtimes.accel import detect_accel
@@ -344,13 +345,13 @@ class MicroVMRuntime:
         text = qlog.read_text(errors="replace")[-4000:] if qlog.exists() else ""
         return f"{text}\n--- console ---\n{console_tail(spec.sandbox_dir)}"
 
-    def _state(self, sandbox_id: str) -> dict:
+    def _state(self, sandbox_id: str) -> dict[str, Any]:
         try:
             return json.loads((self.state_dir / f"{sandbox_id}.json").read_text())
         except (OSError, ValueError):
             return {}
 
-    def _write_state(self, sandbox_id: str, state: dict) -> None:
+    def _write_state(self, sandbox_id: str, state: dict[str, Any]) -> None:
         tmp = self.state_dir / f".{sandbox_id}.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_dir / f"{sandbox_id}.json")

@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Integer, String, create_engine, event, inspect, select, text
@@ -22,7 +22,7 @@ API_KEY_PREFIX = "e2b_"
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -205,7 +205,8 @@ def _add_missing_columns(engine: Engine) -> None:
         for column in table.columns:
             if column.name in present:
                 continue
-            default = column.default.arg if column.default is not None and not callable(column.default.arg) else None
+            arg = getattr(column.default, "arg", None)  # a scalar default (not a callable one) fills old rows
+            default = arg if arg is not None and not callable(arg) else None
             ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
             if default is not None:
                 ddl += f" DEFAULT {int(default) if isinstance(default, bool) else repr(default)}"

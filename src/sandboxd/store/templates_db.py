@@ -222,7 +222,7 @@ class TemplateBuilds:
         with self.db.session() as s:
             res = s.execute(delete(TemplateTagRow).where(TemplateTagRow.template_id == template_id,
                                                          TemplateTagRow.tag.in_(tags)))
-            return int(res.rowcount or 0)
+            return int(getattr(res, "rowcount", 0) or 0)  # a CursorResult for DELETE
 
     def resolve(self, ref: str) -> str | None:
         """The content build id for ``name``, ``name:tag`` or a template id: the alias table for

@@ -121,7 +121,7 @@ def debootstrap(rootfs: Path, packages: tuple[str, ...], mirror: str, log: LogFn
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip()
-        tail = (tail + [line])[-30:]
+        tail = ([*tail, line])[-30:]
         if msg := progress.feed(line):
             log(msg)
     if proc.wait() != 0:

@@ -144,7 +144,7 @@ class TemplateBuilder:
             key, lambda diff, work: self._run(stack, op, diff, work, name, step, emit),
             {"step": step.describe(), "parent": stack.key}, lambda m: emit("warn", m, name))
         stack.layers.append(layer)
-        link = {"step": name, "key": key, "checksum": layer.checksum}
+        link: dict[str, Any] = {"step": name, "key": key, "checksum": layer.checksum}
         if step.files_hash:  # what `cache verify` needs to re-check the files against their hash
             link.update(filesHash=step.files_hash, copy=[step.args[0], step.args[1]])
         stack.chain.append(link)
@@ -155,7 +155,7 @@ class TemplateBuilder:
               emit: Emit) -> tuple[BuildState, dict[str, Any] | None]:
         """The state after ``step`` and the filesystem op it needs (None: none)."""
         try:
-            after = next_state(state, step, self._home(stack, state.user))
+            after = next_state(state, step, self._home(stack, state.user) or "/")
             tar = self._copy_files(step) if step.type == "COPY" else None
         except (ValueError, FilesError) as exc:
             emit("error", f"{head}: {exc}", name)
@@ -187,7 +187,7 @@ class TemplateBuilder:
     # -- finalize ------------------------------------------------------------------------------
 
     def _finalize(self, spec: BuildSpec, stack: _Stack, state: BuildState, envd_hash: str,
-                  emit: Emit) -> tuple[Build, dict]:
+                  emit: Emit) -> tuple[Build, dict[str, Any]]:
         """envd on top, then the store's build: flatten, gate, checksum, publish (or the cached,
         verified build when nothing changed)."""
         def log(msg: str) -> None:
@@ -267,7 +267,7 @@ def _ext4_maker() -> Callable[[Path, Path, Callable[[str], None]], None] | None:
     runtime's image maker is installed: the build then carries ``rootfs.ext4`` beside ``rootfs/``,
     made before publishing, so it is as immutable as the tree it was made from."""
     try:
-        from sandboxd.templates import ext4  # type: ignore[attr-defined]
+        from sandboxd.templates import ext4
     except ImportError:
         return None
     return getattr(ext4, "make_rootfs_ext4", None)

@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from sandboxd.templates.files import FilesCache, FilesError
@@ -98,7 +99,7 @@ def gc(caches: Caches, referenced_builds: set[str], *, builds: bool = False, min
     kept_builds = [b for b in caches.store.list() if not builds or b in referenced_builds]
     for build_id in caches.store.list():
         if build_id not in kept_builds:
-            _remove(report, "builds", build_id, dry_run, log, lambda b=build_id: caches.store.remove(b))
+            _remove(report, "builds", build_id, dry_run, log, partial(caches.store.remove, build_id))
     layers, files = _needed(caches.store, kept_builds)
     report.kept["builds"] = len(kept_builds)
     cutoff = time.time() - min_age_s
@@ -106,14 +107,14 @@ def gc(caches: Caches, referenced_builds: set[str], *, builds: bool = False, min
         if key in layers or _mtime(caches.layers.path(key)) > cutoff:
             report.kept["layers"] += 1
         else:
-            _remove(report, "layers", key, dry_run, log, lambda k=key: caches.layers.remove(k))
+            _remove(report, "layers", key, dry_run, log, partial(caches.layers.remove, key))
     for files_hash in caches.files.list():
         if files_hash in files or _mtime(caches.files.path(files_hash)) > cutoff:
             report.kept["files"] += 1
         else:
-            _remove(report, "files", files_hash, dry_run, log, lambda h=files_hash: caches.files.remove(h))
+            _remove(report, "files", files_hash, dry_run, log, partial(caches.files.remove, files_hash))
     for leftover in _leftovers(caches, cutoff):
-        _remove(report, "tmp", str(leftover), dry_run, log, lambda p=leftover: _rm(p))
+        _remove(report, "tmp", str(leftover), dry_run, log, partial(_rm, leftover))
     return report
 
 

@@ -22,9 +22,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 from sandboxd.templates.envd_bundle import BUNDLE_PATH_IN_SANDBOX, ENVD_PORT, envd_argv, envd_env, python_argv
 
@@ -39,7 +40,7 @@ class RunResult:
     stderr: str
 
 
-def _namespaced(inner: dict, timeout: float) -> RunResult:
+def _namespaced(inner: dict[str, Any], timeout: float) -> RunResult:
     """Run :func:`_inner_main` with ``inner`` in fresh mount+net namespaces; return its result."""
     with tempfile.TemporaryDirectory(prefix="sandboxd-check-") as scratch:
         inner = {**inner, "scratch": scratch}
@@ -129,7 +130,7 @@ def _prepare(rootfs: str, scratch: str) -> str:
     return merged
 
 
-def _poll_health(port: int, proc: subprocess.Popen, wait: float) -> bool:
+def _poll_health(port: int, proc: subprocess.Popen[bytes], wait: float) -> bool:
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -142,7 +143,7 @@ def _poll_health(port: int, proc: subprocess.Popen, wait: float) -> bool:
     return False
 
 
-def _inner_main(spec: dict) -> int:
+def _inner_main(spec: dict[str, Any]) -> int:
     merged = _prepare(spec["rootfs"], spec["scratch"])
     chroot = ["chroot", merged, *spec["argv"]]
     if spec["mode"] == "run":

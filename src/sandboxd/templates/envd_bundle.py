@@ -25,6 +25,7 @@ import compileall
 import hashlib
 import importlib.metadata as md
 import os
+import py_compile
 import re
 import shutil
 import stat
@@ -124,7 +125,7 @@ def python_argv(*args: str, bundle_root: str = BUNDLE_PATH_IN_SANDBOX) -> list[s
 def _python_binary() -> Path:
     """The real (non-venv) interpreter binary behind ``sys.base_prefix``."""
     ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    for cand in (Path(sys.base_prefix) / "bin" / ver, Path(sys._base_executable)):  # type: ignore[attr-defined]
+    for cand in (Path(sys.base_prefix) / "bin" / ver, Path(sys._base_executable)):  # type: ignore[attr-defined]  # noqa: SLF001
         if cand.exists():
             return cand.resolve()
     raise FileNotFoundError(f"no python binary under {sys.base_prefix}")
@@ -183,7 +184,7 @@ def _requirement_names(dist: md.Distribution) -> list[str]:
     try:
         from packaging.requirements import Requirement
     except ImportError:  # pragma: no cover - pip always vendors packaging
-        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
+        from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
     names = []
     for spec in dist.requires or []:
         req = Requirement(spec)
@@ -321,7 +322,7 @@ def bundle_plan() -> list[PlanEntry]:
 # Hashing and building.
 
 
-def _hash_entry(h: "hashlib._Hash", rel: str, mode: int, data_path: Path) -> None:
+def _hash_entry(h: hashlib._Hash, rel: str, mode: int, data_path: Path) -> None:
     h.update(f"{rel}\0{mode:o}\0".encode())
     fh = hashlib.sha256()
     with open(data_path, "rb") as f:
@@ -348,7 +349,7 @@ def tree_hash(root: Path) -> str:
     """Identity of a built bundle directory: sorted paths, modes and bytes, ``*.pyc`` excluded."""
     h = hashlib.sha256(FORMAT_VERSION.encode() + b"\0")
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             if not name.endswith(".pyc"):
                 files.append(Path(dirpath) / name)
@@ -362,7 +363,7 @@ def _compile(dest: Path) -> None:
     import (the bundle is immutable), which keeps envd's start fast on a read-only lower layer."""
     ok = compileall.compile_dir(
         str(dest / _pylib_rel()), quiet=2, workers=0, ddir=f"{BUNDLE_PATH_IN_SANDBOX}/{_pylib_rel()}",
-        invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
     )
     if not ok:
         # Some stdlib/site files are templates or py2 leftovers; only envd itself must compile.

@@ -27,9 +27,10 @@ import os
 import secrets
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from sandboxd.templates.store import LogFn, TemplateStore, file_sha256
 
@@ -95,7 +96,7 @@ def _locked(d: Path) -> Iterator[None]:
         yield
 
 
-def _read_meta(d: Path) -> dict:
+def read_meta(d: Path) -> dict[str, Any]:
     try:
         return json.loads((d / META_NAME).read_text())
     except (OSError, ValueError):
@@ -115,7 +116,7 @@ def verified_sha256(path: Path, expected: str) -> bool:
 
 
 def _cached(d: Path, build_id: str, recipe: str) -> Ext4Image | None:
-    meta = _read_meta(d)
+    meta = read_meta(d)
     if meta.get("format") != FORMAT or meta.get("build_id") != build_id or meta.get("recipe") != recipe:
         return None
     if not verified_sha256(d / IMAGE_NAME, meta.get("sha256", "")):
@@ -147,7 +148,7 @@ def _build(store: TemplateStore, build_id: str, d: Path, recipe: str, free_mb: i
     meta_tmp = d / f".{META_NAME}.tmp"
     meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.rename(meta_tmp, d / META_NAME)
-    return Ext4Image(build_id=build_id, path=d / IMAGE_NAME, sha256=sha, size=meta["size"])
+    return Ext4Image(build_id=build_id, path=d / IMAGE_NAME, sha256=sha, size=os.stat(d / IMAGE_NAME).st_size)
 
 
 def ext4_image(data_dir: Path, store: TemplateStore, build_id: str, log: LogFn = lambda _: None,

@@ -17,7 +17,7 @@ import secrets
 import stat
 import tarfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
@@ -49,7 +49,7 @@ def files_hash_of_tar(tar_path: Path, src: str, dest: str) -> str:
         for m in members:
             if not (m.isdir() or m.isreg() or m.issym() or m.islnk()):
                 raise FilesError(f"unsupported entry in upload: {m.name}")
-            target = tar._find_link_target(m) if m.islnk() else m  # noqa: SLF001 - stdlib helper
+            target = tar._find_link_target(m) if m.islnk() else m  # type: ignore[attr-defined]  # noqa: SLF001 - stdlib helper
             h.update(m.name.encode())
             h.update(str(_member_mode(m, target)).encode())
             if m.issym():
@@ -93,7 +93,7 @@ class FilesCache:
     def list(self) -> list[str]:
         return sorted(p.stem for p in self.root.glob("*.tar") if _HASH.match(p.stem))
 
-    def put(self, files_hash: str, stream: BinaryIO | bytes) -> int:
+    def put(self, files_hash: str, stream: IO[bytes] | bytes) -> int:
         """Store an upload (tar, gzip or not) under ``files_hash``; replaces an older upload for the
         same hash atomically (``forceUpload``). Returns the stored size."""
         dest = self.path(files_hash)

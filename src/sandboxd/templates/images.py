@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sandboxd.templates.base import GID, HOSTNAME, HOSTS, RESOLV_CONF, UID, USER, build_base
 from sandboxd.templates.layers import LayerCache, layer_key
@@ -124,7 +125,7 @@ def _run(cmd: list[str], what: str, timeout: float = 1800) -> bytes:
     return proc.stdout
 
 
-def inspect(ref: str, auth: RegistryAuth | None) -> tuple[str, dict]:
+def inspect(ref: str, auth: RegistryAuth | None) -> tuple[str, dict[str, Any]]:
     """(manifest digest, image config) of an image, without pulling its layers."""
     raw = _run(["skopeo", "inspect", "--raw", *_skopeo_flags(ref, auth), ref], f"inspecting {ref}")
     config = json.loads(_run(["skopeo", "inspect", "--config", *_skopeo_flags(ref, auth), ref],
@@ -132,7 +133,7 @@ def inspect(ref: str, auth: RegistryAuth | None) -> tuple[str, dict]:
     return "sha256:" + hashlib.sha256(raw).hexdigest(), config
 
 
-def _image_env(config: dict) -> dict[str, str]:
+def _image_env(config: dict[str, Any]) -> dict[str, str]:
     env = {}
     for item in (config.get("config") or {}).get("Env") or []:
         key, _, value = item.partition("=")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sandboxd.observability import events
 from sandboxd.store.templates_db import ACTIVE, TemplateBuildRow, TemplateBuilds
@@ -31,7 +31,7 @@ class BuildJobs:
         self._slots = threading.BoundedSemaphore(parallel)
         self._active: set[str] = set()
         self._lock = threading.Lock()
-        self._started = datetime.now(timezone.utc)
+        self._started = datetime.now(UTC)
 
     def start(self, build_id: str, spec: BuildSpec) -> bool:
         """Run the build in the background; False if it was already started."""
@@ -63,7 +63,7 @@ class BuildJobs:
             events.TEMPLATE_BUILDS.labels("ready").inc()
         except StepFailed as exc:
             self._fail(build_id, str(exc), exc.step)
-        except Exception as exc:  # noqa: BLE001 - a build must end as error, whatever happened
+        except Exception as exc:  # a build must end as error, whatever happened
             log.exception("template build %s failed", build_id)
             self._fail(build_id, f"{type(exc).__name__}: {exc}", None)
         finally:
@@ -77,4 +77,4 @@ class BuildJobs:
 
 
 def _aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)

@@ -33,7 +33,7 @@ class Step:
     def describe(self) -> str:
         """The step as a person reads it in a log line: ``RUN pip install x``."""
         if self.type == "ENV":
-            pairs = zip(self.args[::2], self.args[1::2])
+            pairs = zip(self.args[::2], self.args[1::2], strict=True)
             return "ENV " + " ".join(f"{k}={v}" for k, v in pairs)
         if self.type == "COPY":
             src, dest, *rest = self.args

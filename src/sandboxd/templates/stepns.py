@@ -77,7 +77,7 @@ def run_step(spec: dict[str, Any], on_line: Callable[[str], None], timeout: floa
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
-            tail = (tail + [line])[-40:]
+            tail = ([*tail, line])[-40:]
             on_line(line)
         rc = proc.wait()
     finally:
@@ -366,7 +366,7 @@ def _place(tar: tarfile.TarFile, m: tarfile.TarInfo, target: str, owner: Account
 
 
 def op_copy(merged: str, spec: dict[str, Any]) -> int:
-    tar = tarfile.open(fileobj=open(spec["tar"], "rb"), mode="r:*")  # opened before the chroot
+    tar = tarfile.open(fileobj=open(spec["tar"], "rb"), mode="r:*")  # noqa: SIM115 - opened before the chroot
     _enter(merged)
     state = spec["state"]
     current = lookup_user(state["user"])
@@ -515,7 +515,7 @@ def _inner_main(spec: dict[str, Any]) -> int:
 
 
 def _stdout_line_buffered() -> IO[str]:
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     return sys.stdout
 
 

@@ -65,7 +65,7 @@ def next_state(state: BuildState, step: Step, home: str) -> BuildState:
     """The state after ``step``; ``home`` is the current user's home (relative WORKDIRs)."""
     if step.type == "ENV":
         env = dict(state.env)
-        for key, value in zip(step.args[::2], step.args[1::2]):
+        for key, value in zip(step.args[::2], step.args[1::2], strict=True):
             env[key] = expand(value, env)
         return replace(state, env=env)
     if step.type == "WORKDIR":

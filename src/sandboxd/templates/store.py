@@ -26,9 +26,10 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 LogFn = Callable[[str], None]
 Builder = Callable[[Path, LogFn], None]

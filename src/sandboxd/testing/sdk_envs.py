@@ -12,12 +12,13 @@ import fcntl
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 STAMP = ".installed"
 
 
-def _locked_install(root: Path, install) -> Path:  # noqa: ANN001 - a callable of the env dir
+def _locked_install(root: Path, install: Callable[[Path], None]) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.with_name(root.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -10,9 +10,9 @@ import contextlib
 import os
 import random
 import re
-import string
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile

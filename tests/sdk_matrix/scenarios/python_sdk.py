@@ -17,6 +17,7 @@ from importlib.metadata import version
 import e2b
 from e2b import Sandbox
 
+
 def step(name: str) -> None:
     print(f"[e2b {version('e2b')}] {name}", flush=True)
 
@@ -113,7 +114,7 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except Exception:
+    except Exception:  # noqa: BLE001 - the traceback is the scenario's report
         import traceback
 
         traceback.print_exc()

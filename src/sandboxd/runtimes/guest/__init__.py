@@ -24,9 +24,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from sandboxd.runtimes.guest import initramfs, kernel
 from sandboxd.templates.store import LogFn
