@@ -115,4 +115,4 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
 
     api.include_router(unsupported_router)  # last: any route implemented later takes precedence
 
-    return SandboxProxy(api, orch.upstream, orch.find_signed, orch.find_by_token)
+    return SandboxProxy(api, orch.upstream, orch.find_signed, orch.find_by_token, orch.wake)

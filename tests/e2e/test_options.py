@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
     ({"allow_internet_access": False, "network": {"allowOut": ["198.51.100.7"]}}, 400, "network.allowOut"),
     ({"autoResume": {"enabled": True, "x": 1}}, 400, "autoResume.x"),
     ({"mcp": {"github": {}}}, 501, "mcp"),
-    ({"autoResume": {"enabled": True}}, 501, "autoResume"),
+    ({"autoResume": {"enabled": True}}, 400, "autoResume"),  # without autoPause, as the SDKs check
+    ({"autoResume": {"enabled": True}, "autoPause": True, "autoPauseMemory": False}, 400, "autoResume"),
     ({"iam": {"tokens": {"aws": {"audience": "sts", "token_type": "JWT-SVID"}}}}, 501, "iam.tokens"),
     ({"volumeMounts": [{"name": "v", "path": "/data"}]}, 501, "volumeMounts"),
     ({"network": {"egressProxy": {"address": "proxy.example:1080"}}}, 501, "network.egressProxy"),
@@ -128,3 +129,24 @@ def test_private_traffic_needs_the_token_and_host_is_masked(sdk_env: Server) -> 
     finally:
         sbx.kill()
         public.kill()
+
+
+def test_auto_resume_on_traffic(sdk_env: Server) -> None:
+    """autoResume: a request for a paused sandbox resumes it (memory and processes as they
+    were) and is then served; without it the sandbox stays paused."""
+    sbx = Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    plain = Sandbox.create(timeout=60)
+    try:
+        _serve_echo(sdk_env, sbx, {})
+        sbx.pause()
+        plain.pause()
+        assert sbx.get_info().state.value == "paused"
+        r = _port_get(sdk_env, sbx, 8000)
+        assert r.status_code == 200 and r.text.endswith("|")  # the server started before the pause
+        assert sbx.get_info().state.value == "running"
+        assert sbx.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": True}
+        assert _port_get(sdk_env, plain, 8000).status_code == 502
+        assert plain.get_info().state.value == "paused"
+    finally:
+        sbx.kill()
+        plain.kill()

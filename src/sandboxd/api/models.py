@@ -92,8 +92,6 @@ def unsupported_options(body: NewSandbox | NetworkUpdate) -> str | None:
             return "iam.tokens: workload identity tokens are not implemented"
         if body.volumeMounts:
             return "volumeMounts: volumes are not implemented"
-        if body.autoResume and body.autoResume.enabled:
-            return "autoResume: resuming a paused sandbox on traffic is not implemented"
     if net is not None:
         if net.egressProxy is not None:
             return f"{prefix}egressProxy: tunnelling egress through a SOCKS5 proxy is not implemented"

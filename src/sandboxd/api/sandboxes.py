@@ -102,6 +102,9 @@ def _create_request(body: NewSandbox, request: Request, secure: bool, default_ti
         raise ApiError(400, f"timeout {timeout}s exceeds the maximum of {settings.max_timeout_s}s")
     if (unsupported := unsupported_options(body)) is not None:
         raise ApiError(501, f"sandboxd does not support {unsupported}")
+    if body.autoResume and body.autoResume.enabled and not (body.autoPause and body.autoPauseMemory is not False):
+        raise ApiError(400, "autoResume: only a sandbox paused with its memory at its timeout "
+                            "(autoPause: true, autoPauseMemory not false) can be resumed by traffic")
     net = body.network
     allow_internet = body.allow_internet_access is not False
     egress = None

@@ -456,6 +456,19 @@ class Orchestrator:
             raise SandboxError(exc.status, f"{exc.message}\nThe sandbox stays paused with its files (its memory "
                                            "was dropped): connect again to boot it.") from exc
 
+    def wake(self, sandbox_id: str) -> Upstream | None:
+        """Traffic for a sandbox that does not run here: a paused one created with ``autoResume``
+        is resumed (for the server's default timeout) and then served; None for any other."""
+        row = self.db.get_sandbox(sandbox_id)
+        if row is None or row.state != "paused" or not row.auto_resume:
+            return self.upstream(sandbox_id)
+        try:
+            if self.resume(sandbox_id, None) is not None:
+                log.info("sandbox %s resumed by traffic (autoResume)", sandbox_id)
+        except SandboxError as exc:
+            log.warning("autoResume of %s failed: %s", sandbox_id, exc.message)
+        return self.upstream(sandbox_id)  # also when a concurrent request resumed it first
+
     def update_network(self, sandbox_id: str, policy: EgressPolicy) -> SandboxRow | None:
         """Replace a running or paused sandbox's egress rules at once (its slot's rules, and the
         names its egress proxy lets through); None if there is no such sandbox."""

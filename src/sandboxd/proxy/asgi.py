@@ -159,9 +159,10 @@ class SandboxProxy:
     """ASGI middleware: sandbox traffic to the sandbox, the rest to ``app``."""
 
     def __init__(self, app: ASGIApp, resolve: Resolver, find_signed: SignedFinder | None = None,
-                 find_by_token: Callable[[str], str | None] | None = None) -> None:
+                 find_by_token: Callable[[str], str | None] | None = None, wake: Resolver | None = None) -> None:
         self.app = app
         self.resolve = resolve
+        self.wake = wake  # blocking: resumes a paused sandbox created with autoResume
         self.find_signed = find_signed
         self.find_by_token = find_by_token
         self._pools: dict[str, tuple[Upstream, httpx.AsyncClient]] = {}
@@ -217,7 +218,7 @@ class SandboxProxy:
                 return await self._lifespan(scope, receive, send)
             return await self.app(scope, receive, send)
         sandbox_id, port = route
-        upstream = self.resolve(sandbox_id)
+        upstream = await self._upstream(sandbox_id)
         if upstream is None:
             return await _error(send, 502, "The sandbox was not found", sandbox_id=sandbox_id)
         if port < 0:
@@ -232,8 +233,14 @@ class SandboxProxy:
                             f"{scheme}://{upstream.address}:{port}", sandbox_id, port,
                             upstream_headers(upstream, port, scope["headers"]))
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
+    async def _upstream(self, sandbox_id: str) -> Upstream | None:
         upstream = self.resolve(sandbox_id)
+        if upstream is None and self.wake is not None:
+            upstream = await asyncio.to_thread(self.wake, sandbox_id)
+        return upstream
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
+        upstream = await self._upstream(sandbox_id)
         if upstream is None or port < 0:
             await receive()
             return await send({"type": "websocket.close", "code": 1008, "reason": "The sandbox was not found"})
