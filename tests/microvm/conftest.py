@@ -1,6 +1,8 @@
 """Real microVMs: the guest kernel from Debian's mirror, real template builds and their
 ``rootfs.ext4``, our NBD server, QEMU (TCG here: KVM only when its boot probe succeeds), network
-slots of their own prefix (``sbv…``) in 10.216.0.0/16.
+slots of their own prefix (``sbv…``) in a /16 that nothing on this host routes yet (the
+shared ``net_cidr`` fixture: a fixed network would collide with a host's own addresses or with a
+concurrent test run's VMs, and the host would then reach some other machine instead of the VM).
 
 Expensive things are per session: the guest artifacts and template image are cached by content
 in the shared test data dir, the NBD server and runtime live for the session.
@@ -64,11 +66,6 @@ def runtime(guest: GuestArtifacts, provider: NbdRootfsProvider,
 @pytest.fixture
 def net_prefix() -> str:
     return "sbv" + "".join(random.choices(string.ascii_lowercase, k=3))
-
-
-@pytest.fixture
-def net_cidr() -> str:
-    return "10.216.0.0/16"
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import struct
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,9 @@ def wait_health(vm: Vm, timeout: float = 60.0) -> float:
                     return time.monotonic() - started
             time.sleep(0.02)
     console = (vm.spec.sandbox_dir / "console.log").read_text(errors="replace")[-3000:]
-    raise TimeoutError(f"envd in {vm.id} did not answer within {timeout} s; console:\n{console}")
+    route = subprocess.run(["ip", "-4", "route", "get", vm.slot.host_address], capture_output=True, text=True)
+    raise TimeoutError(f"envd in {vm.id} did not answer within {timeout} s; the host's route to it: "
+                       f"{(route.stdout or route.stderr).strip()}; console:\n{console}")
 
 
 def run(vm: Vm, cmd: str, timeout: float = 60.0) -> tuple[str, str]:
