@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sandboxd.runtimes.gvisor import choose_platform
 from sandboxd.store.db import Database
 from sandboxd.templates.store import TemplateStore
 from sandboxd.testing.server import running_server, sdk_pointed_at
@@ -64,12 +65,12 @@ def _oci_config(rootfs: Path) -> dict:
     }
 
 
-def bench_raw_runsc(template_rootfs: Path, n: int) -> list[float]:
+def bench_raw_runsc(template_rootfs: Path, n: int, platform: str) -> list[float]:
     """Overlay + runsc create/start + first exec, with the server's runsc flags but no network."""
     times = []
     with tempfile.TemporaryDirectory(prefix="sbx-bench-") as tmp:
         root = Path(tmp) / "runsc-root"
-        flags = ["runsc", "--root", str(root), "--platform=ptrace", "--network=none"]
+        flags = ["runsc", "--root", str(root), f"--platform={platform}", "--network=none"]
         for i in range(n):
             d = Path(tmp) / f"c{i}"
             for sub in ("upper", "work", "rootfs", "bundle"):
@@ -104,9 +105,12 @@ def main() -> None:
         template = Database(server.settings.db_url).find_template("base")
         assert template is not None
         rootfs = TemplateStore(server.settings.templates_dir).get(template.build_id).rootfs
-        raw = bench_raw_runsc(rootfs, n)
+        platform = server.settings.gvisor_platform
+        platform = choose_platform() if platform == "auto" else platform  # what the server probed
+        raw = bench_raw_runsc(rootfs, n, platform)
         creates, runs, kills = bench_sdk(n)
-    print(f"\nsandboxd benchmarks — gVisor (ptrace), base template, {n} runs each\n")
+    version = subprocess.run(["runsc", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    print(f"\nsandboxd benchmarks — gVisor ({version}, {platform}), base template, {n} runs each\n")
     print("| measurement                        |   n |   p50 ms |   p95 ms |")
     print("|------------------------------------|-----|----------|----------|")
     print(row("raw runsc: overlay+create→exec", raw))

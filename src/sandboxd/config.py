@@ -27,7 +27,8 @@ class Settings:
     net_cidr: str = "10.213.0.0/16"
     max_sandboxes: int = 256
     runtime: str = "gvisor"
-    gvisor_platform: str = "ptrace"
+    #: runsc's ``--platform``; ``auto`` probes systrap, then ptrace, once at start (see runtimes/gvisor.py).
+    gvisor_platform: str = "auto"
     default_template: str = "base"
     default_timeout_s: int = 300
     max_timeout_s: int = 24 * 3600

@@ -113,7 +113,7 @@ def test_a_fork_bomb_meets_the_process_limit_and_the_sandbox_lives(limits: Serve
                                                                     neighbour: Sandbox) -> None:
     bomb = ("python3 -c 'import os\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n"
             "    except OSError as e:\n        print(n, e); break\n"
-            "    if pid == 0:\n        os.execv(\"/bin/sleep\", [\"sleep\", \"20\"])\n    n += 1'")
+            "    if pid == 0:\n        os.execv(\"/bin/sleep\", [\"sleep\", \"600\"])\n    n += 1'")
     out = small.commands.run(bomb, timeout=120).stdout
     forked, reason = out.split(" ", 1)
     assert MAX_PROCESSES - 10 <= int(forked) <= MAX_PROCESSES
@@ -123,6 +123,7 @@ def test_a_fork_bomb_meets_the_process_limit_and_the_sandbox_lives(limits: Serve
         == MAX_PROCESSES * HOST_TASKS_PER_PROCESS + HOST_TASKS_BASE
     with pytest.raises(CommandExitException, match="fork: Resource temporarily unavailable"):
         small.commands.run("echo the user is at the limit")  # bash -l itself forks
+    # (the sleeps outlive a slow bomb: exited ones would be reaped when it ends, freeing room)
     small.commands.run("pkill -u user sleep", user="root")  # root is not held by it
     assert small.commands.run("echo alive").stdout == "alive\n"
     _unharmed(neighbour)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sandboxd.config import Settings
 from sandboxd.doctor.report import Finding
+from sandboxd.runtimes.gvisor import choose_platform
 
 #: Host programs sandboxd runs, and the Debian package that has each (sandboxd.sh's APT_PACKAGES).
 TOOLS: dict[str, str] = {
@@ -60,6 +61,12 @@ def check_runsc(settings: Settings) -> Finding:
         return Finding.fail("gVisor (runsc)", "runsc is not on PATH", "apt-get install -y runsc")
     version = _run(["runsc", "--version"]).stdout.splitlines()[:1]
     platform = settings.gvisor_platform
+    if platform == "auto":  # what the server would probe: systrap, else ptrace
+        try:
+            platform = choose_platform()
+        except RuntimeError as exc:
+            return Finding.fail("gVisor (runsc)", f"{version[0] if version else 'runsc'}: {exc}",
+                                "check `runsc --platform=ptrace do /bin/true`")
     with tempfile.TemporaryDirectory(prefix="sandboxd-doctor-runsc-") as root:
         probe = _run(["runsc", "--root", root, f"--platform={platform}", "--network=none", "do", "/bin/true"],
                      timeout=PROBE_TIMEOUT_S)

@@ -299,9 +299,13 @@ class Orchestrator:
                            f"(last exit code {code}): {output[-1000:]}")
 
     def _step(self, name: str, fn: Callable[[], T], sdir: Path | None = None) -> T:
-        """Run one create step; turn its failure into a SandboxError with the console's tail."""
+        """Run one create step; turn its failure into a SandboxError with the console's tail.
+        Its duration goes to the debug log (where a create's time goes)."""
+        started = time.monotonic()
         try:
-            return fn()
+            result = fn()
+            log.debug("step %s took %.0f ms", name, (time.monotonic() - started) * 1000)
+            return result
         except (RootfsError, NetworkError, RuntimeStartError, EnvdNotReady, OSError, KeyError, ValueError) as exc:
             console = console_tail(sdir) if sdir is not None else ""
             message = f"sandbox failed to start ({name}): {exc}"

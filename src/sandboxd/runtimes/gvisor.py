@@ -30,6 +30,8 @@ import os
 import shlex
 import signal
 import subprocess
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,16 +56,24 @@ class GVisorRuntime:
 
     name = "gvisor"
 
-    def __init__(self, state_dir: Path, platform: str = "ptrace", template_root: Path | None = None) -> None:
+    def __init__(self, state_dir: Path, platform: str = "auto", template_root: Path | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.platform = platform
+        self._platform = platform
         self.template_root = Path(template_root).resolve() if template_root else None
         raise_pid_max()
         self.shim = build_statx_shim(self.state_dir.parent / "lib")
         self.sudo_wrapper = write_sudo_wrapper(self.state_dir.parent / "lib")
 
     # -- runsc ---------------------------------------------------------------------------------
+
+    @property
+    def platform(self) -> str:
+        """The platform runsc runs with: the configured one, or (``auto``) the probed one,
+        resolved on first use (so making a runtime stays cheap)."""
+        if self._platform == "auto":
+            self._platform = choose_platform()
+        return self._platform
 
     def _flags(self) -> list[str]:
         return ["runsc", "--root", str(self.state_dir), f"--platform={self.platform}", "--network=sandbox",
@@ -293,6 +303,54 @@ def host_memory_limit_mb(memory_mb: int) -> int:
     the moment before its OOM guard kills the biggest process. Only a sandbox that outruns its
     guard (or a root fork bomb) meets this limit, and the host's OOM killer ends it."""
     return memory_mb + max(192, memory_mb // 4)
+
+
+#: Platforms ``auto`` tries, fastest first (kvm is left out: it hangs under nested virtualization).
+AUTO_PLATFORMS = ("systrap", "ptrace")
+_chosen: dict[str, str] = {}
+_choose_lock = threading.Lock()
+
+
+def choose_platform(candidates: tuple[str, ...] = AUTO_PLATFORMS, timeout_s: float = 20.0) -> str:
+    """The first platform in ``candidates`` on which ``runsc do /bin/true`` succeeds, probed
+    once per process (~0.6 s each) and logged. A runsc too old for systrap ("unknown platform")
+    falls through to ptrace."""
+    key = ",".join(candidates)
+    with _choose_lock:
+        if key in _chosen:
+            return _chosen[key]
+        failures: list[str] = []
+        for platform in candidates:
+            why = platform_failure(platform, timeout_s)
+            if why is None:
+                log.info("gVisor platform: %s (probed; %s)", platform,
+                         "; ".join(failures) if failures else "the fastest candidate")
+                _chosen[key] = platform
+                return platform
+            failures.append(f"{platform} failed: {why}")
+        raise RuntimeError("no gVisor platform works here: " + "; ".join(failures))
+
+
+def platform_failure(platform: str, timeout_s: float) -> str | None:
+    """Why ``runsc --platform=<platform> do /bin/true`` fails here, or None if it runs."""
+    with tempfile.TemporaryDirectory(prefix="sandboxd-probe-") as root:
+        try:
+            proc = subprocess.Popen(["runsc", "--root", root, f"--platform={platform}", "--network=none",
+                                     "do", "/bin/true"], cwd="/", stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        except FileNotFoundError:
+            return "runsc not found"
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return f"no answer within {timeout_s:.0f}s"
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        return f"exit code {proc.returncode}: {lines[-1] if lines else ''}"[:300]
+    return None
 
 
 #: What systemd sets on 64-bit hosts; Linux's own default is 32768.
