@@ -17,6 +17,7 @@ from sandboxd.api.errors import install_error_handlers
 from sandboxd.api.logs import router as logs_router
 from sandboxd.api.sandboxes import router as sandboxes_router
 from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
+from sandboxd.api.snapshots import router as snapshots_router
 from sandboxd.api.templates import router as templates_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
@@ -26,6 +27,7 @@ from sandboxd.orchestrator.backends import Backends
 from sandboxd.orchestrator.network import SlotPool
 from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import Orchestrator
+from sandboxd.orchestrator.snapshots import SnapshotService
 from sandboxd.proxy.asgi import SandboxProxy
 from sandboxd.store.db import Database
 from sandboxd.templates.store import TemplateStore
@@ -101,9 +103,11 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.state.db = orch.db
     api.state.orchestrator = orch
     api.state.metric_samples = samples
+    api.state.snapshots = SnapshotService(orch)
     install_error_handlers(api)
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)
+    api.include_router(snapshots_router)
     api.include_router(logs_router)
     api.include_router(templates_router)
     api.include_router(templates_list_router)  # after: /templates/aliases/{alias} is not a template id

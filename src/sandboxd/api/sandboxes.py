@@ -117,8 +117,11 @@ def _create_request(body: NewSandbox, request: Request, secure: bool, default_ti
     if net and net.maskRequestHost is not None and not _MASK_HOST.fullmatch(net.maskRequestHost):
         raise ApiError(400, "network.maskRequestHost: a host name, optionally with ':port', where '${PORT}' "
                             "stands for the sandbox port")
+    snapshots = request.app.state.snapshots
+    seed = snapshots.seed_for(body.templateID)  # a snapshot's id or name: start from its files
+    env_vars = {**(snapshots.env_of(body.templateID) if seed else {}), **(body.envVars or {})}
     return CreateRequest(template=body.templateID, timeout_s=timeout, metadata=body.metadata or {},
-                         env_vars=body.envVars or {}, allow_internet_access=allow_internet, egress=egress,
+                         env_vars=env_vars, allow_internet_access=allow_internet, egress=egress, seed=seed,
                          auto_pause=bool(body.autoPause), auto_pause_memory=body.autoPauseMemory is not False,
                          auto_resume=bool(body.autoResume and body.autoResume.enabled), secure=secure,
                          allow_public_traffic=not (net and net.allowPublicTraffic is False),

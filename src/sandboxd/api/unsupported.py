@@ -19,9 +19,6 @@ from sandboxd.api.errors import ApiError
 #: (method, path, what it is on E2B)
 UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
     ("GET", "/default-templates", "the list of E2B's public templates"),
-    ("POST", "/sandboxes/{sandbox_id}/fork", "forking a sandbox"),
-    ("POST", "/sandboxes/{sandbox_id}/snapshots", "snapshots"),
-    ("GET", "/snapshots", "snapshots"),
     ("GET", "/secrets", "secrets"),
     ("POST", "/secrets", "secrets"),
     ("GET", "/secrets/{secret_id}", "secrets"),
@@ -30,7 +27,6 @@ UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
     ("POST", "/templates", "the v1 template build (use Template.build: POST /v3/templates)"),
     ("POST", "/templates/{template_id}", "the v1 template rebuild (use Template.build)"),
     ("PATCH", "/templates/{template_id}", "updating a template"),
-    ("DELETE", "/templates/{template_id}", "deleting templates and snapshots"),
     ("POST", "/templates/{template_id}/builds/{build_id}", "the v1 template build (use Template.build)"),
     ("GET", "/templates/{template_id}/builds/{build_id}/logs", "paged build logs (the build status has them)"),
     ("GET", "/templates/{template_id}/tags/count", "tag counts"),

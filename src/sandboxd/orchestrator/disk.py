@@ -15,8 +15,10 @@ reserved for root (the sandbox sees exactly the size it asked for).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 IMAGE_NAME = "disk.img"
@@ -68,3 +70,28 @@ def loop_devices_of(path: Path) -> list[str]:
         if back == root or back.startswith(root + "/"):
             found.append(name)
     return found
+
+
+def copy_image(source: Path, dest: Path) -> None:
+    """Copy a disk image as it is: sparse (only written blocks take space), a reflink where the
+    filesystem has them. Written beside ``dest`` and renamed, so ``dest`` is never half a copy."""
+    tmp = dest.with_name(dest.name + ".copy")
+    proc = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(tmp)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"copying disk image {source}: {proc.stderr.strip()}")
+    os.replace(tmp, dest)
+
+
+@contextlib.contextmanager
+def frozen(mount_point: Path) -> Iterator[None]:
+    """``fsfreeze`` a mounted disk: everything written so far is on the image, and writes wait
+    until the block ends (so a copy of the image is a consistent filesystem)."""
+    proc = subprocess.run(["fsfreeze", "--freeze", str(mount_point)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DiskError(f"freezing {mount_point} failed: {proc.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["fsfreeze", "--unfreeze", str(mount_point)], capture_output=True, text=True, check=True)

@@ -40,6 +40,8 @@ from sandboxd.orchestrator.envd_client import (
 )
 from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
+from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
+from sandboxd.orchestrator.disk import copy_image
 from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
@@ -72,6 +74,28 @@ class SandboxError(Exception):
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What one sandbox gets: CPUs (a quota), memory, its own disk."""
+
+    cpu_count: int
+    memory_mb: int
+    disk_mb: int
+
+
+@dataclass(frozen=True)
+class Seed:
+    """Start from a captured filesystem (a snapshot, a fork's parent) instead of a template alone:
+    its disk image is copied as the new sandbox's own disk, over the build it was taken on."""
+
+    disk_image: Path
+    template_id: str
+    alias: str
+    build_id: str
+    runtime: str
+    resources: Resources
+
+
+@dataclass(frozen=True)
 class CreateRequest:
     template: str
     timeout_s: int
@@ -87,21 +111,13 @@ class CreateRequest:
     mask_request_host: str | None = None
     https_ports: tuple[int, ...] = ()
     idempotency_key: str | None = None
+    seed: Seed | None = None
 
     @property
     def egress_policy(self) -> EgressPolicy:
         if self.egress is not None:
             return self.egress
         return OPEN_EGRESS if self.allow_internet_access else NO_EGRESS
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one sandbox gets: CPUs (a quota), memory, its own disk."""
-
-    cpu_count: int
-    memory_mb: int
-    disk_mb: int
 
 
 @dataclass(frozen=True)
@@ -177,22 +193,28 @@ class Orchestrator:
             return self._create(req)
 
     def _create(self, req: CreateRequest) -> SandboxRow:
-        template = self.db.find_template(split_name(req.template)[0])
-        build_id = TemplateBuilds(self.db).resolve(req.template)
-        if template is None or build_id is None:
-            raise SandboxError(404, f"template '{req.template}' not found")
+        if req.seed is not None:
+            template_id, alias, build_id, runtime = (req.seed.template_id, req.seed.alias, req.seed.build_id,
+                                                     req.seed.runtime)
+            resources = req.seed.resources
+        else:
+            template = self.db.find_template(split_name(req.template)[0])
+            found = TemplateBuilds(self.db).resolve(req.template)
+            if template is None or found is None:
+                raise SandboxError(404, f"template '{req.template}' not found")
+            template_id, alias, build_id, runtime = template.template_id, template.alias, found, template.runtime
+            resources = self._resources(req.template)
         try:
-            backend = self.backends.get(template.runtime)
+            backend = self.backends.get(runtime)
         except KeyError as exc:
             raise SandboxError(500, f"template '{req.template}': {exc}") from exc
         if not self.templates.exists(build_id):
             raise SandboxError(500, f"template '{req.template}' points at build {build_id}, "
                                     "which is not in the template store; rebuild it")
-        resources = self._resources(req.template)
         last: SandboxError | None = None
         for attempt in range(1, self.settings.start_attempts + 1):
             try:
-                return self._create_once(req, template.template_id, template.alias, build_id, backend, resources)
+                return self._create_once(req, template_id, alias, build_id, backend, resources)
             except SandboxError as exc:
                 last = exc
                 log.warning("sandbox start attempt %d failed: %s", attempt, exc.message)
@@ -218,6 +240,9 @@ class Orchestrator:
         with contextlib.ExitStack() as undo:
             sdir.mkdir(parents=True)
             undo.callback(remove_tree, sdir)
+            if req.seed is not None:
+                seed = req.seed
+                self._step("snapshot", lambda: copy_image(seed.disk_image, sdir / DISK_IMAGE))
             slot = self._step("network", lambda: self.slots.acquire(req.egress_policy))
             undo.callback(self.slots.release, slot)
             now = utcnow()
@@ -318,6 +343,10 @@ class Orchestrator:
     def _lock(self, sandbox_id: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(sandbox_id, threading.Lock())
+
+    def hold(self, sandbox_id: str) -> threading.Lock:
+        """The lock that serialises one sandbox's kill, pause, resume and snapshots."""
+        return self._lock(sandbox_id)
 
     def kill(self, sandbox_id: str, wait: bool = False, reason: str = "api") -> bool:
         """Make the sandbox unreachable and forget it at once; False if it does not exist.
