@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -46,7 +46,7 @@ def service(request: Request) -> SnapshotService:
     return request.app.state.snapshots
 
 
-def snapshot_json(snap: SnapshotRow) -> dict:
+def snapshot_json(snap: SnapshotRow) -> dict[str, Any]:
     """``SnapshotInfo``: ``name:default`` when named, else ``<id>:default`` (E2B's shape, no team)."""
     names = [f"{snap.name}:{DEFAULT_TAG}"] if snap.name else []
     return {"snapshotID": names[0] if names else f"{snap.snapshot_id}:{DEFAULT_TAG}", "names": names}

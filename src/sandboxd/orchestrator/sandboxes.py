@@ -28,6 +28,8 @@ from sandboxd.envd import ENVD_VERSION
 from sandboxd.envd.auth import file_signature
 from sandboxd.observability import events
 from sandboxd.orchestrator.backends import Backend, Backends
+from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
+from sandboxd.orchestrator.disk import copy_image
 from sandboxd.orchestrator.egress import NO_EGRESS, OPEN_EGRESS, EgressPolicy
 from sandboxd.orchestrator.envd_client import (
     EnvdNotReady,
@@ -40,8 +42,6 @@ from sandboxd.orchestrator.envd_client import (
 )
 from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
-from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
-from sandboxd.orchestrator.disk import copy_image
 from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
@@ -193,6 +193,7 @@ class Orchestrator:
             return self._create(req)
 
     def _create(self, req: CreateRequest) -> SandboxRow:
+        runtime: str | None
         if req.seed is not None:
             template_id, alias, build_id, runtime = (req.seed.template_id, req.seed.alias, req.seed.build_id,
                                                      req.seed.runtime)
