@@ -22,6 +22,7 @@ from sandboxd.api.templates import router as templates_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.config import Settings
+from sandboxd.console.routes import mount_console
 from sandboxd.observability.endpoint import router as metrics_router
 from sandboxd.orchestrator.backends import Backends
 from sandboxd.orchestrator.network import SlotPool
@@ -117,6 +118,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    mount_console(api)
     api.include_router(unsupported_router)  # last: any route implemented later takes precedence
 
     return SandboxProxy(api, orch.upstream, orch.find_signed, orch.find_by_token, orch.wake)
