@@ -214,11 +214,78 @@ def keys() -> None:
     """API keys (stored hashed)."""
 
 
+def _limit_options(fn: Any) -> Any:
+    for opt in (click.option("--max-sandboxes", type=click.IntRange(min=0), default=None,
+                             help="Sandboxes it may have running at once."),
+                click.option("--max-vcpus", type=click.IntRange(min=0), default=None,
+                             help="vCPUs of its running sandboxes, in total."),
+                click.option("--max-memory-mb", type=click.IntRange(min=0), default=None,
+                             help="Memory of its running sandboxes, in total (MiB).")):
+        fn = opt(fn)
+    return fn
+
+
 @keys.command("create")
 @click.option("--name", default="cli")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
-def keys_create(name: str, data_dir: Path | None) -> None:
-    """Create an API key and print it (it cannot be shown again)."""
+@_limit_options
+def keys_create(name: str, data_dir: Path | None, max_sandboxes: int | None, max_vcpus: int | None,
+                max_memory_mb: int | None) -> None:
+    """Create an API key and print it (it cannot be shown again); 0 or no limit option: unlimited."""
     settings = _settings(data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    click.echo(Database(settings.db_url).create_api_key(name))
+    click.echo(Database(settings.db_url).create_api_key(name, max_sandboxes or None, max_vcpus or None,
+                                                        max_memory_mb or None))
+
+
+@keys.command("list")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def keys_list(data_dir: Path | None) -> None:
+    """Every key: id, name, mask, quotas and what its running sandboxes use."""
+    db = Database(_settings(data_dir).db_url)
+    running = [r for r in db.list_sandboxes() if r.state == "running"]
+    click.echo(f"{'ID':<13}{'NAME':<20}{'KEY':<14}{'SANDBOXES':<12}{'VCPUS':<10}{'MEMORY MB':<14}CREATED")
+    for k in db.list_api_keys():
+        mine = [r for r in running if r.owner == k.key_hash]
+
+        def used(n: int, limit: int | None) -> str:
+            return f"{n}/{limit if limit is not None else '-'}"
+
+        click.echo(f"{k.key_id:<13}{k.name[:19]:<20}{k.mask:<14}{used(len(mine), k.max_sandboxes):<12}"
+                   f"{used(sum(r.cpu_count for r in mine), k.max_vcpus):<10}"
+                   f"{used(sum(r.memory_mb for r in mine), k.max_memory_mb):<14}{k.created_at:%Y-%m-%d %H:%M}")
+
+
+def _one_key(db: Database, ref: str) -> Any:
+    found = db.find_api_keys(ref)
+    if len(found) != 1:
+        raise click.ClickException(f"{len(found)} keys match {ref!r}: name one by its id (sandboxd keys list)")
+    return found[0]
+
+
+@keys.command("revoke")
+@click.argument("ref")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def keys_revoke(ref: str, data_dir: Path | None) -> None:
+    """Revoke a key (by id or name): it is refused from the next request on. Its sandboxes run on
+    until they end; an operator key can kill them."""
+    db = Database(_settings(data_dir).db_url)
+    key = _one_key(db, ref)
+    db.delete_api_key(key.key_hash)
+    click.echo(f"revoked {key.key_id} ({key.name}, {key.mask})")
+
+
+@keys.command("limit")
+@click.argument("ref")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@_limit_options
+def keys_limit(ref: str, data_dir: Path | None, max_sandboxes: int | None, max_vcpus: int | None,
+               max_memory_mb: int | None) -> None:
+    """Set a key's quotas (0 in a field removes that limit); checked at each create and resume."""
+    db = Database(_settings(data_dir).db_url)
+    key = _one_key(db, ref)
+    changes = {name: (None if value == 0 else value) for name, value in
+               (("max_sandboxes", max_sandboxes), ("max_vcpus", max_vcpus), ("max_memory_mb", max_memory_mb))
+               if value is not None}
+    db.update_api_key(key.key_hash, **changes)
+    click.echo(f"{key.key_id} ({key.name}): {changes or 'unchanged'}")

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from sandboxd.api.errors import install_error_handlers
 from sandboxd.api.logs import router as logs_router
+from sandboxd.api.quotas import Quotas
 from sandboxd.api.sandboxes import router as sandboxes_router
 from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
 from sandboxd.api.snapshots import router as snapshots_router
@@ -103,6 +104,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.state.settings = settings
     api.state.db = orch.db
     api.state.orchestrator = orch
+    api.state.quotas = Quotas(orch.db)
     api.state.metric_samples = samples
     api.state.snapshots = SnapshotService(orch)
     install_error_handlers(api)

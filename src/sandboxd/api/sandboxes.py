@@ -30,11 +30,12 @@ from sandboxd.api.models import (
     sandbox_json,
     unsupported_options,
 )
+from sandboxd.api.quotas import Need, Quotas
 from sandboxd.config import Settings
 from sandboxd.orchestrator.egress import EgressPolicy, PolicyError
 from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import CreateRequest, Orchestrator, SandboxError
-from sandboxd.store.db import SandboxRow
+from sandboxd.store.db import ApiKey, SandboxRow, hash_key
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 #: what the SDK allows in an ``Idempotency-Key`` (e2b.retry.resolve_idempotency_key)
@@ -74,20 +75,24 @@ def create(body: NewSandbox, request: Request, secure: bool = True,
     req = _create_request(body, request, secure, default_timeout_s or settings.default_timeout_s)
     orch = _orchestrator(request)
     if req.idempotency_key is None:
-        return JSONResponse(sandbox_json(_create(orch, req), settings.domain), status_code=201)
+        return JSONResponse(sandbox_json(_create(request, req), settings.domain), status_code=201)
     with _idempotency_guard:
         lock = _idempotency_locks.setdefault(req.idempotency_key, threading.Lock())
     with lock:
         row = orch.db.find_sandbox_by_idempotency_key(req.idempotency_key)
         if row is None or row.state not in VISIBLE_STATES:
-            row = _create(orch, req)
+            row = _create(request, req)
     return JSONResponse(sandbox_json(row, settings.domain), status_code=201)
 
 
-def _create(orch: Orchestrator, req: CreateRequest) -> SandboxRow:
-    """A failed start was already retried by the orchestrator: the SDK is told not to again."""
+def _create(request: Request, req: CreateRequest) -> SandboxRow:
+    """Within the API key's quotas. A failed start was already retried by the orchestrator: the
+    SDK is told not to retry it again."""
+    orch = _orchestrator(request)
+    res = orch.resources_for(req.template)
     try:
-        return orch.create(req)
+        with _quotas(request).reserve(_caller(request), Need(res.cpu_count, res.memory_mb)):
+            return orch.create(req)
     except SandboxError as exc:
         raise ApiError(exc.status, exc.message, exc.error_code,
                        {"Should-Retry": "false"} if exc.status >= 500 else None) from exc
@@ -126,7 +131,7 @@ def _create_request(body: NewSandbox, request: Request, secure: bool, default_ti
                          auto_resume=bool(body.autoResume and body.autoResume.enabled), secure=secure,
                          allow_public_traffic=not (net and net.allowPublicTraffic is False),
                          mask_request_host=net.maskRequestHost if net else None, https_ports=https_ports,
-                         idempotency_key=_idempotency_key(request))
+                         idempotency_key=_idempotency_key(request), owner=_owner(request))
 
 
 _MASK_HOST = re.compile(r"[A-Za-z0-9.${}_-]{1,253}(:[0-9${}A-Z]{1,12})?")
@@ -138,6 +143,26 @@ def _policy(allow_internet: bool, allow_out: list[str] | None, deny_out: list[st
         return EgressPolicy.parse(allow_internet, allow_out, deny_out, dns_servers, prefix)
     except PolicyError as exc:
         raise ApiError(400, str(exc)) from exc
+
+
+def _quotas(request: Request) -> Quotas:
+    return request.app.state.quotas
+
+
+def _caller(request: Request) -> ApiKey | None:
+    key = api_key_of(request)
+    return _orchestrator(request).db.get_api_key(key) if key else None
+
+
+def _owner(request: Request) -> str | None:
+    key = api_key_of(request)
+    return hash_key(key) if key else None
+
+
+def resume_within_quota(request: Request, row: SandboxRow, timeout_s: int | None, memory: bool) -> SandboxRow | None:
+    """Resume a paused sandbox, its CPUs and memory counted against the caller's quotas."""
+    with _quotas(request).reserve(_caller(request), Need(row.cpu_count, row.memory_mb)):
+        return _orchestrator(request).resume(row.sandbox_id, timeout_s, memory=memory)
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -235,9 +260,9 @@ def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSO
     orch = _orchestrator(request)
     status = 200
     row = orch.connect(sandbox_id, body.timeout)
-    if row is None:
+    if row is None and (paused := orch.db.get_sandbox(sandbox_id)) is not None and paused.state == "paused":
         try:
-            row = orch.resume(sandbox_id, body.timeout, memory=body.memory)
+            row = resume_within_quota(request, paused, body.timeout, body.memory)
         except SandboxError as exc:
             raise ApiError(exc.status, exc.message, exc.error_code) from exc
         status = 201

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from sandboxd.api.auth import require_api_key
 from sandboxd.api.errors import ApiError
 from sandboxd.api.models import NewSandboxV1, RefreshBody, ResumeBody, sandbox_json
-from sandboxd.api.sandboxes import create, latest_metric
+from sandboxd.api.sandboxes import create, latest_metric, resume_within_quota
 from sandboxd.orchestrator.sandboxes import Orchestrator, SandboxError
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -50,7 +50,7 @@ def resume_sandbox(sandbox_id: str, request: Request,
     if row.state == "running":
         raise ApiError(409, f"sandbox '{sandbox_id}' is already running")
     try:
-        row = orch.resume(sandbox_id, body.timeout or V1_DEFAULT_TIMEOUT_S, memory=body.memory)
+        row = resume_within_quota(request, row, body.timeout or V1_DEFAULT_TIMEOUT_S, body.memory)
     except SandboxError as exc:
         raise ApiError(exc.status, exc.message, exc.error_code) from exc
     if row is None:  # killed or resumed by someone else meanwhile

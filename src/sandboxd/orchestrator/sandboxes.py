@@ -112,6 +112,7 @@ class CreateRequest:
     https_ports: tuple[int, ...] = ()
     idempotency_key: str | None = None
     seed: Seed | None = None
+    owner: str | None = None  # the hash of the API key that asked (its quotas count the sandbox)
 
     @property
     def egress_policy(self) -> EgressPolicy:
@@ -224,6 +225,10 @@ class Orchestrator:
         assert last is not None
         raise last
 
+    def resources_for(self, template: str) -> Resources:
+        """What a sandbox of ``template`` would get (quotas are checked against it)."""
+        return self._resources(template)
+
     def _resources(self, template: str) -> Resources:
         """The template build's CPU count and memory size, else the server's defaults; its disk
         is the server's size, grown (never shrunk) to the build's ``minFreeDiskMb``."""
@@ -258,7 +263,7 @@ class Orchestrator:
                 egress=req.egress.to_json() if req.egress is not None else None,
                 traffic_access_token=None if req.allow_public_traffic else secrets.token_hex(24),
                 mask_request_host=req.mask_request_host, https_ports=list(req.https_ports) or None,
-                auto_resume=req.auto_resume, idempotency_key=req.idempotency_key)
+                auto_resume=req.auto_resume, idempotency_key=req.idempotency_key, owner=req.owner)
             undo.callback(self.db.delete_sandbox, sandbox_id)
             row = self.db.get_sandbox(sandbox_id)
             assert row is not None

@@ -37,6 +37,15 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(200))
     mask: Mapped[str] = mapped_column(String(32))  # e2b_ab…yz, to tell keys apart in listings
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: quotas over the key's running sandboxes; None: no limit but the node's
+    max_sandboxes: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    max_vcpus: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    max_memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+
+    @property
+    def key_id(self) -> str:
+        """What ``sandboxd keys`` names a key by (the start of its hash: no secret)."""
+        return self.key_hash[:12]
 
 
 class TemplateAlias(Base):
@@ -86,6 +95,8 @@ class SandboxRow(Base):
     mask_request_host: Mapped[str | None] = mapped_column(String(256), nullable=True, default=None)
     https_ports: Mapped[list[int] | None] = mapped_column(JSON, nullable=True, default=None)
     auto_resume: Mapped[bool] = mapped_column(default=False)  # traffic to it while paused resumes it
+    #: the SHA-256 of the API key that created it (its quota counts it); None: made before keys had quotas
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
     #: ``<api key hash>:<Idempotency-Key>`` of the create that made it: a retried create returns it
     idempotency_key: Mapped[str | None] = mapped_column(String(320), nullable=True, default=None)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -123,16 +134,45 @@ class Database:
 
     # -- API keys ----------------------------------------------------------------------------
 
-    def create_api_key(self, name: str = "default") -> str:
+    def create_api_key(self, name: str = "default", max_sandboxes: int | None = None,
+                       max_vcpus: int | None = None, max_memory_mb: int | None = None) -> str:
         """A new key; the plain text is returned once and never stored."""
         key = API_KEY_PREFIX + secrets.token_hex(20)
         with self.session() as s:
-            s.add(ApiKey(key_hash=_hash_key(key), name=name, mask=f"{key[:6]}…{key[-4:]}"))
+            s.add(ApiKey(key_hash=_hash_key(key), name=name, mask=f"{key[:6]}…{key[-4:]}",
+                         max_sandboxes=max_sandboxes, max_vcpus=max_vcpus, max_memory_mb=max_memory_mb))
         return key
 
     def api_key_valid(self, key: str) -> bool:
         with self.session() as s:
             return s.get(ApiKey, _hash_key(key)) is not None
+
+    def get_api_key(self, key: str) -> ApiKey | None:
+        with self.session() as s:
+            return s.get(ApiKey, _hash_key(key))
+
+    def list_api_keys(self) -> list[ApiKey]:
+        with self.session() as s:
+            return list(s.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+    def find_api_keys(self, ref: str) -> list[ApiKey]:
+        """Keys whose id (hash prefix) starts with ``ref``, or whose name is ``ref``."""
+        return [k for k in self.list_api_keys() if k.key_id.startswith(ref.lower()) or k.name == ref]
+
+    def update_api_key(self, key_hash: str, **fields: Any) -> None:
+        with self.session() as s:
+            row = s.get(ApiKey, key_hash)
+            if row is not None:
+                for k, v in fields.items():
+                    setattr(row, k, v)
+
+    def delete_api_key(self, key_hash: str) -> bool:
+        with self.session() as s:
+            row = s.get(ApiKey, key_hash)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
 
     def count_api_keys(self) -> int:
         with self.session() as s:
@@ -212,6 +252,10 @@ def _add_missing_columns(engine: Engine) -> None:
                 ddl += f" DEFAULT {int(default) if isinstance(default, bool) else repr(default)}"
             with engine.begin() as conn:
                 conn.execute(text(ddl))
+
+
+def hash_key(key: str) -> str:
+    return _hash_key(key)
 
 
 def _hash_key(key: str) -> str:
