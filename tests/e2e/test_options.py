@@ -123,6 +123,14 @@ def test_private_traffic_needs_the_token_and_host_is_masked(sdk_env: Server) -> 
         assert sbx.commands.run("echo envd").stdout == "envd\n"  # envd: its own token, as before
         info = sbx.get_info()
         assert info.network and info.network.get("allow_public_traffic") is False
+        fork = sbx.fork(timeout=60)[0]
+        assert not isinstance(fork, Exception)
+        try:  # a private sandbox's fork is private too (with a token of its own)
+            assert fork.traffic_access_token and fork.traffic_access_token != token
+            _serve_echo(sdk_env, fork, {"e2b-traffic-access-token": fork.traffic_access_token})
+            assert _port_get(sdk_env, fork, 8000).status_code == 403
+        finally:
+            fork.kill()
 
         _serve_echo(sdk_env, public, {})
         assert _port_get(sdk_env, public, 8000).status_code == 200  # public: no token needed

@@ -178,7 +178,11 @@ class SnapshotService:
                                 allow_internet_access=parent.allow_internet_access,
                                 egress=(EgressPolicy.from_json(parent.egress, parent.allow_internet_access)
                                         if parent.egress else None),
-                                secure=bool(parent.envd_access_token), seed=seed)
+                                secure=bool(parent.envd_access_token), seed=seed,
+                                # a private parent's forks are private too, with the same Host mask
+                                allow_public_traffic=parent.traffic_access_token is None,
+                                mask_request_host=parent.mask_request_host,
+                                https_ports=tuple(parent.https_ports or ()), owner=parent.owner)
 
             def one(_: int) -> SandboxRow | SandboxError:
                 try:
