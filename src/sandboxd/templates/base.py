@@ -1,6 +1,6 @@
 """The built-in templates: ``base`` (E2B's default: Debian bookworm, user ``user``, bash, python3
-with pip and venv, node and npm, git, curl, passwordless sudo) and ``tiny`` (busybox only, no libc, no Python: proves envd needs nothing from
-the template).
+with pip and venv, node and npm, git, curl, passwordless sudo) and ``tiny`` (busybox only, no
+libc, no Python: proves envd needs nothing from the template).
 
 Why the recipe is this file: the recipe text that goes into the build id is this module's source,
 so *any* change to how a template is made yields a new build id and can never be served from an
