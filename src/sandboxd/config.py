@@ -34,6 +34,9 @@ class Settings:
     max_timeout_s: int = 24 * 3600
     #: How long envd may take to answer /health after the runtime started (ptrace is slow to boot Python).
     envd_ready_timeout_s: float = 30.0
+    #: Sandboxes kept booted per template build in demand (the default template's from the start),
+    #: claimed by creates that take its defaults; 0 turns the warm pool off (see orchestrator/pool.py).
+    warm_pool_size: int = 2
     #: A failed start is cleaned up and retried this many times before the client gets the error.
     start_attempts: int = 2
     #: Domain mode (``serve --domain``): HTTPS on one port, ``api.<domain>`` is the API and

@@ -87,6 +87,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(orch.recover)
+        orch.start_pool()
         tasks = [asyncio.create_task(_reap_forever(orch)),
                  asyncio.create_task(_sample_forever(orch, samples, settings.metrics_interval_s))]
         try:
@@ -96,6 +97,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await asyncio.to_thread(orch.pool.close)
             await asyncio.to_thread(orch.drain)
             if not orch.db.list_sandboxes():  # running sandboxes keep their egress until a restart
                 orch.slots.teardown_host()
@@ -117,8 +119,9 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.include_router(metrics_router)
 
     @api.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> dict[str, str | int]:
+        """Up; and how many sandboxes the warm pool holds ready (benchmarks wait for it)."""
+        return {"status": "ok", "warmPoolReady": orch.pool.ready_count()}
 
     mount_console(api)
     api.include_router(unsupported_router)  # last: any route implemented later takes precedence

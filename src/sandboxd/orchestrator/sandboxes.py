@@ -42,6 +42,7 @@ from sandboxd.orchestrator.envd_client import (
 )
 from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
+from sandboxd.orchestrator.pool import PoolKey, WarmPool, WarmSandbox
 from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
@@ -148,6 +149,7 @@ class Orchestrator:
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
         settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.logs = LogStore(settings.data_dir / "logs")
+        self.pool = WarmPool(settings.warm_pool_size, self._boot_warm, self._discard_warm)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -213,6 +215,14 @@ class Orchestrator:
         if not self.templates.exists(build_id):
             raise SandboxError(500, f"template '{req.template}' points at build {build_id}, "
                                     "which is not in the template store; rebuild it")
+        if req.seed is None and self._poolable(req):
+            key = PoolKey(build_id, backend.name, resources.cpu_count, resources.memory_mb, resources.disk_mb)
+            self.pool.want(key)
+            if (warm := self.pool.claim(key)) is not None:
+                try:
+                    return self._claim(req, template_id, alias, backend, warm)
+                except SandboxError as exc:
+                    log.warning("claiming pooled sandbox %s failed (starting one): %s", warm.sandbox_id, exc.message)
         last: SandboxError | None = None
         for attempt in range(1, self.settings.start_attempts + 1):
             try:
@@ -251,25 +261,11 @@ class Orchestrator:
                 self._step("snapshot", lambda: copy_image(seed.disk_image, sdir / DISK_IMAGE))
             slot = self._step("network", lambda: self.slots.acquire(req.egress_policy))
             undo.callback(self.slots.release, slot)
-            now = utcnow()
-            self.db.add_sandbox(
-                sandbox_id=sandbox_id, template_id=template_id, alias=alias, build_id=build_id,
-                runtime=backend.name, state="starting", slot_index=slot.index,
-                host_address=slot.host_address, envd_access_token=token, envd_version=ENVD_VERSION,
-                metadata_=req.metadata, env_vars=req.env_vars, cpu_count=res.cpu_count,
-                memory_mb=res.memory_mb, disk_size_mb=res.disk_mb,
-                allow_internet_access=not req.egress_policy.denies_all, auto_pause=req.auto_pause,
-                auto_pause_memory=req.auto_pause_memory, started_at=now, end_at=now + timedelta(seconds=req.timeout_s),
-                egress=req.egress.to_json() if req.egress is not None else None,
-                traffic_access_token=None if req.allow_public_traffic else secrets.token_hex(24),
-                mask_request_host=req.mask_request_host, https_ports=list(req.https_ports) or None,
-                auto_resume=req.auto_resume, idempotency_key=req.idempotency_key, owner=req.owner)
+            record = self._add_record(sandbox_id, req, template_id, alias, build_id, backend, res, slot, token)
             undo.callback(self.db.delete_sandbox, sandbox_id)
-            row = self.db.get_sandbox(sandbox_id)
-            assert row is not None
             undo.callback(backend.release_rootfs, sdir)
             undo.callback(backend.runtime.stop, sandbox_id)
-            self._boot(backend, row, slot)
+            self._boot(backend, record, slot)
             row = self.db.update_sandbox(sandbox_id, state="running")
             assert row is not None
             self._route(row)
@@ -278,10 +274,96 @@ class Orchestrator:
         self.logs.event(sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
         return row
 
-    def _boot(self, backend: Backend, row: SandboxRow, slot: NetworkSlot) -> None:
-        """rootfs → runtime → envd init, start and ready commands: a sandbox booting over its disk
-        (a new one, or one resumed without memory). On failure the runtime and rootfs are undone
-        (the disk and its files stay: the caller owns the sandbox dir)."""
+    def _add_record(self, sandbox_id: str, req: CreateRequest, template_id: str, alias: str, build_id: str,
+                    backend: Backend, res: Resources, slot: NetworkSlot, token: str) -> SandboxRow:
+        """The sandbox's record (state ``starting``) as the request asked for it."""
+        now = utcnow()
+        self.db.add_sandbox(
+            sandbox_id=sandbox_id, template_id=template_id, alias=alias, build_id=build_id,
+            runtime=backend.name, state="starting", slot_index=slot.index,
+            host_address=slot.host_address, envd_access_token=token, envd_version=ENVD_VERSION,
+            metadata_=req.metadata, env_vars=req.env_vars, cpu_count=res.cpu_count,
+            memory_mb=res.memory_mb, disk_size_mb=res.disk_mb,
+            allow_internet_access=not req.egress_policy.denies_all, auto_pause=req.auto_pause,
+            auto_pause_memory=req.auto_pause_memory, started_at=now, end_at=now + timedelta(seconds=req.timeout_s),
+            egress=req.egress.to_json() if req.egress is not None else None,
+            traffic_access_token=None if req.allow_public_traffic else secrets.token_hex(24),
+            mask_request_host=req.mask_request_host, https_ports=list(req.https_ports) or None,
+            auto_resume=req.auto_resume, idempotency_key=req.idempotency_key, owner=req.owner)
+        row = self.db.get_sandbox(sandbox_id)
+        assert row is not None
+        return row
+
+    # -- the warm pool -------------------------------------------------------------------------
+
+    @staticmethod
+    def _poolable(req: CreateRequest) -> bool:
+        """Pooled sandboxes are booted with what a create can only choose at boot at its
+        default: a slot with open egress. Everything else is applied when claimed."""
+        return req.egress_policy == OPEN_EGRESS
+
+    def start_pool(self) -> None:
+        """Keep a pool of the default template from the start (if a pool is configured)."""
+        if not self.pool.enabled:
+            return
+        template = self.db.find_template(self.settings.default_template)
+        build_id = TemplateBuilds(self.db).resolve(self.settings.default_template)
+        if template is not None and build_id is not None:
+            res = self._resources(self.settings.default_template)
+            self.pool.want(PoolKey(build_id, self.backends.get(template.runtime).name, res.cpu_count,
+                                   res.memory_mb, res.disk_mb))
+        self.pool.start()
+
+    def _boot_warm(self, key: PoolKey) -> WarmSandbox:
+        """Boot a sandbox for the pool: no record, no token, no env vars, no route."""
+        backend = self.backends.get(key.runtime)
+        sandbox_id = new_id()
+        sdir = self.sandbox_dir(sandbox_id)
+        with contextlib.ExitStack() as undo:
+            sdir.mkdir(parents=True)
+            undo.callback(remove_tree, sdir)
+            slot = self._step("network", lambda: self.slots.acquire(OPEN_EGRESS))
+            undo.callback(self.slots.release, slot)
+            row = SandboxRow(sandbox_id=sandbox_id, build_id=key.build_id, envd_access_token="", env_vars={},
+                             cpu_count=key.cpu_count, memory_mb=key.memory_mb, disk_size_mb=key.disk_mb)
+            undo.callback(backend.release_rootfs, sdir)
+            undo.callback(backend.runtime.stop, sandbox_id)
+            self._boot(backend, row, slot, personalize=False)
+            undo.pop_all()
+        log.debug("warm pool: sandbox %s booted", sandbox_id)
+        return WarmSandbox(sandbox_id, key, slot)
+
+    def _discard_warm(self, warm: WarmSandbox) -> None:
+        self._teardown(warm.sandbox_id, warm.slot.index, warm.key.runtime)
+
+    def _claim(self, req: CreateRequest, template_id: str, alias: str, backend: Backend,
+               warm: WarmSandbox) -> SandboxRow:
+        """Make a pooled sandbox the requester's: its record, envd's /init (token, env vars),
+        the template's start and ready commands, its route. On failure it is removed."""
+        started = time.monotonic()
+        sandbox_id, slot, key = warm.sandbox_id, warm.slot, warm.key
+        token = secrets.token_hex(24) if req.secure else ""
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._discard_warm, warm)
+            res = Resources(key.cpu_count, key.memory_mb, key.disk_mb)
+            self._add_record(sandbox_id, req, template_id, alias, key.build_id, backend, res, slot, token)
+            undo.callback(self.db.delete_sandbox, sandbox_id)
+            config = RuntimeConfig.of(self.templates.get(key.build_id))
+            sdir = self.sandbox_dir(sandbox_id)
+            self._step("envd", lambda: self._personalize(sandbox_id, slot, token, config, req.env_vars), sdir)
+            row = self.db.update_sandbox(sandbox_id, state="running")
+            assert row is not None
+            self._route(row)
+            undo.pop_all()
+        log.info("sandbox %s (%s) claimed from the warm pool in %.3fs", sandbox_id, alias, time.monotonic() - started)
+        self.logs.event(sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
+        return row
+
+    def _boot(self, backend: Backend, row: SandboxRow, slot: NetworkSlot, personalize: bool = True) -> None:
+        """rootfs → runtime → envd answers → (``personalize``) envd init, start and ready commands:
+        a sandbox booting over its disk (a new one, one resumed without memory, or one for the
+        warm pool, personalized when claimed). On failure the runtime and rootfs are undone (the
+        disk and its files stay: the caller owns the sandbox dir)."""
         sdir = self.sandbox_dir(row.sandbox_id)
         with contextlib.ExitStack() as undo:
             rootfs = self._step("rootfs", lambda: backend.prepare_rootfs(row.build_id, sdir, row.disk_size_mb), sdir)
@@ -289,9 +371,13 @@ class Orchestrator:
             spec = self._spec(row, slot, rootfs)
             undo.callback(backend.runtime.stop, row.sandbox_id)
             self._step("runtime", lambda: backend.runtime.start(spec), sdir)
-            config = RuntimeConfig.of(self.templates.get(row.build_id))
-            self._step("envd", lambda: self._init_envd(row.sandbox_id, slot, row.envd_access_token, config,
-                                                       row.env_vars), sdir)
+            took = self._step("envd", lambda: wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s),
+                              sdir)
+            log.debug("envd answered /health after %.2fs", took)
+            if personalize:
+                config = RuntimeConfig.of(self.templates.get(row.build_id))
+                self._step("envd", lambda: self._personalize(row.sandbox_id, slot, row.envd_access_token, config,
+                                                             row.env_vars), sdir)
             undo.pop_all()
 
     def _spec(self, row: SandboxRow, slot: NetworkSlot, rootfs: Path) -> RuntimeSpec:
@@ -300,12 +386,10 @@ class Orchestrator:
                            cpu_count=row.cpu_count, memory_mb=row.memory_mb,
                            max_processes=self.settings.max_processes)
 
-    def _init_envd(self, sandbox_id: str, slot: NetworkSlot, token: str, config: RuntimeConfig,
-                   env_vars: dict[str, str]) -> None:
-        """envd answers, gets its configuration (the request's env vars over the template's), then
-        the template's start command runs and its ready command passes, if it has them."""
-        took = wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s)
-        log.debug("envd answered /health after %.2fs", took)
+    def _personalize(self, sandbox_id: str, slot: NetworkSlot, token: str, config: RuntimeConfig,
+                     env_vars: dict[str, str]) -> None:
+        """envd gets its configuration (the request's env vars over the template's), then the
+        template's start command runs and its ready command passes, if it has them."""
         env = {**config.env, **env_vars}
         init_envd(slot.host_address, token, env, config.user, config.workdir)
         if config.start_cmd:

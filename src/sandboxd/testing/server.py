@@ -133,8 +133,11 @@ def running_server(shared_data_dir: Path, log_path: Path, **overrides: Any) -> I
     dir removed on exit."""
     prefix, cidr = unique_network()
     data_dir = run_dir(shared_data_dir)
+    # the warm pool is off unless the test asks for it (or SANDBOXD_TEST_WARM_POOL_SIZE turns it
+    # on for the whole suite): on a small host its background boots would slow every other test
+    pool = int(os.environ.get("SANDBOXD_TEST_WARM_POOL_SIZE", "0"))
     settings = Settings.from_env({}, **{"data_dir": data_dir, "port": free_port(), "net_prefix": prefix,
-                                        "net_cidr": cidr, **overrides})
+                                        "net_cidr": cidr, "warm_pool_size": pool, **overrides})
     key = Database(settings.db_url).create_api_key("tests")
     proc = spawn(settings, log_path)
     url = f"{'https' if settings.domain else 'http'}://{settings.host}:{settings.port}"

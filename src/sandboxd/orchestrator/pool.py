@@ -1,0 +1,175 @@
+"""The warm pool: sandboxes booted ahead of demand, one queue per template build, each handed
+out once.
+
+Why: a cold create spends nearly all its time booting (network slot, overlay, runsc, envd's
+Python start-up: ~1.4 s here). A claim only personalizes a sandbox that already runs: envd's
+``/init`` with the access token, env vars, default user and clock, then the template's start and
+ready commands, the record with metadata and timeout, the proxy's route.
+
+What a pooled sandbox is until it is claimed: booted over a fresh disk in a slot with internet
+access (the default), with no record in the database, no access token, no env vars, and no
+route in the proxy; only the host can reach its envd. A server crash leaves its directory,
+container and slot without a record, which :meth:`Orchestrator.recover` removes like any stray.
+
+A pool is kept for the default template from the start and for every template build created
+from since (recent demand), ``size`` sandboxes each; a build nobody asked for during
+``idle_s`` is drained (so is, in time, one its template no longer points at).
+Sandboxes older than ``max_age_s`` are replaced, so a claimed one never has a long uptime.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sandboxd.orchestrator.network import NetworkSlot
+
+log = logging.getLogger("sandboxd.orchestrator.pool")
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What a pooled sandbox was booted as; a create may only claim one of exactly this."""
+
+    build_id: str
+    runtime: str
+    cpu_count: int
+    memory_mb: int
+    disk_mb: int
+
+
+@dataclass(frozen=True)
+class WarmSandbox:
+    sandbox_id: str
+    key: PoolKey
+    slot: NetworkSlot
+    booted_at: float = field(default_factory=time.monotonic)
+
+
+class WarmPool:
+    """Keeps ``size`` booted sandboxes per wanted key, filled by one background thread (a boot
+    at a time: on a small host the pool must not starve the creates it is there to speed up)."""
+
+    def __init__(self, size: int, boot: Callable[[PoolKey], WarmSandbox], discard: Callable[[WarmSandbox], None],
+                 idle_s: float = 600.0, max_age_s: float = 900.0) -> None:
+        self.size = size
+        self._boot = boot
+        self._discard = discard
+        self.idle_s = idle_s
+        self.max_age_s = max_age_s
+        self._ready: dict[PoolKey, list[WarmSandbox]] = {}
+        self._wanted: dict[PoolKey, float] = {}  # key → last time a create asked for it
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._failures = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
+    def start(self) -> None:
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._fill_forever, name="warm-pool", daemon=True)
+            self._thread.start()
+
+    def want(self, key: PoolKey) -> None:
+        """A create asked for ``key``: keep a pool of it (from now on, or for longer)."""
+        if not self.enabled:
+            return
+        with self._cond:
+            self._wanted[key] = time.monotonic()
+            self._cond.notify_all()
+
+    def claim(self, key: PoolKey) -> WarmSandbox | None:
+        """A booted sandbox of ``key``, removed from the pool (so never handed out twice), or None."""
+        with self._cond:
+            ready = self._ready.get(key)
+            sandbox = ready.pop(0) if ready else None
+            self._cond.notify_all()  # refill
+        return sandbox
+
+    def ready_count(self, key: PoolKey | None = None) -> int:
+        with self._cond:
+            return sum(len(v) for k, v in self._ready.items() if key is None or k == key)
+
+    def wait_filled(self, timeout_s: float) -> bool:
+        """Until every wanted key has ``size`` sandboxes (benchmarks, tests)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while any(len(self._ready.get(k, [])) < self.size for k in self._wanted):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Stop filling and remove every pooled sandbox (server shutdown)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        with self._cond:
+            left = [s for v in self._ready.values() for s in v]
+            self._ready.clear()
+        for sandbox in left:
+            self._discard_quietly(sandbox)
+
+    # -- the filler ----------------------------------------------------------------------------
+
+    def _next_job(self) -> tuple[PoolKey | None, list[WarmSandbox]]:
+        """Under the lock: what to boot next (or None) and what to remove now."""
+        now = time.monotonic()
+        drop: list[WarmSandbox] = []
+        for key in [k for k, t in self._wanted.items() if now - t > self.idle_s]:
+            del self._wanted[key]
+        for key in list(self._ready):
+            keep = [s for s in self._ready[key] if key in self._wanted and now - s.booted_at < self.max_age_s]
+            drop += [s for s in self._ready[key] if s not in keep]
+            self._ready[key] = keep
+        short = [k for k in self._wanted if len(self._ready.get(k, [])) < self.size]
+        return (short[0] if short else None), drop
+
+    def _fill_forever(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                key, drop = self._next_job()
+                if key is None and not drop:
+                    self._cond.wait(timeout=30)
+                    continue
+            for sandbox in drop:
+                self._discard_quietly(sandbox)
+            if key is not None:
+                self._boot_one(key)
+
+    def _boot_one(self, key: PoolKey) -> None:
+        try:
+            sandbox = self._boot(key)
+        except Exception as exc:  # noqa: BLE001 - a failed boot is logged and retried later
+            self._failures += 1
+            delay = min(60.0, 2.0 ** min(self._failures, 6))
+            log.warning("warm pool: booting a sandbox of build %s failed (retry in %.0fs): %s",
+                        key.build_id, delay, exc)
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed, timeout=delay)
+            return
+        self._failures = 0
+        with self._cond:
+            if not self._closed and key in self._wanted:
+                self._ready.setdefault(key, []).append(sandbox)
+                self._cond.notify_all()
+                return
+        self._discard_quietly(sandbox)
+
+    def _discard_quietly(self, sandbox: WarmSandbox) -> None:
+        try:
+            self._discard(sandbox)
+        except Exception:  # noqa: BLE001 - the teardown logs what failed; the pool goes on
+            log.exception("warm pool: removing %s failed", sandbox.sandbox_id)
