@@ -26,7 +26,10 @@ def _echo(msg: str) -> None:
 
 def ensure_base_template(settings: Settings, db: Database) -> str:
     """Build (or find cached and verified) the ``base`` template and point the alias at it."""
-    build = build_base(TemplateStore(settings.templates_dir), _echo)
+    from sandboxd.templates.cli_build import base_build_display
+
+    with base_build_display(_echo) as log:
+        build = build_base(TemplateStore(settings.templates_dir), log)
     db.set_template("base", build.build_id, runtime=settings.runtime)
     return build.build_id
 

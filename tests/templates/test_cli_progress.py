@@ -34,3 +34,20 @@ def test_build_on_a_terminal_shows_live_progress(data_dir: Path, tmp_path: Path)
     layers = re.search(r"\((\d+)/(\d+) layers from the cache\)", screen)
     assert layers and hits == int(layers.group(1)), screen[-3000:]
     assert re.search(r"^[0-9a-f]{32}$", screen, re.M)  # the build id, on stdout as without a terminal
+
+
+def test_base_build_on_a_terminal_shows_live_progress(data_dir: Path) -> None:
+    """``template build-base`` (and ``serve``'s first start, through the same code): a bar that ends
+    at 100% (debootstrap's percentages on the way when the build is not cached yet)."""
+    cli = Path(sys.executable).with_name("sandboxd")
+    p = subprocess.run(["script", "-qec", f"{cli} template build-base --data-dir {data_dir}", "/dev/null"],
+                       capture_output=True, text=True, timeout=900,
+                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TERM": "xterm", "COLUMNS": "160"})
+    screen = ANSI.sub("", p.stdout).replace("\r", "\n")
+    assert p.returncode == 0, screen[-3000:]
+    percents = [int(x) for x in re.findall(r"base template [━╸ ]+\s+(\d+)%", screen)]
+    assert percents and percents[-1] == 100, screen[-3000:]
+    assert percents == sorted(percents)  # it only moves forward
+    if "debootstrap [" in screen:  # built now, not cached
+        assert any(0 < x < 85 for x in percents), screen[-3000:]
+    assert re.search(r"^[0-9a-f]{32}$", screen, re.M)

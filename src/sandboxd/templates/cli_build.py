@@ -95,6 +95,42 @@ def _progress_display(steps: int, echo: Callable[[str], None],
         yield LiveProgress(progress, task, record)
 
 
+#: Base build messages → how far along it is (debootstrap's own percentage fills the first 85%).
+_BASE_PHASES = (("configuring user", 88), ("envd bundle", 90), ("envd check:", 93), ("checksumming rootfs", 96),
+                ("built in", 100), ("cached build", 100))
+_DEBOOTSTRAP = re.compile(r"^debootstrap \[\s*(?:(\d+)%|(\d+) pkgs)\]")
+
+
+@contextlib.contextmanager
+def base_build_display(echo: Callable[[str], None]) -> Iterator[Callable[[str], None]]:
+    """The base template's build (``serve``'s first start, ``template build-base``) as a live bar
+    on a terminal: debootstrap's progress, then the configuration, envd check and checksum; every
+    message scrolls above it. Not a terminal: the messages as plain lines."""
+    if not sys.stderr.isatty():
+        yield echo
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as RichProgress
+
+    columns = (SpinnerColumn(), TextColumn("base template"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TextColumn("{task.fields[now]}"))
+    with RichProgress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("base", total=100, now="")
+
+        def log(message: str) -> None:
+            if m := _DEBOOTSTRAP.match(message):
+                now = f"debootstrap: {m.group(2)} packages downloaded" if m.group(2) else message[:60]
+                progress.update(task, completed=int(m.group(1) or 0) * 85 // 100, now=escape(now))
+            for marker, percent in _BASE_PHASES:
+                if marker in message:
+                    progress.update(task, completed=percent, now="" if percent == 100 else escape(marker))
+            progress.console.print(escape(message), highlight=False)
+
+        yield log
+
+
 def build_from_dockerfile(settings: Settings, dockerfile: Path, context: Path, name: str, *,
                           no_cache: bool, echo: Callable[[str], None]) -> str | None:
     """Build, point ``name`` (and its tag) at the result, return the build id; None on failure
