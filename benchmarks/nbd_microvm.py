@@ -192,13 +192,13 @@ def bench_qemu_img(base: Path, scratch: Path, work: Path, repeat: int) -> list[t
 def bench_vm(work: Path, repeat: int) -> dict[str, float]:
     import httpx
 
+    from sandboxd.envd.contract import ENVD_PORT, envd_argv, envd_env
     from sandboxd.nbd.provider import NbdRootfsProvider
     from sandboxd.orchestrator.network import SlotPool
     from sandboxd.runtimes.base import RuntimeSpec
     from sandboxd.runtimes.guest import prepare_guest
     from sandboxd.runtimes.microvm import MicroVMRuntime
     from sandboxd.templates.base import build_tiny
-    from sandboxd.templates.envd_bundle import ENVD_PORT, envd_argv, envd_env
     from sandboxd.templates.store import TemplateStore
 
     quiet = lambda _msg: None  # noqa: E731

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from vm_helpers import Vm, assert_vm_uses_only_its_export
 
+from sandboxd.envd.contract import envd_argv, envd_env
 from sandboxd.nbd.provider import NbdRootfsProvider
 from sandboxd.orchestrator.network import NetworkSlot, SlotPool
 from sandboxd.runtimes.base import RuntimeSpec
 from sandboxd.runtimes.guest import GuestArtifacts, prepare_guest
 from sandboxd.runtimes.microvm import MicroVMRuntime
 from sandboxd.templates.base import build_tiny
-from sandboxd.templates.envd_bundle import envd_argv, envd_env
 from sandboxd.templates.store import Build, TemplateStore
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 
+from sandboxd.envd.contract import ENVD_PORT
 from sandboxd.orchestrator.network import NetworkSlot
 from sandboxd.runtimes.base import RuntimeSpec
 from sandboxd.runtimes.microvm import MicroVMRuntime
-from sandboxd.templates.envd_bundle import ENVD_PORT
 
 
 @dataclass

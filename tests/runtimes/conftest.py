@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from gvisor_helpers import Sandbox, assert_no_traces
 
+from sandboxd.envd.contract import envd_argv, envd_env
 from sandboxd.orchestrator.network import NetworkSlot, SlotPool
 from sandboxd.orchestrator.rootfs import mount_overlay, unmount_overlay
 from sandboxd.runtimes.base import RuntimeSpec
 from sandboxd.runtimes.gvisor import GVisorRuntime
 from sandboxd.templates.base import build_base, build_tiny
-from sandboxd.templates.envd_bundle import envd_argv, envd_env
 from sandboxd.templates.store import Build, TemplateStore
 
 

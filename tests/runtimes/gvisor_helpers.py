@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 
+from sandboxd.envd.contract import ENVD_PORT
 from sandboxd.orchestrator.network import NetworkSlot
 from sandboxd.orchestrator.rootfs import OverlayRootfs
 from sandboxd.runtimes.base import RuntimeSpec
 from sandboxd.runtimes.gvisor import GVisorRuntime
-from sandboxd.templates.envd_bundle import ENVD_PORT
 
 
 def processes_mentioning(text: str) -> list[str]:

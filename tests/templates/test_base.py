@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX, python_argv
 from sandboxd.templates.base import DebootstrapProgress, apt_mirror, build_base
 from sandboxd.templates.check import envd_health, run_in_rootfs
-from sandboxd.templates.envd_bundle import BUNDLE_PATH_IN_SANDBOX, python_argv
 from sandboxd.templates.store import Build, TemplateStore
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sandboxd.envd import contract
 from sandboxd.templates import envd_bundle as eb
 from sandboxd.templates.base import build_tiny
 from sandboxd.templates.check import envd_health, run_in_rootfs
@@ -37,26 +38,26 @@ def test_bundled_python_runs_in_tiny(tiny: Build):
     code = ("import sys, ssl, json, asyncio, threading, subprocess, pwd; "
             "import uvicorn, h11, click, connectrpc, protobuf, protobuf_ext, typing_extensions; "
             "print(sys.prefix); print(sys.flags.isolated, sys.flags.dont_write_bytecode)")
-    res = run_in_rootfs(tiny.rootfs, eb.python_argv("-c", code))
+    res = run_in_rootfs(tiny.rootfs, contract.python_argv("-c", code))
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines() == [eb.BUNDLE_PATH_IN_SANDBOX, "1 1"]
+    assert res.stdout.splitlines() == [contract.BUNDLE_PATH_IN_SANDBOX, "1 1"]
 
 
 def test_envd_argv_with_tini_runs_and_leaks_no_python_env(tiny: Build):
     """The exact PID-1 argv/env (with -c instead of -m sandboxd.envd): children see no PYTHON*."""
-    argv = eb.envd_argv()
+    argv = contract.envd_argv()
     assert argv[-2:] == ["-m", "sandboxd.envd"]
     code = ("import os, subprocess; "
             "print(subprocess.run(['/bin/sh', '-c', 'env'], capture_output=True, text=True).stdout)")
-    res = run_in_rootfs(tiny.rootfs, [*argv[:-2], "-c", code], env=eb.envd_env())
+    res = run_in_rootfs(tiny.rootfs, [*argv[:-2], "-c", code], env=contract.envd_env())
     assert res.returncode == 0, res.stderr
     child_env = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
-    assert child_env["PATH"] == eb.DEFAULT_PATH
+    assert child_env["PATH"] == contract.DEFAULT_PATH
     assert not [k for k in child_env if k.startswith(("PYTHON", "LD_"))]
 
 
 def test_envd_env_sets_path_and_no_loader_vars():
-    env = eb.envd_env()
+    env = contract.envd_env()
     assert "/usr/bin" in env["PATH"].split(":") and "/bin" in env["PATH"].split(":")
     assert not [k for k in env if k.startswith(("PYTHON", "LD_"))]
 
@@ -65,9 +66,9 @@ def test_python_start_time_in_tiny(tiny: Build, capsys):
     """`python -c pass` inside the bundle via chroot (namespace + overlay setup included)."""
     loops = 5
     inner = ("import subprocess, time; t=time.perf_counter(); "
-             f"[subprocess.run({eb.python_argv('-c', 'pass')!r}) for _ in range({loops})]; "
+             f"[subprocess.run({contract.python_argv('-c', 'pass')!r}) for _ in range({loops})]; "
              f"print((time.perf_counter()-t)/{loops})")
-    res = run_in_rootfs(tiny.rootfs, eb.python_argv("-c", inner))
+    res = run_in_rootfs(tiny.rootfs, contract.python_argv("-c", inner))
     assert res.returncode == 0, res.stderr
     per_start = float(res.stdout.strip())
     with capsys.disabled():
@@ -87,7 +88,7 @@ def test_bundle_hash_is_reproducible_and_matches_tree(tmp_path: Path):
                    "site-packages/uvicorn", "site-packages/protobuf_ext"):
         assert (lib / needed).exists(), needed
     assert (lib / "site-packages/sandboxd/__pycache__").is_dir()  # precompiled
-    assert (b / "lib" / eb.LOADER_NAME).is_file() and (b / "bin" / "tini").is_file()
+    assert (b / "lib" / contract.LOADER_NAME).is_file() and (b / "bin" / "tini").is_file()
     assert (b / "lib" / "libgcc_s.so.1").is_file()  # dlopen()ed by glibc for pthread_exit
     size = sum(p.stat().st_size for p in b.rglob("*") if p.is_file())
     print(f"[measure] bundle size {size / 1e6:.1f} MB")

@@ -11,14 +11,14 @@ import logging
 import os
 import sys
 
-from . import DEFAULT_PORT
+from .contract import ENVD_PORT
 
 KEEP_ALIVE_S = 330  # above the SDK's 300 s idle pool expiry, so the server never closes first (1.4)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="envd", description="sandboxd envd daemon")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("ENVD_PORT", DEFAULT_PORT)))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("ENVD_PORT", ENVD_PORT)))
     parser.add_argument("--host", default=os.environ.get("ENVD_HOST", "0.0.0.0"))
     parser.add_argument("--log-level", default=os.environ.get("ENVD_LOG_LEVEL", "info"))
     args, unknown = parser.parse_known_args(argv)

@@ -20,6 +20,7 @@ from connectrpc.errors import ConnectError
 
 from . import ENVD_VERSION
 from .auth import needs_token, tokens_equal
+from .contract import SUDO
 from .files_http import FilesHandler
 from .filesystem_service import FilesystemService
 from .http_util import (
@@ -42,7 +43,7 @@ from .rpc.filesystem.filesystem_connect import FilesystemASGIApplication
 from .rpc.process.process_connect import ProcessASGIApplication
 from .state import EnvdState
 from .streams import DISCONNECTED
-from .sudo_broker import SUDO, SudoBroker, setuid_blocked
+from .sudo_broker import SudoBroker, setuid_blocked
 
 log = logging.getLogger("envd")
 

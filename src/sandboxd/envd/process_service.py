@@ -18,6 +18,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from protobuf import Oneof
 
+from .contract import DEFAULT_PATH
 from .identity import rpc_user
 from .process_manager import (
     Event,
@@ -34,7 +35,6 @@ from .state import EnvdState
 from .streams import ClientGone, next_event
 from .users import User, resolve_path
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_KEEPALIVE_S = 90.0
 _SIGNALS = {pb.Signal.SIGKILL: signal.SIGKILL, pb.Signal.SIGTERM: signal.SIGTERM}
 

@@ -29,11 +29,12 @@ import subprocess
 import threading
 from typing import Any
 
+from sandboxd.envd.contract import SUDO
+
 log = logging.getLogger("envd.sudo")
 
 SOCKET_PATH = "/run/sandboxd/sudo.sock"
 PROOF_DIR = "/run/sandboxd/sudo-proof"
-SUDO = "/usr/bin/sudo"
 PR_GET_NO_NEW_PRIVS = 39
 _MAX_REQUEST = 4 * 1024 * 1024
 

@@ -15,7 +15,8 @@ import socket
 import struct
 import sys
 
-from sandboxd.envd.sudo_broker import PROOF_DIR, SOCKET_PATH, SUDO
+from sandboxd.envd.contract import SUDO
+from sandboxd.envd.sudo_broker import PROOF_DIR, SOCKET_PATH
 
 RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 

@@ -99,10 +99,6 @@ class NbdRootfsProvider:
         """Disconnect, flush and free the sandbox's export; idempotent."""
         self.nbd.release(str(Path(sandbox_dir).resolve()))
 
-    def path(self, sandbox_dir: Path) -> Path | None:
-        state = self.nbd.export_of(str(Path(sandbox_dir).resolve()))
-        return state.socket_path if state else None
-
     def export_state(self, sandbox_dir: Path) -> ExportState | None:
         return self.nbd.export_of(str(Path(sandbox_dir).resolve()))
 

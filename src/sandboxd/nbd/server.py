@@ -28,6 +28,7 @@ from pathlib import Path
 from sandboxd.nbd import protocol as p
 from sandboxd.nbd.cow import CowDevice, CowError
 from sandboxd.nbd.exports import EventLog, Export, ExportPool, ExportState
+from sandboxd.proc import pid_alive
 
 log = logging.getLogger("sandboxd.nbd")
 
@@ -63,17 +64,6 @@ def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
         return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
     except (OSError, AttributeError):
         return None
-
-
-def _pid_alive(pid: int | None) -> bool:
-    """True unless the process is gone or a zombie (a dead client must not hold an export)."""
-    if pid is None:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class NbdServer:
@@ -295,7 +285,7 @@ class NbdServer:
     def _claim(self, export: Export, s: _Session) -> None:
         """Make ``s`` the export's only client; evict a previous client whose process is gone."""
         if export.client_close is not None:
-            if _pid_alive(export.client_pid):
+            if export.client_pid is None or pid_alive(export.client_pid):  # a dead client must not hold an export
                 raise OptionError(p.REP_ERR_POLICY, f"export {export.name} is in use by pid {export.client_pid}: "
                                   "one client at a time (two writers would corrupt the device)")
             self.pool.events.emit("evicted", export, f"client pid {export.client_pid} is gone")

@@ -73,11 +73,6 @@ class NbdServerThread:
     def events(self) -> list[ExportEvent]:
         return self._run(lambda: list(self.server.events.recent))
 
-    def subscribe(self, fn: Callable[[ExportEvent], None]) -> Callable[[], None]:
-        """``fn`` runs in the server's thread for each event; returns the unsubscribe."""
-        unsubscribe = self._run(lambda: self.server.events.subscribe(fn))
-        return lambda: self._run(unsubscribe)
-
     def clone_state(self, owner: str, dest_dir: Path) -> None:
         """Copy the owner's device state to ``dest_dir`` (on the loop: no write runs meanwhile)."""
         def clone() -> None:

@@ -18,10 +18,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from sandboxd.templates.envd_bundle import ENVD_PORT
-
-DEFAULT_USER = "user"
-DEFAULT_WORKDIR = "/home/user"
+from sandboxd.envd.contract import DEFAULT_USER, DEFAULT_WORKDIR, ENVD_PORT
 
 
 class EnvdNotReady(RuntimeError):

@@ -26,6 +26,7 @@ from typing import TypeVar
 from sandboxd.config import Settings
 from sandboxd.envd import ENVD_VERSION
 from sandboxd.envd.auth import file_signature
+from sandboxd.envd.contract import envd_argv, envd_env
 from sandboxd.observability import events
 from sandboxd.orchestrator.backends import Backend, Backends
 from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
@@ -48,7 +49,6 @@ from sandboxd.proxy.asgi import Upstream
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
 from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
 from sandboxd.store.templates_db import TemplateBuilds, split_name
-from sandboxd.templates.envd_bundle import envd_argv, envd_env
 from sandboxd.templates.runtime import RuntimeConfig
 from sandboxd.templates.store import TemplateStore, remove_tree
 

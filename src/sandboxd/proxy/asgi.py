@@ -25,8 +25,8 @@ from urllib.parse import parse_qsl
 
 import httpx
 
+from sandboxd.envd.contract import ENVD_PORT
 from sandboxd.proxy.websocket import relay_websocket
-from sandboxd.templates.envd_bundle import ENVD_PORT
 
 log = logging.getLogger("sandboxd.proxy")
 

@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sandboxd.envd.sudo_broker import SUDO
+from sandboxd.envd.contract import SUDO, python_argv
 from sandboxd.runtimes.base import CONSOLE_LOG, RuntimeSpec, RuntimeStartError, console_tail
-from sandboxd.templates.envd_bundle import python_argv
 
 log = logging.getLogger("sandboxd.runtimes.gvisor")
 

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sandboxd.proc import pid_alive
 from sandboxd.runtimes import vmnet
 from sandboxd.runtimes.accel import detect_accel
 from sandboxd.runtimes.base import CONSOLE_LOG, RuntimeSpec, RuntimeStartError, console_tail
@@ -158,14 +159,6 @@ class Snapshot:
     bytes: int
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -208,9 +201,9 @@ class MicroVMRuntime:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 raise RuntimeError(f"QEMU of {sandbox_id} (pid {pid}) survives SIGKILL")
         if (child := self._children.pop(sandbox_id, None)) is not None:
             child.wait()
@@ -359,7 +352,7 @@ class MicroVMRuntime:
     @staticmethod
     def _is_ours(pid: int, sandbox_id: str) -> bool:
         """The pid is alive and still the QEMU of this sandbox (pids get reused)."""
-        return _pid_alive(pid) and f"guest=sandboxd-{sandbox_id}" in _cmdline(pid)
+        return pid_alive(pid) and f"guest=sandboxd-{sandbox_id}" in _cmdline(pid)
 
     @staticmethod
     def _wait_migration(qmp: Qmp) -> None:

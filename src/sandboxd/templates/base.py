@@ -16,17 +16,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX, DEFAULT_PATH, DEFAULT_USER, DEFAULT_WORKDIR
 from sandboxd.templates.check import check_envd_starts
-from sandboxd.templates.envd_bundle import BUNDLE_PATH_IN_SANDBOX, build_envd_bundle, bundle_hash
+from sandboxd.templates.envd_bundle import build_envd_bundle, bundle_hash
 from sandboxd.templates.store import Build, BuildInputs, LogFn, TemplateStore
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES: tuple[str, ...] = ("bash", "python3", "sudo", "ca-certificates", "procps", "iproute2")
-USER, UID, GID, HOME = "user", 1000, 1000, "/home/user"
+USER, UID, GID, HOME = DEFAULT_USER, 1000, 1000, DEFAULT_WORKDIR  # E2B's user, whose home is the default workdir
 HOSTNAME = "sandbox"
 BUSYBOX = Path("/bin/busybox")  # Debian busybox-static: statically linked, needs no libc
-_CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+_CHROOT_ENV = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
 
 RESOLV_CONF = "nameserver 8.8.8.8\nnameserver 1.1.1.1\n"
 HOSTS = (f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n"

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX
 from sandboxd.templates.check import check_envd_starts
-from sandboxd.templates.envd_bundle import BUNDLE_PATH_IN_SANDBOX, build_envd_bundle, bundle_hash
+from sandboxd.templates.envd_bundle import build_envd_bundle, bundle_hash
 from sandboxd.templates.files import FilesCache, FilesError
 from sandboxd.templates.images import BaseRootfs, ImageError, resolve_base
 from sandboxd.templates.layers import Layer, LayerCache, layer_key, mark_opaque, read_from_stack

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandboxd.templates.envd_bundle import BUNDLE_PATH_IN_SANDBOX, ENVD_PORT, envd_argv, envd_env, python_argv
+from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX, ENVD_PORT, envd_argv, envd_env, python_argv
 
 LogFn = Callable[[str], None]
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")

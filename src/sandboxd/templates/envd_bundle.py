@@ -36,10 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sandboxd
+from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX, LOADER_NAME
 
-BUNDLE_PATH_IN_SANDBOX = "/opt/sandboxd"
-LOADER_NAME = "ld-linux-x86-64.so.2"
-ENVD_PORT = 49983
 TINI_SOURCE = Path("/usr/bin/tini-static")
 FORMAT_VERSION = "envd-bundle-1"
 
@@ -53,8 +51,6 @@ ENVD_DISTRIBUTIONS: tuple[str, ...] = (
     "protobuf-py-ext",
     "typing_extensions",
 )
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Stdlib parts envd never needs: tests, GUIs, build machinery, docs data.
 _STDLIB_PRUNE_DIRS = frozenset(
@@ -81,41 +77,6 @@ class PlanEntry:
     rel: str
     source: Path
     mode: int
-
-
-# ---------------------------------------------------------------------------------------------
-# Runtime contract: how the orchestrator starts envd inside a sandbox.
-
-
-def envd_argv(port: int | None = None) -> list[str]:
-    """argv for PID 1 of a sandbox.
-
-    tini (``-s``: also reaps when it is not PID 1) reaps zombies and forwards signals; envd runs
-    through the bundle's own loader so the template's libc (if any) is never used. ``-I`` (isolated:
-    ignore PYTHON* variables, user site and cwd) means nothing envd needs is passed through the
-    environment, so nothing leaks into processes envd starts (a ``PYTHONHOME`` there would break the
-    template's own python3). CPython finds its prefix from argv[0] (/opt/sandboxd/bin/python3, set
-    by the loader) — checked by every template build. ``-B``: the bundle is a read-only lower layer;
-    ``-u``: envd's output reaches the console unbuffered (seed 000: its output was lost).
-    """
-    argv = [f"{BUNDLE_PATH_IN_SANDBOX}/bin/tini", "-s", "--", *python_argv("-m", "sandboxd.envd")]
-    if port is not None:
-        argv += ["--port", str(port)]
-    return argv
-
-
-def envd_env() -> dict[str, str]:
-    """Environment for envd: a real PATH (seed 000: the wrapper set none) and a UTF-8 locale
-    that exists in every glibc, and its out-of-memory guard on (envd_env is only ever given to
-    envd as a sandbox's init). Deliberately no PYTHON* variables (see :func:`envd_argv`)."""
-    return {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": "/root", "ENVD_OOM_GUARD": "1"}
-
-
-def python_argv(*args: str, bundle_root: str = BUNDLE_PATH_IN_SANDBOX) -> list[str]:
-    """argv running the bundle's python (isolated, no bytecode writes, unbuffered) with ``args``;
-    the same interpreter invocation envd gets, minus tini. Used by build checks and tests."""
-    return [f"{bundle_root}/lib/{LOADER_NAME}", "--library-path", f"{bundle_root}/lib",
-            f"{bundle_root}/bin/python3", "-I", "-B", "-u", *args]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from sandboxd.envd.contract import DEFAULT_USER, DEFAULT_WORKDIR
 from sandboxd.templates.store import Build
-
-DEFAULT_USER = "user"
-DEFAULT_WORKDIR = "/home/user"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+from sandboxd.envd.contract import DEFAULT_PATH
+
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _OVERLAY_OPTS = "redirect_dir=off,index=off,metacopy=off"  # uppers stay plain, portable layers
 #: Capabilities a RUN command keeps: Docker's default set minus NET_RAW (the build shares the

@@ -19,10 +19,8 @@ from typing import Any
 
 from e2b_dockerfile_utils import ShellLex
 
+from sandboxd.envd.contract import DEFAULT_PATH, DEFAULT_USER
 from sandboxd.templates.spec import Step
-from sandboxd.templates.stepns import DEFAULT_PATH
-
-DEFAULT_USER = "user"
 
 
 def code_hash() -> str:
@@ -30,7 +28,7 @@ def code_hash() -> str:
     to how steps are carried out can never be served from layers the old code made."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("steps.py", "stepns.py", "images.py", "layers.py"):
+    for name in ("steps.py", "stepns.py", "images.py", "layers.py", "../envd/contract.py"):
         h.update(name.encode() + b"\0" + (here / name).read_bytes())
     return h.hexdigest()
 
