@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from sandboxd.config import Settings
@@ -51,11 +52,18 @@ def findings(out: str) -> dict[str, list[tuple[str, str, str | None]]]:
 
 @pytest.fixture(scope="module")
 def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_server(data_dir, tmp_path_factory.mktemp("doctor") / "server.log") as srv:
+    """With a warm pool of one: its sandbox has no record, and must not count as a leftover."""
+    with running_server(data_dir, tmp_path_factory.mktemp("doctor") / "server.log", warm_pool_size=1) as srv:
         yield srv
 
 
 def test_healthy_server_passes(server: Server) -> None:
+    for _ in range(600):
+        if httpx.get(f"{server.url}/health", timeout=5).json().get("warmPoolReady") == 1:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the warm pool did not fill")
     proc = doctor(server.settings, "--url", server.url)
     found = findings(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -63,6 +71,7 @@ def test_healthy_server_passes(server: Server) -> None:
                   "base template", "checksums", "envd starts", "VM disks", "leftovers", "server"):
         assert check in found and all(s == "ok" for s, _, _ in found[check]), (check, proc.stdout)
     assert "(current recipe and envd)" in found["base template"][0][1]
+    assert "1 without a record are the running server's warm pool" in found["leftovers"][0][1]
 
 
 @pytest.fixture

@@ -77,6 +77,7 @@ def test_a_sandbox_life_moves_the_metrics(sdk_env: Server) -> None:
         assert ("sandboxd_template_builds", (("status", status),)) in after
     assert value(after, "sandboxd_node_cpus") >= 1 and value(after, "sandboxd_node_disk_free_bytes") > 0
     assert value(after, "sandboxd_node_max_sandboxes") >= 1 and value(after, "sandboxd_templates") >= 1
+    assert ("sandboxd_warm_pool_ready", ()) in after and ("sandboxd_warm_pool_size", ()) in after
 
 
 def test_grafana_dashboard_queries_exposed_metrics(server: Server) -> None:

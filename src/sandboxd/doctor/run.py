@@ -14,6 +14,15 @@ from sandboxd.store.db import Database
 ProgressFn = Callable[[Finding], None]
 
 
+def server_health(url: str) -> dict[str, object] | None:
+    """The server's ``GET /health`` body, or None if it does not answer 200."""
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/health", timeout=5, verify=False)
+        return dict(r.json()) if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def check_server(url: str, required: bool) -> Finding:
     try:
         r = httpx.get(f"{url.rstrip('/')}/health", timeout=5, verify=False)
@@ -62,7 +71,9 @@ def run_checks(settings: Settings, *, url: str | None = None, quick: bool = Fals
         add(*data.check_checksums(settings, in_use, everything))
         add(*data.check_envd_gate(settings, db, in_use))
     add(sandboxes.check_vm_disks(settings))
-    add(sandboxes.check_leftovers(settings, rows))
+    health = server_health(url or settings_url(settings))
+    pooled = health.get("warmPoolReady", 0) if health is not None else None
+    add(sandboxes.check_leftovers(settings, db.list_sandboxes(), int(pooled) if isinstance(pooled, int) else None))
     add(check_server(url or settings_url(settings), url is not None))
     return findings
 

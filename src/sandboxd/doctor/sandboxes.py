@@ -73,11 +73,20 @@ def _bad_disk(kind: str, path: str, forbidden: list[Path]) -> str | None:
     return None
 
 
+def _of_data_dir(argv: list[str], data_dir: Path) -> bool:
+    """A VM is this data dir's if its command line names a path in it (console, QMP socket, disk)."""
+    root = str(data_dir.resolve()) + "/"
+    return any(root in arg for arg in argv)
+
+
 def check_vm_disks(settings: Settings) -> Finding:
+    """Every running VM of this data dir's server (other servers' VMs are theirs to check)."""
     forbidden = [settings.templates_dir.resolve(), (settings.data_dir / "cache").resolve()]
     vms = problems = 0
     details = []
     for pid, sandbox_id, argv in qemu_processes():
+        if not _of_data_dir(argv, settings.data_dir):
+            continue
         vms += 1
         disks = vm_disks(argv)
         why = [w for kind, path in disks if (w := _bad_disk(kind, path, forbidden))] or \
@@ -111,23 +120,33 @@ def _runsc_containers(settings: Settings) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def check_leftovers(settings: Settings, sandboxes: list[SandboxRow]) -> Finding:
-    """Host state of this data dir's server that no sandbox in its database owns."""
+def check_leftovers(settings: Settings, sandboxes: list[SandboxRow], pooled: int | None = None) -> Finding:
+    """Host state of this data dir's server that no sandbox in its database owns.
+
+    ``pooled``: how many warm-pool sandboxes the running server holds (None: no server answers).
+    Pooled sandboxes have no record until a create claims them, so while the server runs up to
+    that many (plus one booting) unrecorded sandboxes, each with its slot, are its pool's."""
     ids = {row.sandbox_id for row in sandboxes}
     slots = {str(row.slot_index) for row in sandboxes}
-    fixes: list[str] = []
     pattern = re.compile(rf"^{re.escape(settings.net_prefix)}-(\d+)(-g)?$")
-    fixes += [f"ip netns del {ns}" for ns in _netns() if (m := pattern.match(ns)) and m.group(1) not in slots]
+    stray_ns = [ns for ns in _netns() if (m := pattern.match(ns)) and m.group(1) not in slots]
     sdir = settings.sandboxes_dir
     stray = [p for p in sorted(sdir.iterdir()) if p.name not in ids] if sdir.is_dir() else []
+    containers = [c for c in _runsc_containers(settings) if c not in ids]
+    stray_slots = {pattern.match(ns).group(1) for ns in stray_ns}  # type: ignore[union-attr]
+    if pooled is not None and max(len(stray), len(stray_slots), len(containers)) <= pooled + 1:
+        return Finding.ok("leftovers", f"{len(sandboxes)} sandboxes in the database; {len(stray)} without a record "
+                                       f"are the running server's warm pool ({pooled} ready)")
+    fixes = [f"ip netns del {ns}" for ns in stray_ns]
     for d in stray:
         fixes += [f"umount -l {m}" for m in sorted(_mounts_under(d), reverse=True)]
         fixes += [f"losetup -d {dev}" for dev in loop_devices_of(d)]
-    fixes += [f"runsc --root {settings.runsc_root} delete -force {c}" for c in _runsc_containers(settings)
-              if c not in ids]
+    fixes += [f"runsc --root {settings.runsc_root} delete -force {c}" for c in containers]
     fixes += [f"rm -rf {d}" for d in stray]
     if fixes:
-        return Finding.fail("leftovers", f"{len(fixes)} leftovers of sandboxes the database no longer has "
-                                         "(stop the server first if it is running)", "; ".join(fixes))
+        why = ("more than the running server's warm pool holds" if pooled is not None
+               else "no server answers; starting it also removes them (its recovery)")
+        return Finding.fail("leftovers", f"{len(fixes)} leftovers of sandboxes the database does not have ({why})",
+                            "; ".join(fixes))
     return Finding.ok("leftovers", f"no namespaces, mounts, loop devices or containers beyond the "
                                    f"{len(sandboxes)} sandboxes in the database")

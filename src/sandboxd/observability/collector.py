@@ -53,6 +53,7 @@ class NodeCollector:
         yield from self._samples([r for r in rows if r.state == "running"])
         yield from self._templates(len(aliases))
         yield from self._nbd()
+        yield from self._pool()
         yield from self._node(rows)
 
     def _sandboxes(self, rows: list[SandboxRow], aliases: set[str]) -> Iterator[Metric]:
@@ -128,6 +129,13 @@ class NodeCollector:
             else:
                 yield CounterMetricFamily(f"sandboxd_nbd_{key}", f"NBD copy-on-write exports: {key.replace('_', ' ')} "
                                           "since the server started", value=value)
+
+    def _pool(self) -> Iterator[Metric]:
+        pool = self.orch.pool
+        yield GaugeMetricFamily("sandboxd_warm_pool_size", "Booted sandboxes the warm pool keeps per template "
+                                "build in demand (0: no pool)", value=pool.size)
+        yield GaugeMetricFamily("sandboxd_warm_pool_ready", "Booted sandboxes waiting in the warm pool",
+                                value=pool.ready_count())
 
     def _node(self, rows: list[SandboxRow]) -> Iterator[Metric]:
         settings = self.orch.settings
