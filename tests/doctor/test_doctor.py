@@ -152,3 +152,40 @@ def _wait_for_vm() -> None:
             return
         time.sleep(0.1)
     raise AssertionError("the test VM did not start")
+
+
+def test_a_full_or_read_only_data_dir_fails(tmp_path: Path) -> None:
+    """A data dir on an 8 MiB filesystem (real tmpfs) has too little room; remounted read-only,
+    it cannot be written at all."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(data)], check=True)
+    try:
+        settings = Settings.from_env({}, data_dir=data, port=free_port(), net_prefix="dr" + os.urandom(2).hex())
+        Database(settings.db_url).engine.dispose()  # a server ran here once (and closed its database)
+        found = findings((proc := doctor(settings, "--quick")).stdout)
+        assert proc.returncode == 1, proc.stdout
+        (status, detail, fix), = found["free disk"]
+        assert status == "FAIL" and "under 1024 MiB" in detail and fix, proc.stdout
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        found = findings((proc := doctor(settings, "--quick")).stdout)
+        (status, detail, fix), = found["data dir"]
+        assert status == "FAIL" and "not writable" in detail and fix and "remount,rw" in fix, proc.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=True)
+
+
+def test_missing_programs_fail_with_the_package_to_install(tmp_path: Path) -> None:
+    """With none of the host's programs on PATH (as on a machine where nothing was installed)."""
+    settings = Settings.from_env({}, data_dir=tmp_path, port=free_port())
+    exe = Path(sys.executable).with_name("sandboxd")
+    proc = subprocess.run([str(exe), "doctor", "--quick"], env={**_env(settings), "PATH": str(tmp_path / "empty")},
+                          capture_output=True, text=True, timeout=120)
+    found = findings(proc.stdout)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (status, detail, fix), = found["host tools"]
+    assert status == "FAIL" and "debootstrap" in detail and fix and fix.startswith("apt-get install -y ")
+    assert {"debootstrap", "e2fsprogs", "nftables", "iproute2"} <= set(fix.split()), fix
+    assert found["gVisor (runsc)"][0][0] == "FAIL" and found["gVisor (runsc)"][0][2] == "apt-get install -y runsc"
+    assert found["QEMU"][0][0] == "FAIL" and "qemu-system-x86" in (found["QEMU"][0][2] or "")
+    assert found["nftables"][0][0] == "FAIL" and found["namespaces"][0][0] == "FAIL"
