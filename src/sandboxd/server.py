@@ -22,6 +22,7 @@ from sandboxd.api.snapshots import router as snapshots_router
 from sandboxd.api.templates import router as templates_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
+from sandboxd.api.volumes import router as volumes_router
 from sandboxd.config import Settings
 from sandboxd.console.routes import mount_console
 from sandboxd.observability.endpoint import router as metrics_router
@@ -30,6 +31,7 @@ from sandboxd.orchestrator.network import SlotPool
 from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import Orchestrator
 from sandboxd.orchestrator.snapshots import SnapshotService
+from sandboxd.orchestrator.volumes import Volumes
 from sandboxd.proxy.asgi import SandboxProxy
 from sandboxd.store.db import Database
 from sandboxd.templates.store import TemplateStore
@@ -109,10 +111,12 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.state.quotas = Quotas(orch.db)
     api.state.metric_samples = samples
     api.state.snapshots = SnapshotService(orch)
+    api.state.volumes = Volumes(orch.db, settings.data_dir)
     install_error_handlers(api)
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)
     api.include_router(snapshots_router)
+    api.include_router(volumes_router)
     api.include_router(logs_router)
     api.include_router(templates_router)
     api.include_router(templates_list_router)  # after: /templates/aliases/{alias} is not a template id

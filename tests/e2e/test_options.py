@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
     ({"autoResume": {"enabled": True}}, 400, "autoResume"),  # without autoPause, as the SDKs check
     ({"autoResume": {"enabled": True}, "autoPause": True, "autoPauseMemory": False}, 400, "autoResume"),
     ({"iam": {"tokens": {"aws": {"audience": "sts", "token_type": "JWT-SVID"}}}}, 501, "iam.tokens"),
-    ({"volumeMounts": [{"name": "v", "path": "/data"}]}, 501, "volumeMounts"),
+    ({"volumeMounts": [{"name": "v", "path": "/data"}]}, 404, "volumeMounts[0].name"),  # no such volume
     ({"network": {"egressProxy": {"address": "proxy.example:1080"}}}, 501, "network.egressProxy"),
     ({"network": {"rules": {"api.example.com": [{"transform": {"headers": {"A": "b"}}}]}}}, 501, "network.rules"),
 ])

@@ -90,8 +90,6 @@ def unsupported_options(body: NewSandbox | NetworkUpdate) -> str | None:
             return "mcp: MCP gateways in sandboxes are not implemented"
         if body.iam and body.iam.get("tokens"):
             return "iam.tokens: workload identity tokens are not implemented"
-        if body.volumeMounts:
-            return "volumeMounts: volumes are not implemented"
     if net is not None:
         if net.egressProxy is not None:
             return f"{prefix}egressProxy: tunnelling egress through a SOCKS5 proxy is not implemented"

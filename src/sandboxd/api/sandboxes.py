@@ -24,6 +24,7 @@ from sandboxd.api.models import (
     NewSandbox,
     PauseBody,
     TimeoutBody,
+    VolumeMount,
     detail_json,
     iso,
     listed_json,
@@ -35,6 +36,7 @@ from sandboxd.config import Settings
 from sandboxd.orchestrator.egress import EgressPolicy, PolicyError
 from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import CreateRequest, Orchestrator, SandboxError
+from sandboxd.orchestrator.volumes import VolumeError, check_mount_path
 from sandboxd.store.db import ApiKey, SandboxRow, hash_key
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -122,16 +124,35 @@ def _create_request(body: NewSandbox, request: Request, secure: bool, default_ti
     if net and net.maskRequestHost is not None and not _MASK_HOST.fullmatch(net.maskRequestHost):
         raise ApiError(400, "network.maskRequestHost: a host name, optionally with ':port', where '${PORT}' "
                             "stands for the sandbox port")
+    mounts = _volume_mounts(request, body.volumeMounts or [])
     snapshots = request.app.state.snapshots
     seed = snapshots.seed_for(body.templateID)  # a snapshot's id or name: start from its files
     env_vars = {**(snapshots.env_of(body.templateID) if seed else {}), **(body.envVars or {})}
     return CreateRequest(template=body.templateID, timeout_s=timeout, metadata=body.metadata or {},
                          env_vars=env_vars, allow_internet_access=allow_internet, egress=egress, seed=seed,
+                         volume_mounts=mounts,
                          auto_pause=bool(body.autoPause), auto_pause_memory=body.autoPauseMemory is not False,
                          auto_resume=bool(body.autoResume and body.autoResume.enabled), secure=secure,
                          allow_public_traffic=not (net and net.allowPublicTraffic is False),
                          mask_request_host=net.maskRequestHost if net else None, https_ports=https_ports,
                          idempotency_key=_idempotency_key(request), owner=_owner(request))
+
+
+def _volume_mounts(request: Request, asked: list[VolumeMount]) -> tuple[dict[str, str], ...]:
+    """``volumeMounts`` with names resolved: 404 an unknown volume, 400 a bad or repeated path."""
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(asked):
+        row = request.app.state.volumes.find(m.name)
+        if row is None:
+            raise ApiError(404, f"volumeMounts[{i}].name: volume '{m.name}' not found")
+        try:
+            path = check_mount_path(m.path, f"volumeMounts[{i}].path")
+        except VolumeError as exc:
+            raise ApiError(exc.status, exc.message) from exc
+        if any(o["path"] == path for o in out):
+            raise ApiError(400, f"volumeMounts[{i}].path: {path} is mounted twice")
+        out.append({"volumeID": row.volume_id, "path": path})
+    return tuple(out)
 
 
 _MASK_HOST = re.compile(r"[A-Za-z0-9.${}_-]{1,253}(:[0-9${}A-Z]{1,12})?")

@@ -36,15 +36,6 @@ UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
     ("GET", "/v2/templates", "listing templates"),
     ("POST", "/v2/templates", "the v2 template build (use Template.build: POST /v3/templates)"),
     ("PATCH", "/v2/templates/{template_id}", "updating a template"),
-    ("GET", "/volumes", "volumes"),
-    ("POST", "/volumes", "volumes"),
-    ("GET", "/volumes/{volume_id}", "volumes"),
-    ("DELETE", "/volumes/{volume_id}", "volumes"),
-    ("GET", "/volumecontent/{volume_id}/{kind}", "volume contents"),
-    ("POST", "/volumecontent/{volume_id}/{kind}", "volume contents"),
-    ("PUT", "/volumecontent/{volume_id}/{kind}", "volume contents"),
-    ("PATCH", "/volumecontent/{volume_id}/{kind}", "volume contents"),
-    ("DELETE", "/volumecontent/{volume_id}/{kind}", "volume contents"),
 )
 
 

@@ -45,6 +45,7 @@ from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
 from sandboxd.orchestrator.pool import PoolKey, WarmPool, WarmSandbox
 from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
+from sandboxd.orchestrator.volumes import data_dir_of as volume_data_dir
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
 from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
@@ -114,6 +115,8 @@ class CreateRequest:
     idempotency_key: str | None = None
     seed: Seed | None = None
     owner: str | None = None  # the hash of the API key that asked (its quotas count the sandbox)
+    #: volumes to bind: ({"volumeID", "path"}, ...), names already resolved (api/sandboxes.py)
+    volume_mounts: tuple[dict[str, str], ...] = ()
 
     @property
     def egress_policy(self) -> EgressPolicy:
@@ -212,6 +215,8 @@ class Orchestrator:
             backend = self.backends.get(runtime)
         except KeyError as exc:
             raise SandboxError(500, f"template '{req.template}': {exc}") from exc
+        if req.volume_mounts and backend.name != "gvisor":
+            raise SandboxError(501, f"volumeMounts: {backend.name} sandboxes cannot mount volumes yet (gVisor ones can)")
         if not self.templates.exists(build_id):
             raise SandboxError(500, f"template '{req.template}' points at build {build_id}, "
                                     "which is not in the template store; rebuild it")
@@ -289,7 +294,8 @@ class Orchestrator:
             egress=req.egress.to_json() if req.egress is not None else None,
             traffic_access_token=None if req.allow_public_traffic else secrets.token_hex(24),
             mask_request_host=req.mask_request_host, https_ports=list(req.https_ports) or None,
-            auto_resume=req.auto_resume, idempotency_key=req.idempotency_key, owner=req.owner)
+            auto_resume=req.auto_resume, idempotency_key=req.idempotency_key, owner=req.owner,
+            volume_mounts=list(req.volume_mounts) or None)
         row = self.db.get_sandbox(sandbox_id)
         assert row is not None
         return row
@@ -299,8 +305,9 @@ class Orchestrator:
     @staticmethod
     def _poolable(req: CreateRequest) -> bool:
         """Pooled sandboxes are booted with what a create can only choose at boot at its
-        default: a slot with open egress. Everything else is applied when claimed."""
-        return req.egress_policy == OPEN_EGRESS
+        default: a slot with open egress and no volumes bound. Everything else is applied when
+        claimed."""
+        return req.egress_policy == OPEN_EGRESS and not req.volume_mounts
 
     def start_pool(self) -> None:
         """Keep a pool of the default template from the start (if a pool is configured)."""
@@ -384,7 +391,9 @@ class Orchestrator:
         return RuntimeSpec(sandbox_id=row.sandbox_id, rootfs=rootfs, sandbox_dir=self.sandbox_dir(row.sandbox_id),
                            netns_path=slot.guest_netns_path, argv=envd_argv(), env=envd_env(),
                            cpu_count=row.cpu_count, memory_mb=row.memory_mb,
-                           max_processes=self.settings.max_processes)
+                           max_processes=self.settings.max_processes,
+                           binds=tuple((volume_data_dir(self.settings.data_dir, m["volumeID"]), m["path"])
+                                       for m in row.volume_mounts or ()))
 
     def _personalize(self, sandbox_id: str, slot: NetworkSlot, token: str, config: RuntimeConfig,
                      env_vars: dict[str, str]) -> None:

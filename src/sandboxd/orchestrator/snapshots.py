@@ -182,7 +182,8 @@ class SnapshotService:
                                 # a private parent's forks are private too, with the same Host mask
                                 allow_public_traffic=parent.traffic_access_token is None,
                                 mask_request_host=parent.mask_request_host,
-                                https_ports=tuple(parent.https_ports or ()), owner=parent.owner)
+                                https_ports=tuple(parent.https_ports or ()), owner=parent.owner,
+                                volume_mounts=tuple(parent.volume_mounts or ()))
 
             def one(_: int) -> SandboxRow | SandboxError:
                 try:

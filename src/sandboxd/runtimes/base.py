@@ -31,6 +31,8 @@ class RuntimeSpec:
     memory_mb: int = 512
     #: processes per user inside the sandbox (RLIMIT_NPROC; root is exempt)
     max_processes: int = 1024
+    #: host directories bound read-write into the sandbox: (host path, sandbox path) — volumes
+    binds: tuple[tuple[Path, str], ...] = ()
 
 
 class Runtime(Protocol):

@@ -247,6 +247,8 @@ class GVisorRuntime:
             ]
         mounts.append({"destination": SUDO_WRAPPER_IN_SANDBOX, "type": "bind", "source": str(self.sudo_wrapper),
                        "options": ["rbind", "ro"]})
+        mounts += [{"destination": inside, "type": "bind", "source": str(host), "options": ["rbind", "rw"]}
+                   for host, inside in spec.binds]  # volumes: writes go straight to the host directory
         caps = list(_CAPS)
         return {
             "ociVersion": "1.0.2",

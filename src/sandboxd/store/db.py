@@ -97,6 +97,8 @@ class SandboxRow(Base):
     auto_resume: Mapped[bool] = mapped_column(default=False)  # traffic to it while paused resumes it
     #: the SHA-256 of the API key that created it (its quota counts it); None: made before keys had quotas
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
+    #: volumes bound into it: [{"volumeID", "path"}] (E2B's volumeMounts, names resolved)
+    volume_mounts: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True, default=None)
     #: ``<api key hash>:<Idempotency-Key>`` of the create that made it: a retried create returns it
     idempotency_key: Mapped[str | None] = mapped_column(String(320), nullable=True, default=None)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
