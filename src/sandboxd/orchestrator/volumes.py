@@ -28,6 +28,7 @@ from pathlib import Path
 from sqlalchemy import DateTime, String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
+from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX
 from sandboxd.store.db import Base, Database, new_id, utcnow
 
 DEFAULT_UID = DEFAULT_GID = 9090  # E2B's volume defaults
@@ -37,7 +38,7 @@ MIN_DEPTH, MAX_DEPTH = 1, 10
 #: what E2B accepts as a volume name
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_-]{0,127}")
 #: where a volume may not be mounted in a sandbox
-_RESERVED = ("/", "/proc", "/dev", "/sys", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/usr", "/opt/sandboxd")
+_RESERVED = ("/", "/proc", "/dev", "/sys", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/usr", BUNDLE_PATH_IN_SANDBOX)
 
 
 class VolumeError(Exception):
