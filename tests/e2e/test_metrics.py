@@ -35,10 +35,14 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def test_metrics_need_an_api_key(server: Server) -> None:
+    before = scrape(server)
     r = httpx.get(f"{server.url}/metrics", timeout=30)
     assert r.status_code == 401 and r.json()["code"] == 401
     assert httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer e2b_wrong"}, timeout=30).status_code == 401
     assert httpx.get(f"{server.url}/metrics", headers={"X-API-Key": server.api_key}, timeout=30).status_code == 200
+    after = scrape(server)
+    assert value(after, "sandboxd_api_errors_total", status="401", error_code="") == \
+        value(before, "sandboxd_api_errors_total", status="401", error_code="") + 2
 
 
 def test_a_sandbox_life_moves_the_metrics(sdk_env: Server) -> None:

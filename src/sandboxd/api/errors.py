@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sandboxd.observability import events
+
 log = logging.getLogger("sandboxd.api")
 
 
@@ -32,6 +34,7 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None,
                    error_code: str | None = None) -> JSONResponse:
+    events.API_ERRORS.labels(str(status), error_code or "").inc()
     body: dict[str, object] = {"code": status, "message": message}
     if error_code:
         body["error_code"] = error_code

@@ -26,6 +26,9 @@ KILLS = Counter("sandboxd_sandbox_kills", "Sandboxes killed, by reason (api: a k
                 "their time was up)", ["reason"], registry=REGISTRY)
 PAUSES = Counter("sandboxd_sandbox_pauses", "Sandboxes paused, by what was kept", ["kept"], registry=REGISTRY)
 RESUMES = Counter("sandboxd_sandbox_resumes", "Sandboxes resumed", registry=REGISTRY)
+API_ERRORS = Counter("sandboxd_api_errors", "Error responses of the API by status and E2B error code "
+                     "(bad input 400, unknown key 401, not found 404, conflicts 409, 5xx)", ["status", "error_code"],
+                     registry=REGISTRY)
 TEMPLATE_BUILDS = Counter("sandboxd_template_builds_finished", "Template builds finished, by result",
                           ["result"], registry=REGISTRY)
 
