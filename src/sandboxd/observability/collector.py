@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -25,6 +25,8 @@ BUILD_STATUSES = ("waiting", "building", "ready", "error")
 #: NBD export-pool values that go up and down; the rest of ExportPool.metrics() only go up.
 NBD_GAUGES = ("exports", "exports_free", "exports_in_use", "exports_connected", "dirty_blocks")
 SAMPLE_WORKERS = 8
+#: Seconds a scrape waits for envd samples in all (Prometheus' default scrape timeout is 10 s).
+SCRAPE_BUDGET_S = 3.0
 
 
 def _meminfo() -> dict[str, int]:
@@ -91,19 +93,24 @@ class NodeCollector:
         yield from (cpu, cpus, mem, mem_total, disk, failed)
 
     def _sample_all(self, running: list[SandboxRow]) -> list[tuple[SandboxRow, dict[str, Any] | None]]:
-        def sample(row: SandboxRow) -> tuple[SandboxRow, dict[str, Any] | None]:
+        """One envd sample per running sandbox, in parallel, within SCRAPE_BUDGET_S in all: a
+        scrape must answer within Prometheus' timeout however many envds are slow."""
+        def sample(row: SandboxRow) -> dict[str, Any] | None:
             upstream = self.orch.upstream(row.sandbox_id)
             if upstream is None:
-                return row, None
+                return None
             try:
-                return row, fetch_metrics(upstream.address, row.envd_access_token)
+                return fetch_metrics(upstream.address, row.envd_access_token)
             except EnvdNotReady:
-                return row, None
+                return None
 
         if not running:
             return []
-        with ThreadPoolExecutor(max_workers=min(SAMPLE_WORKERS, len(running))) as pool:
-            return list(pool.map(sample, running))
+        pool = ThreadPoolExecutor(max_workers=min(SAMPLE_WORKERS, len(running)), thread_name_prefix="scrape")
+        futures = [pool.submit(sample, row) for row in running]
+        wait(futures, timeout=SCRAPE_BUDGET_S)
+        pool.shutdown(wait=False, cancel_futures=True)  # the stragglers end on envd_client's own timeout
+        return [(row, f.result() if f.done() and not f.cancelled() else None) for row, f in zip(running, futures, strict=True)]
 
     def _templates(self, aliases: int) -> Iterator[Metric]:
         with self.orch.db.session() as s:
