@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sandboxd.observability import events
+from sandboxd.orchestrator.sandboxes import SandboxError
 
 log = logging.getLogger("sandboxd.api")
 
@@ -53,6 +54,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.headers, error_code=exc.error_code)
+
+    @app.exception_handler(SandboxError)
+    async def _sandbox_error(_: Request, exc: SandboxError) -> JSONResponse:
+        """The orchestrator's errors, in one place: status, message and E2B's ``error_code``; a
+        create it already retried tells the SDK not to retry again."""
+        headers = {"Should-Retry": "false"} if exc.final and exc.status >= 500 else None
+        return error_response(exc.status, exc.message, headers, error_code=exc.error_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

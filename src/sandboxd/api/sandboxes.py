@@ -35,7 +35,7 @@ from sandboxd.api.quotas import Need, Quotas
 from sandboxd.config import Settings
 from sandboxd.orchestrator.egress import EgressPolicy, PolicyError
 from sandboxd.orchestrator.samples import MetricSamples
-from sandboxd.orchestrator.sandboxes import CreateRequest, Orchestrator, SandboxError
+from sandboxd.orchestrator.sandboxes import CreateRequest, Orchestrator
 from sandboxd.orchestrator.volumes import VolumeError, check_mount_path
 from sandboxd.store.db import ApiKey, SandboxRow, hash_key
 
@@ -92,12 +92,8 @@ def _create(request: Request, req: CreateRequest) -> SandboxRow:
     SDK is told not to retry it again."""
     orch = _orchestrator(request)
     res = orch.resources_for(req.template)
-    try:
-        with _quotas(request).reserve(_caller(request), Need(res.cpu_count, res.memory_mb)):
-            return orch.create(req)
-    except SandboxError as exc:
-        raise ApiError(exc.status, exc.message, exc.error_code,
-                       {"Should-Retry": "false"} if exc.status >= 500 else None) from exc
+    with _quotas(request).reserve(_caller(request), Need(res.cpu_count, res.memory_mb)):
+        return orch.create(req)
 
 
 def _create_request(body: NewSandbox, request: Request, secure: bool, default_timeout_s: int) -> CreateRequest:
@@ -204,10 +200,7 @@ def update_network(sandbox_id: str, body: NetworkUpdate, request: Request) -> Re
     if (unsupported := unsupported_options(body)) is not None:
         raise ApiError(501, f"sandboxd does not support {unsupported}")
     policy = _policy(body.allow_internet_access is not False, body.allowOut, body.denyOut, body.dnsServers, "")
-    try:
-        row = _orchestrator(request).update_network(sandbox_id, policy)
-    except SandboxError as exc:
-        raise ApiError(exc.status, exc.message) from exc
+    row = _orchestrator(request).update_network(sandbox_id, policy)
     if row is None:
         raise ApiError(404, f"sandbox '{sandbox_id}' not found")
     return Response(status_code=204)
@@ -282,10 +275,7 @@ def connect_sandbox(sandbox_id: str, body: ConnectBody, request: Request) -> JSO
     status = 200
     row = orch.connect(sandbox_id, body.timeout)
     if row is None and (paused := orch.db.get_sandbox(sandbox_id)) is not None and paused.state == "paused":
-        try:
-            row = resume_within_quota(request, paused, body.timeout, body.memory)
-        except SandboxError as exc:
-            raise ApiError(exc.status, exc.message, exc.error_code) from exc
+        row = resume_within_quota(request, paused, body.timeout, body.memory)
         status = 201
     if row is None:
         raise ApiError(404, f"sandbox '{sandbox_id}' not found")
@@ -338,10 +328,7 @@ def pause_sandbox(sandbox_id: str, request: Request, body: Annotated[PauseBody |
     """204 paused; 409 already paused (the SDK returns False); 503 when envd does not answer and
     the pause needs it (``requireHealthyGuest``, or ``memory: false``, which syncs the disk)."""
     body = body or PauseBody()
-    try:
-        paused = _orchestrator(request).pause(sandbox_id, memory=body.memory, strict=body.requireHealthyGuest)
-    except SandboxError as exc:
-        raise ApiError(exc.status, exc.message) from exc
+    paused = _orchestrator(request).pause(sandbox_id, memory=body.memory, strict=body.requireHealthyGuest)
     if paused is None:
         raise ApiError(404, f"sandbox '{sandbox_id}' not found")
     if paused is False:

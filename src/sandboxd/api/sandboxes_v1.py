@@ -18,7 +18,7 @@ from sandboxd.api.auth import require_api_key
 from sandboxd.api.errors import ApiError
 from sandboxd.api.models import NewSandboxV1, RefreshBody, ResumeBody, sandbox_json
 from sandboxd.api.sandboxes import create, latest_metric, resume_within_quota
-from sandboxd.orchestrator.sandboxes import Orchestrator, SandboxError
+from sandboxd.orchestrator.sandboxes import Orchestrator
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 #: E2B's defaults of the v1 routes (OpenAPI ``timeout: 15``; a refresh keeps a sandbox 15 s at least)
@@ -49,10 +49,7 @@ def resume_sandbox(sandbox_id: str, request: Request,
         raise ApiError(404, f"sandbox '{sandbox_id}' not found")
     if row.state == "running":
         raise ApiError(409, f"sandbox '{sandbox_id}' is already running")
-    try:
-        row = resume_within_quota(request, row, body.timeout or V1_DEFAULT_TIMEOUT_S, body.memory)
-    except SandboxError as exc:
-        raise ApiError(exc.status, exc.message, exc.error_code) from exc
+    row = resume_within_quota(request, row, body.timeout or V1_DEFAULT_TIMEOUT_S, body.memory)
     if row is None:  # killed or resumed by someone else meanwhile
         raise ApiError(409, f"sandbox '{sandbox_id}' is not paused any more")
     if body.autoPause is not None and body.autoPause != row.auto_pause:

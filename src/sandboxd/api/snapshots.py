@@ -21,7 +21,6 @@ from sandboxd.api.auth import require_api_key
 from sandboxd.api.errors import ApiError
 from sandboxd.api.listing import MAX_PAGE, micros
 from sandboxd.api.models import _Strict, sandbox_json
-from sandboxd.orchestrator.sandboxes import SandboxError
 from sandboxd.orchestrator.snapshots import SnapshotService
 from sandboxd.store.db import SandboxRow
 from sandboxd.store.snapshots_db import SnapshotRow
@@ -56,10 +55,7 @@ def snapshot_json(snap: SnapshotRow) -> dict[str, Any]:
 def create_snapshot(sandbox_id: str, request: Request,
                     body: Annotated[SnapshotBody | None, Body()] = None) -> JSONResponse:
     body = body or SnapshotBody()
-    try:
-        snap = service(request).take(sandbox_id, body.name, body.memory)
-    except SandboxError as exc:
-        raise ApiError(exc.status, exc.message, exc.error_code) from exc
+    snap = service(request).take(sandbox_id, body.name, body.memory)
     return JSONResponse(snapshot_json(snap), status_code=201)
 
 
@@ -116,10 +112,7 @@ def fork_sandbox(sandbox_id: str, request: Request, body: Annotated[ForkBody | N
         raise ApiError(400, f"count: must be lower than the maximum number of sandboxes ({settings.max_sandboxes})")
     if body.timeout > settings.max_timeout_s:
         raise ApiError(400, f"timeout: {body.timeout}s exceeds the maximum of {settings.max_timeout_s}s")
-    try:
-        results = service(request).fork(sandbox_id, body.count, body.timeout)
-    except SandboxError as exc:
-        raise ApiError(exc.status, exc.message, exc.error_code) from exc
+    results = service(request).fork(sandbox_id, body.count, body.timeout)
     domain = settings.domain
     return JSONResponse([{"sandbox": sandbox_json(r, domain)} if isinstance(r, SandboxRow)
                          else {"error": {"code": r.status, "message": r.message}} for r in results],

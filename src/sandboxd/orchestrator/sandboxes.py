@@ -1,13 +1,14 @@
 """Sandbox lifecycle on one node: create, kill, timeouts, and recovery after a restart.
 
 ``create`` reads top to bottom: resolve build → rootfs → network → runtime → envd init + health →
-record. Every step registers its undo on an ExitStack, so a failure at any point removes exactly
-what was made (no leaked namespaces, mounts or processes) and the client gets the console output.
+record. Every step registers its undo on the sandbox's :class:`Teardown` (lifecycle.py) as soon as it
+succeeded, so a failure at any point removes exactly what was made (no leaked namespaces, mounts or
+processes) and the client gets the console output; kill, recovery and a failed resume run that same
+teardown (all of it, or the boot's part). docs/architecture.md walks through it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import itertools
 import logging
@@ -41,6 +42,7 @@ from sandboxd.orchestrator.envd_client import (
     sync_guest,
     wait_healthy,
 )
+from sandboxd.orchestrator.lifecycle import BOOT_STEPS, SandboxState, Teardown
 from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
 from sandboxd.orchestrator.pool import PoolKey, WarmPool, WarmSandbox
@@ -73,6 +75,8 @@ class SandboxError(Exception):
         self.status = status
         self.message = message
         self.error_code = error_code
+        #: a retry cannot help (a create was already retried here): the API says ``Should-Retry: false``
+        self.final = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ class Orchestrator:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
+        self._sandbox_teardowns: dict[str, Teardown] = {}  # sandbox id → its undo steps (lifecycle.py)
         settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.logs = LogStore(settings.data_dir / "logs")
         self.pool = WarmPool(settings.warm_pool_size, self._boot_warm, self._discard_warm)
@@ -196,7 +201,11 @@ class Orchestrator:
     def create(self, req: CreateRequest) -> SandboxRow:
         """Start a sandbox and return its record once envd answered; retry a failed start."""
         with events.observe_create(split_name(req.template)[0]):
-            return self._create(req)
+            try:
+                return self._create(req)
+            except SandboxError as exc:
+                exc.final = True  # a failed start was retried here already
+                raise
 
     def _create(self, req: CreateRequest) -> SandboxRow:
         runtime: str | None
@@ -258,23 +267,25 @@ class Orchestrator:
         token = secrets.token_hex(24) if req.secure else ""
         sdir = self.sandbox_dir(sandbox_id)
         started = time.monotonic()
-        with contextlib.ExitStack() as undo:
+        teardown = Teardown(sandbox_id)
+        try:
             sdir.mkdir(parents=True)
-            undo.callback(remove_tree, sdir)
+            self._undo_dir(teardown)
             if req.seed is not None:
                 seed = req.seed
                 self._step("snapshot", lambda: copy_image(seed.disk_image, sdir / DISK_IMAGE))
             slot = self._step("network", lambda: self.slots.acquire(req.egress_policy))
-            undo.callback(self.slots.release, slot)
+            self._undo_network(teardown, slot.index)
             record = self._add_record(sandbox_id, req, template_id, alias, build_id, backend, res, slot, token)
-            undo.callback(self.db.delete_sandbox, sandbox_id)
-            undo.callback(backend.release_rootfs, sdir)
-            undo.callback(backend.runtime.stop, sandbox_id)
-            self._boot(backend, record, slot)
-            row = self.db.update_sandbox(sandbox_id, state="running")
+            self._undo_record(teardown)
+            self._boot(backend, record, slot, teardown)
+            row = self.db.update_sandbox(sandbox_id, state=SandboxState.RUNNING)
             assert row is not None
-            self._route(row)
-            undo.pop_all()
+        except BaseException:
+            teardown.run()
+            raise
+        self._sandbox_teardowns[sandbox_id] = teardown
+        self._route(row)
         log.info("sandbox %s (%s) ready in %.2fs", sandbox_id, alias, time.monotonic() - started)
         self.logs.event(sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
         return row
@@ -285,7 +296,7 @@ class Orchestrator:
         now = utcnow()
         self.db.add_sandbox(
             sandbox_id=sandbox_id, template_id=template_id, alias=alias, build_id=build_id,
-            runtime=backend.name, state="starting", slot_index=slot.index,
+            runtime=backend.name, state=SandboxState.STARTING, slot_index=slot.index,
             host_address=slot.host_address, envd_access_token=token, envd_version=ENVD_VERSION,
             metadata_=req.metadata, env_vars=req.env_vars, cpu_count=res.cpu_count,
             memory_mb=res.memory_mb, disk_size_mb=res.disk_mb,
@@ -325,23 +336,24 @@ class Orchestrator:
         """Boot a sandbox for the pool: no record, no token, no env vars, no route."""
         backend = self.backends.get(key.runtime)
         sandbox_id = new_id()
-        sdir = self.sandbox_dir(sandbox_id)
-        with contextlib.ExitStack() as undo:
-            sdir.mkdir(parents=True)
-            undo.callback(remove_tree, sdir)
+        teardown = Teardown(sandbox_id)
+        try:
+            self.sandbox_dir(sandbox_id).mkdir(parents=True)
+            self._undo_dir(teardown)
             slot = self._step("network", lambda: self.slots.acquire(OPEN_EGRESS))
-            undo.callback(self.slots.release, slot)
+            self._undo_network(teardown, slot.index)
             row = SandboxRow(sandbox_id=sandbox_id, build_id=key.build_id, envd_access_token="", env_vars={},
                              cpu_count=key.cpu_count, memory_mb=key.memory_mb, disk_size_mb=key.disk_mb)
-            undo.callback(backend.release_rootfs, sdir)
-            undo.callback(backend.runtime.stop, sandbox_id)
-            self._boot(backend, row, slot, personalize=False)
-            undo.pop_all()
+            self._boot(backend, row, slot, teardown, personalize=False)
+        except BaseException:
+            teardown.run()
+            raise
+        self._sandbox_teardowns[sandbox_id] = teardown
         log.debug("warm pool: sandbox %s booted", sandbox_id)
         return WarmSandbox(sandbox_id, key, slot)
 
     def _discard_warm(self, warm: WarmSandbox) -> None:
-        self._teardown(warm.sandbox_id, warm.slot.index, warm.key.runtime)
+        self._take_teardown(warm.sandbox_id, warm.slot.index, warm.key.runtime).run()
 
     def _claim(self, req: CreateRequest, template_id: str, alias: str, backend: Backend,
                warm: WarmSandbox) -> SandboxRow:
@@ -350,33 +362,36 @@ class Orchestrator:
         started = time.monotonic()
         sandbox_id, slot, key = warm.sandbox_id, warm.slot, warm.key
         token = secrets.token_hex(24) if req.secure else ""
-        with contextlib.ExitStack() as undo:
-            undo.callback(self._discard_warm, warm)
+        teardown = self._take_teardown(sandbox_id, slot.index, key.runtime)
+        try:
             res = Resources(key.cpu_count, key.memory_mb, key.disk_mb)
             self._add_record(sandbox_id, req, template_id, alias, key.build_id, backend, res, slot, token)
-            undo.callback(self.db.delete_sandbox, sandbox_id)
+            self._undo_record(teardown)
             config = RuntimeConfig.of(self.templates.get(key.build_id))
             sdir = self.sandbox_dir(sandbox_id)
             self._step("envd", lambda: self._personalize(sandbox_id, slot, token, config, req.env_vars), sdir)
-            row = self.db.update_sandbox(sandbox_id, state="running")
+            row = self.db.update_sandbox(sandbox_id, state=SandboxState.RUNNING)
             assert row is not None
-            self._route(row)
-            undo.pop_all()
+        except BaseException:
+            teardown.run()
+            raise
+        self._sandbox_teardowns[sandbox_id] = teardown
+        self._route(row)
         log.info("sandbox %s (%s) claimed from the warm pool in %.3fs", sandbox_id, alias, time.monotonic() - started)
         self.logs.event(sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
         return row
 
-    def _boot(self, backend: Backend, row: SandboxRow, slot: NetworkSlot, personalize: bool = True) -> None:
+    def _boot(self, backend: Backend, row: SandboxRow, slot: NetworkSlot, teardown: Teardown,
+              personalize: bool = True) -> None:
         """rootfs → runtime → envd answers → (``personalize``) envd init, start and ready commands:
         a sandbox booting over its disk (a new one, one resumed without memory, or one for the
-        warm pool, personalized when claimed). On failure the runtime and rootfs are undone (the
-        disk and its files stay: the caller owns the sandbox dir)."""
+        warm pool, personalized when claimed). Its undo goes on the sandbox's teardown; on failure
+        the boot's own steps are undone (the disk and its files stay: the caller owns the dir)."""
         sdir = self.sandbox_dir(row.sandbox_id)
-        with contextlib.ExitStack() as undo:
+        try:
             rootfs = self._step("rootfs", lambda: backend.prepare_rootfs(row.build_id, sdir, row.disk_size_mb), sdir)
-            undo.callback(backend.release_rootfs, sdir)
             spec = self._spec(row, slot, rootfs)
-            undo.callback(backend.runtime.stop, row.sandbox_id)
+            self._undo_boot(teardown, backend)  # before the start: a start may fail halfway
             self._step("runtime", lambda: backend.runtime.start(spec), sdir)
             took = self._step("envd", lambda: wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s),
                               sdir)
@@ -385,7 +400,10 @@ class Orchestrator:
                 config = RuntimeConfig.of(self.templates.get(row.build_id))
                 self._step("envd", lambda: self._personalize(row.sandbox_id, slot, row.envd_access_token, config,
                                                              row.env_vars), sdir)
-            undo.pop_all()
+        except BaseException:
+            self._undo_boot(teardown, backend)  # also a rootfs that failed halfway
+            teardown.run(*BOOT_STEPS)
+            raise
 
     def _spec(self, row: SandboxRow, slot: NetworkSlot, rootfs: Path) -> RuntimeSpec:
         return RuntimeSpec(sandbox_id=row.sandbox_id, rootfs=rootfs, sandbox_dir=self.sandbox_dir(row.sandbox_id),
@@ -459,10 +477,11 @@ class Orchestrator:
                 return False
             self._routes.pop(sandbox_id, None)
             self._tokens.pop(sandbox_id, None)
-            self.db.delete_sandbox(sandbox_id)
+            teardown = self._take_teardown(sandbox_id, row.slot_index, row.runtime)
+            teardown.run("record")
         with self._locks_guard:
             self._locks.pop(sandbox_id, None)
-        future = self._teardowns.submit(self._teardown, sandbox_id, row.slot_index, row.runtime)
+        future = self._teardowns.submit(teardown.run)
         log.info("sandbox %s killed", sandbox_id)
         events.KILLS.labels(reason).inc()
         self.logs.event(sandbox_id, "Sandbox killed")
@@ -475,23 +494,53 @@ class Orchestrator:
         self._teardowns.shutdown(wait=True)
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
 
-    def _teardown(self, sandbox_id: str, slot_index: int | None, runtime: str | None) -> None:
-        """Undo a sandbox's runtime, network, rootfs and directory; each step is idempotent and
-        runs even if an earlier one failed, so a half-dead sandbox is still cleaned up. Without
-        a known runtime (a stray directory), every backend in use tries."""
-        backends = [self.backends.get(runtime)] if runtime else self.backends.made()
-        sdir = self.sandbox_dir(sandbox_id)
-        steps: list[tuple[str, Callable[[], object]]] = [
-            (f"{b.name} runtime", partial(b.runtime.stop, sandbox_id)) for b in backends]
+    # -- teardown: each step's undo, written once -----------------------------------------------
+
+    def _undo_dir(self, teardown: Teardown) -> None:
+        teardown.add("dir", partial(remove_tree, self.sandbox_dir(teardown.sandbox_id)))
+
+    def _undo_network(self, teardown: Teardown, slot_index: int) -> None:
+        teardown.add("network", lambda: self.slots.release(self.slots.slot(slot_index)))
+
+    def _undo_record(self, teardown: Teardown) -> None:
+        teardown.add("record", partial(self.db.delete_sandbox, teardown.sandbox_id))
+
+    def _undo_boot(self, teardown: Teardown, backend: Backend, prefix: str = "") -> None:
+        """The boot's own undo (:data:`BOOT_STEPS`): the runtime stops, then the rootfs goes."""
+        teardown.add(f"{prefix}rootfs", partial(backend.release_rootfs, self.sandbox_dir(teardown.sandbox_id)))
+        teardown.add(f"{prefix}runtime", partial(backend.runtime.stop, teardown.sandbox_id))
+
+    def _teardown_of(self, row: SandboxRow) -> Teardown:
+        """The teardown the sandbox's create built (kept while it lives); after a restart, the
+        same steps rebuilt from its record (every undo is idempotent)."""
+        teardown = self._sandbox_teardowns.get(row.sandbox_id)
+        if teardown is None:
+            teardown = self._rebuilt_teardown(row.sandbox_id, row.slot_index, row.runtime)
+            self._sandbox_teardowns[row.sandbox_id] = teardown
+        return teardown
+
+    def _take_teardown(self, sandbox_id: str, slot_index: int | None, runtime: str | None) -> Teardown:
+        """The sandbox's teardown, to end its life: no longer kept here."""
+        teardown = self._sandbox_teardowns.pop(sandbox_id, None)
+        return teardown if teardown is not None else self._rebuilt_teardown(sandbox_id, slot_index, runtime)
+
+    def _rebuilt_teardown(self, sandbox_id: str, slot_index: int | None, runtime: str | None) -> Teardown:
+        """Create's steps in create's order, from what a record (or a stray dir) tells. With no
+        runtime known (a dir no record owns) every backend in use undoes its part, and overlay
+        mounts are undone even if the gVisor backend was not made in this run."""
+        teardown = Teardown(sandbox_id)
+        self._undo_dir(teardown)
+        if runtime is None:
+            teardown.add("overlay mounts", partial(unmount_overlay, self.sandbox_dir(sandbox_id)))
         if slot_index is not None:
-            steps.append(("network", lambda: self.slots.release(self.slots.slot(slot_index))))
-        steps += [(f"{b.name} rootfs", partial(b.release_rootfs, sdir)) for b in backends]
-        steps += [("rootfs mounts", lambda: unmount_overlay(sdir)), ("dir", lambda: remove_tree(sdir))]
-        for name, step in steps:
-            try:
-                step()
-            except Exception:  # keep going: the remaining steps must still run
-                log.exception("teardown of %s: %s step failed", sandbox_id, name)
+            self._undo_network(teardown, slot_index)
+        self._undo_record(teardown)
+        if runtime is not None:
+            self._undo_boot(teardown, self.backends.get(runtime))
+        else:
+            for backend in self.backends.made():
+                self._undo_boot(teardown, backend, prefix=f"{backend.name} ")
+        return teardown
 
     def pause(self, sandbox_id: str, memory: bool = True, strict: bool = False) -> bool | None:
         """Pause the sandbox; False if already paused, None if there is none.
@@ -503,9 +552,9 @@ class Orchestrator:
         answer for a disk-only pause (it syncs) and, when ``strict``, for any pause."""
         with self._lock(sandbox_id):
             row = self.db.get_sandbox(sandbox_id)
-            if row is None or row.state not in ("running", "paused"):
+            if row is None or row.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
                 return None
-            if row.state == "paused":
+            if row.state == SandboxState.PAUSED:
                 return False
             backend = self.backends.get(row.runtime)
             responsive = envd_answers(row.host_address)
@@ -527,7 +576,7 @@ class Orchestrator:
                     self._route(row)
                     raise SandboxError(500, f"pause failed (the sandbox runs on): {exc}") from exc
                 log.warning("pause of %s: the runtime stopped but its rootfs was not released: %s", sandbox_id, exc)
-            self.db.update_sandbox(sandbox_id, state="paused", paused_memory=memory,
+            self.db.update_sandbox(sandbox_id, state=SandboxState.PAUSED, paused_memory=memory,
                                    envd_unresponsive_at_pause=not responsive)
         log.info("sandbox %s paused (%s)%s", sandbox_id, "memory and disk" if memory else "disk only",
                  "" if responsive else ": its envd did not answer, so it resumes only by booting again")
@@ -541,7 +590,7 @@ class Orchestrator:
         paused, its files untouched."""
         with self._lock(sandbox_id):
             row = self.db.get_sandbox(sandbox_id)
-            if row is None or row.state != "paused":
+            if row is None or row.state != SandboxState.PAUSED:
                 return None
             backend = self.backends.get(row.runtime)
             sdir = self.sandbox_dir(sandbox_id)
@@ -557,9 +606,9 @@ class Orchestrator:
                     row = self.db.update_sandbox(sandbox_id, paused_memory=False)
                     assert row is not None
                 self._step("network", lambda: self.slots.restore_guest_address(slot), sdir)
-                self._boot(backend, row, slot)
+                self._boot(backend, row, slot, self._teardown_of(row))
             end = utcnow() + timedelta(seconds=timeout_s if timeout_s is not None else self.settings.default_timeout_s)
-            row = self.db.update_sandbox(sandbox_id, state="running", paused_memory=None,
+            row = self.db.update_sandbox(sandbox_id, state=SandboxState.RUNNING, paused_memory=None,
                                          envd_unresponsive_at_pause=False, end_at=end)
             assert row is not None
             self._route(row)
@@ -581,8 +630,7 @@ class Orchestrator:
             self._step("envd", lambda: init_envd(slot.host_address, row.envd_access_token,
                                                  {**config.env, **row.env_vars}, config.user, config.workdir), sdir)
         except SandboxError as exc:
-            backend.runtime.stop(row.sandbox_id)
-            backend.release_rootfs(sdir)
+            self._teardown_of(row).run(*BOOT_STEPS)
             backend.drop_memory(row.sandbox_id, sdir)
             self.db.update_sandbox(row.sandbox_id, paused_memory=False)
             raise SandboxError(exc.status, f"{exc.message}\nThe sandbox stays paused with its files (its memory "
@@ -592,7 +640,7 @@ class Orchestrator:
         """Traffic for a sandbox that does not run here: a paused one created with ``autoResume``
         is resumed (for the server's default timeout) and then served; None for any other."""
         row = self.db.get_sandbox(sandbox_id)
-        if row is None or row.state != "paused" or not row.auto_resume:
+        if row is None or row.state != SandboxState.PAUSED or not row.auto_resume:
             return self.upstream(sandbox_id)
         try:
             if self.resume(sandbox_id, None) is not None:
@@ -606,7 +654,7 @@ class Orchestrator:
         names its egress proxy lets through); None if there is no such sandbox."""
         with self._lock(sandbox_id):
             row = self.db.get_sandbox(sandbox_id)
-            if row is None or row.state not in ("running", "paused"):
+            if row is None or row.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
                 return None
             try:
                 self.slots.set_egress(self.slots.slot(row.slot_index), policy)
@@ -625,7 +673,7 @@ class Orchestrator:
     def connect(self, sandbox_id: str, timeout_s: int | None) -> SandboxRow | None:
         """A running sandbox's record; ``timeout_s`` only ever extends its life."""
         row = self.db.get_sandbox(sandbox_id)
-        if row is None or row.state != "running":
+        if row is None or row.state != SandboxState.RUNNING:
             return None
         if timeout_s is not None:
             end = utcnow() + timedelta(seconds=timeout_s)
@@ -637,7 +685,7 @@ class Orchestrator:
         """End every running sandbox whose time is up: pause it if it asked for that (autoPause,
         with its memory or its disk alone), else kill it (also when that pause fails)."""
         now = now or utcnow()
-        expired = [r for r in self.db.list_sandboxes() if r.state == "running" and _aware(r.end_at) <= now]
+        expired = [r for r in self.db.list_sandboxes() if r.state == SandboxState.RUNNING and _aware(r.end_at) <= now]
         for row in expired:
             self.logs.event(row.sandbox_id, "Sandbox timed out")
             if row.auto_pause:
@@ -675,8 +723,7 @@ class Orchestrator:
                         "boots on resume", row.sandbox_id)
             backend.drop_memory(row.sandbox_id, sdir)
             self.db.update_sandbox(row.sandbox_id, paused_memory=False)
-        backend.runtime.stop(row.sandbox_id)
-        backend.release_rootfs(sdir)
+        self._teardown_of(row).run(*BOOT_STEPS)
         return True
 
     def _reapply_egress(self, row: SandboxRow) -> bool:
@@ -703,11 +750,11 @@ class Orchestrator:
         removed: list[str] = []
         for row in rows:
             backend = self.backends.get(row.runtime)
-            if row.state == "paused":
+            if row.state == SandboxState.PAUSED:
                 kept = (self._recover_paused(backend, row, states[backend.name], slots_present)
                         and self._reapply_egress(row))
             else:
-                kept = (row.state == "running" and states[backend.name].get(row.sandbox_id) == "running"
+                kept = (row.state == SandboxState.RUNNING and states[backend.name].get(row.sandbox_id) == "running"
                         and row.slot_index in slots_present
                         and backend.reattach_rootfs(row.build_id, self.sandbox_dir(row.sandbox_id))
                         and self._reapply_egress(row))
@@ -716,8 +763,7 @@ class Orchestrator:
             if kept:
                 reattached.append(row.sandbox_id)
             else:
-                self._teardown(row.sandbox_id, row.slot_index, row.runtime)
-                self.db.delete_sandbox(row.sandbox_id)
+                self._take_teardown(row.sandbox_id, row.slot_index, row.runtime).run()
                 removed.append(row.sandbox_id)
         running = {name: set(st) for name, st in states.items()}
         keep = set(reattached)
@@ -731,7 +777,7 @@ class Orchestrator:
         stale_dirs = []
         for d in self.settings.sandboxes_dir.iterdir():
             if d.name not in keep:
-                self._teardown(d.name, None, None)
+                self._rebuilt_teardown(d.name, None, None).run()
                 stale_dirs.append(d.name)
         report = RecoveryReport(reattached, removed, stale_containers, stale_slots, stale_dirs)
         log.info("recovery: %s", report)
