@@ -119,6 +119,7 @@ SHARED_SUBDIRS = ("templates", "cache", "guest")
 def run_dir(shared_data_dir: Path) -> Path:
     """A data dir of one server's own (database, sandboxes, runtime state) sharing the template
     store, derived caches (layers, rootfs.ext4 images) and the microVM guest kernel."""
+    shared_data_dir.mkdir(parents=True, exist_ok=True)  # a fresh machine: benchmarks right after set-up
     d = Path(tempfile.mkdtemp(prefix="run-", dir=shared_data_dir))
     for shared in SHARED_SUBDIRS:
         (shared_data_dir / shared).mkdir(parents=True, exist_ok=True)
