@@ -29,6 +29,8 @@ from sandboxd.envd.contract import ENVD_PORT
 from sandboxd.proxy.websocket import relay_websocket
 
 log = logging.getLogger("sandboxd.proxy")
+#: how often a stream checks that its sandbox is still there (killed or paused: the stream ends)
+ROUTE_CHECK_S = 0.5
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -231,7 +233,7 @@ class SandboxProxy:
         scheme = "https" if port in upstream.https_ports else "http"
         await self._forward(scope, receive, send, self._pool(sandbox_id, upstream),
                             f"{scheme}://{upstream.address}:{port}", sandbox_id, port,
-                            upstream_headers(upstream, port, scope["headers"]))
+                            upstream_headers(upstream, port, scope["headers"]), upstream)
 
     async def _upstream(self, sandbox_id: str) -> Upstream | None:
         upstream = self.resolve(sandbox_id)
@@ -265,7 +267,8 @@ class SandboxProxy:
         await self.app(scope, receive, send_wrapper)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, client: httpx.AsyncClient,
-                       base: str, sandbox_id: str, port: int, headers: list[tuple[bytes, bytes]]) -> None:
+                       base: str, sandbox_id: str, port: int, headers: list[tuple[bytes, bytes]],
+                       upstream: Upstream) -> None:
         if not any(k.lower() == b"accept-encoding" for k, _ in headers):
             # else httpx adds its default ("gzip, deflate"), envd compresses, and a client that
             # never asked for it gets gzip (SDK 1.x's Connect client does not decode it)
@@ -290,7 +293,8 @@ class SandboxProxy:
             return await _error(send, 502, f"error reaching port {port} of the sandbox: {exc}",
                                 sandbox_id=sandbox_id, port=port)
         try:
-            await _stream_response(response, receive, send, body_done)
+            await _stream_response(response, receive, send, body_done,
+                                   lambda: self.resolve(sandbox_id) == upstream)
         finally:
             await response.aclose()
 
@@ -309,8 +313,12 @@ async def _request_body(receive: Receive, done: asyncio.Event) -> AsyncIterator[
 
 
 async def _stream_response(response: httpx.Response, receive: Receive, send: Send,
-                           body_done: asyncio.Event) -> None:
-    """Send the upstream response as it arrives; stop as soon as the client disconnects."""
+                           body_done: asyncio.Event, still_routed: Callable[[], bool]) -> None:
+    """Send the upstream response as it arrives; stop as soon as the client disconnects, or the
+    sandbox is killed or paused (``still_routed`` turns False): a killed sandbox's network is
+    deleted without a reset, so its streams would otherwise hang. The response is then left
+    unfinished, which closes the client's connection: the SDK probes the sandbox, finds it gone
+    and reports E2B's "killed or reached its end of life" error."""
     headers = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
 
@@ -324,14 +332,21 @@ async def _stream_response(response: httpx.Response, receive: Receive, send: Sen
         while (await receive())["type"] != "http.disconnect":
             pass
 
+    async def route_gone() -> None:
+        while still_routed():
+            await asyncio.sleep(ROUTE_CHECK_S)
+
     pump_task = asyncio.ensure_future(pump())
     watch_task = asyncio.ensure_future(client_gone())
+    route_task = asyncio.ensure_future(route_gone())
     try:
-        await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({pump_task, watch_task, route_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (pump_task, watch_task):
+        for task in (pump_task, watch_task, route_task):
             task.cancel()
-        await asyncio.gather(pump_task, watch_task, return_exceptions=True)
+        await asyncio.gather(pump_task, watch_task, route_task, return_exceptions=True)
+    if route_task.done() and not route_task.cancelled() and pump_task.cancelled():
+        log.info("stream from a sandbox ended: the sandbox is gone (killed or paused)")
     if pump_task.done() and not pump_task.cancelled() and pump_task.exception() is not None:
         log.debug("stream from sandbox ended with %r", pump_task.exception())
 
