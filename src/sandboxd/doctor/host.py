@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sandboxd.config import Settings
 from sandboxd.doctor.report import Finding
+from sandboxd.runtimes.guest import GuestArtifacts
 from sandboxd.runtimes.gvisor import choose_platform
 
 #: Host programs sandboxd runs, and the Debian package that has each (sandboxd.sh's APT_PACKAGES).
@@ -90,21 +91,44 @@ def check_qemu() -> Finding:
     return Finding.ok("QEMU", f"{version[0] if version else 'QEMU'}, microvm machine available")
 
 
-def check_kvm(settings: Settings) -> Finding:
-    """KVM is used only when a boot probe proves it works (runtimes.accel); report that verdict."""
-    cached = settings.data_dir / "microvm" / "accel.json"
-    verdict = ""
+def _guest(settings: Settings) -> GuestArtifacts | None:
+    """The microVM guest kernel + initramfs already prepared in the data dir, if any."""
+    from sandboxd.runtimes.guest import GuestError, load_guest
+
+    current = settings.data_dir / "guest" / "current"
+    if not current.is_symlink():
+        return None
     try:
-        verdict = json.loads(cached.read_text()).get("accel", "")
-    except (OSError, ValueError):
-        pass
+        return load_guest(settings.data_dir / "guest", os.readlink(current))
+    except (GuestError, OSError, ValueError):
+        return None
+
+
+def check_kvm(settings: Settings, probe: bool = True) -> Finding:
+    """KVM is used only when a guest boots with it (runtimes.accel): with ``probe`` and a guest
+    kernel prepared, boot it with KVM now; else report /dev/kvm and the runtime's cached verdict."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return Finding.warn("KVM", "/dev/kvm is not usable: microVMs run under TCG emulation (seconds per boot)",
                             "modprobe kvm_intel (or kvm_amd); enable nested virtualisation for a VM host")
+    guest = _guest(settings) if probe else None
+    if guest is not None:
+        from sandboxd.runtimes.accel import probe_kvm
+
+        if probe_kvm(guest):
+            return Finding.ok("KVM", "/dev/kvm usable: a guest kernel booted with KVM")
+        return Finding.warn("KVM", "/dev/kvm opens but the guest kernel does not boot with KVM (nested "
+                                   "virtualisation?): microVMs use TCG emulation",
+                            "enable nested virtualisation on the hypervisor (kvm_intel nested=1), or accept TCG")
+    cached = settings.data_dir / "microvm" / "accel.json"
+    try:
+        verdict = json.loads(cached.read_text()).get("accel", "")
+    except (OSError, ValueError):
+        verdict = ""
     if verdict == "tcg":
         return Finding.warn("KVM", "/dev/kvm opens but the boot probe failed: microVMs use TCG",
                             f"rm {cached}  (probe again at the next microVM start)")
-    return Finding.ok("KVM", "/dev/kvm usable" + (" and the boot probe passed" if verdict == "kvm" else ""))
+    return Finding.ok("KVM", "/dev/kvm usable" + (" and the boot probe passed" if verdict == "kvm" else
+                                                  " (not probed: no guest kernel prepared yet)"))
 
 
 def check_namespaces() -> Finding:

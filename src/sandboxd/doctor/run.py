@@ -50,7 +50,7 @@ def run_checks(settings: Settings, *, url: str | None = None, quick: bool = Fals
             progress(f)
 
     for check in (host.check_root, host.check_tools, lambda: host.check_runsc(settings), host.check_qemu,
-                  lambda: host.check_kvm(settings), host.check_namespaces, host.check_nftables,
+                  lambda: host.check_kvm(settings, probe=not quick), host.check_namespaces, host.check_nftables,
                   host.check_nbd_module):
         add(check())
     add(data.check_writable(settings))
