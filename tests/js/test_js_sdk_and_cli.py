@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.testing.sdk_envs import node_env
+from sandboxd.testing.sdk_envs import node_env, path_with_node
 from sandboxd.testing.server import Server, running_server
 
 pytestmark = pytest.mark.slow
@@ -41,9 +41,10 @@ def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """What a user exports: the key and both URLs (and a HOME of its own: no CLI login config)."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path_factory.mktemp("home")),
+def env(server: Server, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What a user exports: the key and both URLs (and a HOME of its own: no CLI login config;
+    a node >= 20.18 first on PATH)."""
+    return {"PATH": path_with_node(data_dir / "sdk-envs"), "HOME": str(tmp_path_factory.mktemp("home")),
             "E2B_API_KEY": server.api_key, "E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url}
 
 

