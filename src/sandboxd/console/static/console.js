@@ -28,6 +28,19 @@ async function api(method, path, body) {
   return res.status === 204 ? null : res.json()
 }
 
+async function listAll(path) {
+  // every page of a list the API pages with x-next-token
+  const out = []
+  let token = null
+  do {
+    const res = await fetch(token ? `${path}&nextToken=${encodeURIComponent(token)}` : path, { headers: { 'X-API-Key': apiKey } })
+    if (!res.ok) throw Object.assign(new Error(`GET ${path}: ${res.status}`), { status: res.status })
+    out.push(...await res.json())
+    token = res.headers.get('x-next-token')
+  } while (token)
+  return out
+}
+
 function showError(err) {
   const p = $('#error')
   p.textContent = err ? String(err.message || err) : ''
@@ -80,9 +93,12 @@ const mib = (bytes) => `${Math.round(bytes / 1048576)} MiB`
 
 async function refresh() {
   try {
-    const sandboxes = await api('GET', '/v2/sandboxes?state=running,paused&limit=100')
+    const sandboxes = await listAll('/v2/sandboxes?state=running,paused&limit=100')
     const running = sandboxes.filter((s) => s.state === 'running').map((s) => s.sandboxID)
-    const metrics = running.length ? (await api('GET', `/sandboxes/metrics?sandbox_ids=${running.join(',')}`)).sandboxes : {}
+    const metrics = {}
+    for (let i = 0; i < running.length; i += 100) {  // the API takes up to 100 ids per call
+      Object.assign(metrics, (await api('GET', `/sandboxes/metrics?sandbox_ids=${running.slice(i, i + 100).join(',')}`)).sandboxes)
+    }
     renderSandboxes(sandboxes, metrics)
     showError(null)
   } catch (e) {
