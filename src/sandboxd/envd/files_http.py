@@ -23,7 +23,7 @@ from .http_util import HTTPError, Receive, Scope, Send, body_chunks, header, hea
 from .identity import named_user
 from .multipart import MultipartError, MultipartParser, PartData, PartEnd, PartStart, boundary_of
 from .state import EnvdState
-from .users import UnknownUserError, User, chown_quietly, makedirs_owned, resolve_path
+from .users import InvalidPathError, UnknownUserError, User, chown_quietly, makedirs_owned, resolve_path
 
 log = logging.getLogger("envd.files")
 
@@ -72,7 +72,7 @@ class FilesHandler:
         user = self._authorize(scope, params, "read")
         if not params.get("path"):
             raise HTTPError(400, "missing 'path' query parameter")
-        path = resolve_path(params["path"], user)
+        path = _resolved(params["path"], user)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -116,7 +116,7 @@ class FilesHandler:
         else:
             if not params.get("path"):
                 raise HTTPError(400, "missing 'path' query parameter")
-            dest = resolve_path(params["path"], user)
+            dest = _resolved(params["path"], user)
             writer = _FileWriter(dest, user)
             try:
                 async for chunk in body:
@@ -149,7 +149,7 @@ class FilesHandler:
                             continue  # other form fields are ignored
                         # The SDK puts the destination in the filename; a signed upload URL in ?path=.
                         target = path_param or event.filename or ""
-                        writer = _FileWriter(resolve_path(target, user), user)
+                        writer = _FileWriter(_resolved(target, user), user)
                     elif isinstance(event, PartData) and writer is not None:
                         writer.write(event.data)
                     elif isinstance(event, PartEnd) and writer is not None:
@@ -233,3 +233,10 @@ class _FileWriter:
         if metadata:
             item["metadata"] = file_metadata.STORE.replace(self.path, metadata)
         return item
+
+
+def _resolved(path: str, user: User) -> str:
+    try:
+        return resolve_path(path, user)
+    except InvalidPathError as e:
+        raise HTTPError(400, str(e)) from e

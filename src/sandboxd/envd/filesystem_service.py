@@ -26,7 +26,7 @@ from .process_service import keepalive_interval
 from .rpc.filesystem import filesystem_pb as fpb
 from .rpc.filesystem.filesystem_connect import Filesystem
 from .state import EnvdState
-from .users import User, makedirs_owned, resolve_path
+from .users import InvalidPathError, User, makedirs_owned, resolve_path
 from .watchers import PolledWatchers, stream_watch
 
 _ERRNO_CODES = {
@@ -88,7 +88,10 @@ class FilesystemService(Filesystem):
         user = rpc_user(ctx, self._state)
         if not path:
             raise ConnectError(Code.INVALID_ARGUMENT, "path is required")
-        return user, resolve_path(path, user)
+        try:
+            return user, resolve_path(path, user)
+        except InvalidPathError as e:
+            raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from e
 
     async def stat(self, request: fpb.StatRequest, ctx: RequestContext[Any, Any]) -> fpb.StatResponse:
         _, path = self._path(ctx, request.path)

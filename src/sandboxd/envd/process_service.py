@@ -33,7 +33,7 @@ from .rpc.process import process_pb as pb
 from .rpc.process.process_connect import Process
 from .state import EnvdState
 from .streams import ClientGone, next_event
-from .users import User, resolve_path
+from .users import InvalidPathError, User, resolve_path
 
 DEFAULT_KEEPALIVE_S = 90.0
 _SIGNALS = {pb.Signal.SIGKILL: signal.SIGKILL, pb.Signal.SIGTERM: signal.SIGTERM}
@@ -126,7 +126,10 @@ class ProcessService(Process):
 
     def _working_dir(self, request_cwd: str, user: User) -> str:
         if request_cwd:
-            return resolve_path(request_cwd, user)
+            try:
+                return resolve_path(request_cwd, user)
+            except InvalidPathError as e:
+                raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from e
         if self._state.default_workdir:
             return resolve_path(self._state.default_workdir, user)
         return user.home

@@ -101,8 +101,14 @@ def group_name(gid: int) -> str:
     return "root" if gid == 0 else str(gid)
 
 
+class InvalidPathError(ValueError):
+    """A path no file can have (a NUL byte): the caller's 400 / INVALID_ARGUMENT, not a crash."""
+
+
 def resolve_path(path: str, user: User) -> str:
     """Absolute, normalized path; relative paths and ``~`` resolve against the user's home."""
+    if "\x00" in path:
+        raise InvalidPathError(f"path {path!r} contains a NUL byte")
     if path == "~" or path.startswith("~/"):
         path = user.home + path[1:]
     if not os.path.isabs(path):
