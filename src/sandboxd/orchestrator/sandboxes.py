@@ -46,6 +46,7 @@ from sandboxd.orchestrator.lifecycle import BOOT_STEPS, SandboxState, Teardown
 from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
 from sandboxd.orchestrator.pool import PoolKey, WarmPool, WarmSandbox
+from sandboxd.orchestrator.recovery import RecoveryReport, recover_node
 from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
 from sandboxd.orchestrator.volumes import data_dir_of as volume_data_dir
 from sandboxd.proxy.asgi import Upstream
@@ -129,15 +130,6 @@ class CreateRequest:
         return OPEN_EGRESS if self.allow_internet_access else NO_EGRESS
 
 
-@dataclass(frozen=True)
-class RecoveryReport:
-    reattached: list[str]
-    removed: list[str]
-    stale_containers: list[str]
-    stale_slots: list[int]
-    stale_dirs: list[str]
-
-
 class Orchestrator:
     """Owns every sandbox on this node; the API and the proxy only go through it."""
 
@@ -165,7 +157,7 @@ class Orchestrator:
         """Where the proxy dials this sandbox, or None if it is not running here."""
         return self._routes.get(sandbox_id)
 
-    def _route(self, row: SandboxRow) -> None:
+    def route(self, row: SandboxRow) -> None:
         """Make a sandbox reachable (again): a new boot number, so no pooled connection to an
         earlier run of it is reused."""
         self._routes[row.sandbox_id] = Upstream(row.host_address, next(self._boots), row.traffic_access_token,
@@ -285,7 +277,7 @@ class Orchestrator:
             teardown.run()
             raise
         self._sandbox_teardowns[sandbox_id] = teardown
-        self._route(row)
+        self.route(row)
         log.info("sandbox %s (%s) ready in %.2fs", sandbox_id, alias, time.monotonic() - started)
         self.logs.event(sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
         return row
@@ -353,7 +345,7 @@ class Orchestrator:
         return WarmSandbox(sandbox_id, key, slot)
 
     def _discard_warm(self, warm: WarmSandbox) -> None:
-        self._take_teardown(warm.sandbox_id, warm.slot.index, warm.key.runtime).run()
+        self.take_teardown(warm.sandbox_id, warm.slot.index, warm.key.runtime).run()
 
     def _claim(self, req: CreateRequest, template_id: str, alias: str, backend: Backend,
                warm: WarmSandbox) -> SandboxRow:
@@ -362,7 +354,7 @@ class Orchestrator:
         started = time.monotonic()
         sandbox_id, slot, key = warm.sandbox_id, warm.slot, warm.key
         token = secrets.token_hex(24) if req.secure else ""
-        teardown = self._take_teardown(sandbox_id, slot.index, key.runtime)
+        teardown = self.take_teardown(sandbox_id, slot.index, key.runtime)
         try:
             res = Resources(key.cpu_count, key.memory_mb, key.disk_mb)
             self._add_record(sandbox_id, req, template_id, alias, key.build_id, backend, res, slot, token)
@@ -376,7 +368,7 @@ class Orchestrator:
             teardown.run()
             raise
         self._sandbox_teardowns[sandbox_id] = teardown
-        self._route(row)
+        self.route(row)
         log.info("sandbox %s (%s) claimed from the warm pool in %.3fs", sandbox_id, alias, time.monotonic() - started)
         self.logs.event(sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
         return row
@@ -477,7 +469,7 @@ class Orchestrator:
                 return False
             self._routes.pop(sandbox_id, None)
             self._tokens.pop(sandbox_id, None)
-            teardown = self._take_teardown(sandbox_id, row.slot_index, row.runtime)
+            teardown = self.take_teardown(sandbox_id, row.slot_index, row.runtime)
             teardown.run("record")
         with self._locks_guard:
             self._locks.pop(sandbox_id, None)
@@ -510,21 +502,21 @@ class Orchestrator:
         teardown.add(f"{prefix}rootfs", partial(backend.release_rootfs, self.sandbox_dir(teardown.sandbox_id)))
         teardown.add(f"{prefix}runtime", partial(backend.runtime.stop, teardown.sandbox_id))
 
-    def _teardown_of(self, row: SandboxRow) -> Teardown:
+    def teardown_of(self, row: SandboxRow) -> Teardown:
         """The teardown the sandbox's create built (kept while it lives); after a restart, the
         same steps rebuilt from its record (every undo is idempotent)."""
         teardown = self._sandbox_teardowns.get(row.sandbox_id)
         if teardown is None:
-            teardown = self._rebuilt_teardown(row.sandbox_id, row.slot_index, row.runtime)
+            teardown = self.rebuilt_teardown(row.sandbox_id, row.slot_index, row.runtime)
             self._sandbox_teardowns[row.sandbox_id] = teardown
         return teardown
 
-    def _take_teardown(self, sandbox_id: str, slot_index: int | None, runtime: str | None) -> Teardown:
+    def take_teardown(self, sandbox_id: str, slot_index: int | None, runtime: str | None) -> Teardown:
         """The sandbox's teardown, to end its life: no longer kept here."""
         teardown = self._sandbox_teardowns.pop(sandbox_id, None)
-        return teardown if teardown is not None else self._rebuilt_teardown(sandbox_id, slot_index, runtime)
+        return teardown if teardown is not None else self.rebuilt_teardown(sandbox_id, slot_index, runtime)
 
-    def _rebuilt_teardown(self, sandbox_id: str, slot_index: int | None, runtime: str | None) -> Teardown:
+    def rebuilt_teardown(self, sandbox_id: str, slot_index: int | None, runtime: str | None) -> Teardown:
         """Create's steps in create's order, from what a record (or a stray dir) tells. With no
         runtime known (a dir no record owns) every backend in use undoes its part, and overlay
         mounts are undone even if the gVisor backend was not made in this run."""
@@ -573,7 +565,7 @@ class Orchestrator:
                     backend.release_rootfs(sdir)
             except Exception as exc:
                 if memory or backend.runtime.states().get(sandbox_id) == "running":
-                    self._route(row)
+                    self.route(row)
                     raise SandboxError(500, f"pause failed (the sandbox runs on): {exc}") from exc
                 log.warning("pause of %s: the runtime stopped but its rootfs was not released: %s", sandbox_id, exc)
             self.db.update_sandbox(sandbox_id, state=SandboxState.PAUSED, paused_memory=memory,
@@ -606,12 +598,12 @@ class Orchestrator:
                     row = self.db.update_sandbox(sandbox_id, paused_memory=False)
                     assert row is not None
                 self._step("network", lambda: self.slots.restore_guest_address(slot), sdir)
-                self._boot(backend, row, slot, self._teardown_of(row))
+                self._boot(backend, row, slot, self.teardown_of(row))
             end = utcnow() + timedelta(seconds=timeout_s if timeout_s is not None else self.settings.default_timeout_s)
             row = self.db.update_sandbox(sandbox_id, state=SandboxState.RUNNING, paused_memory=None,
                                          envd_unresponsive_at_pause=False, end_at=end)
             assert row is not None
-            self._route(row)
+            self.route(row)
         log.info("sandbox %s resumed", sandbox_id)
         events.RESUMES.inc()
         self.logs.event(sandbox_id, "Sandbox resumed")
@@ -630,7 +622,7 @@ class Orchestrator:
             self._step("envd", lambda: init_envd(slot.host_address, row.envd_access_token,
                                                  {**config.env, **row.env_vars}, config.user, config.workdir), sdir)
         except SandboxError as exc:
-            self._teardown_of(row).run(*BOOT_STEPS)
+            self.teardown_of(row).run(*BOOT_STEPS)
             backend.drop_memory(row.sandbox_id, sdir)
             self.db.update_sandbox(row.sandbox_id, paused_memory=False)
             raise SandboxError(exc.status, f"{exc.message}\nThe sandbox stays paused with its files (its memory "
@@ -699,94 +691,9 @@ class Orchestrator:
             self.kill(row.sandbox_id, reason="timeout")
         return [r.sandbox_id for r in expired]
 
-    # -- recovery ------------------------------------------------------------------------------
-
-    def _recover_paused(self, backend: Backend, row: SandboxRow, states: dict[str, str],
-                        slots_present: set[int]) -> bool:
-        """Keep a paused sandbox whose memory (if it kept any) or at least disk is still there.
-        One that lost its memory (gVisor's is in RAM: the host restarted) stays paused with its
-        disk alone and boots on resume; its slot is made again if the host lost it too."""
-        sdir = self.sandbox_dir(row.sandbox_id)
-        memory = bool(row.paused_memory) and backend.has_memory(row.sandbox_id, sdir, states)
-        if not (memory or backend.has_disk(sdir)):
-            return False
-        if row.slot_index not in slots_present:
-            try:
-                self.slots.recreate(row.slot_index, egress_of(row))
-            except NetworkError as exc:
-                log.warning("paused sandbox %s: its network slot cannot be made again: %s", row.sandbox_id, exc)
-                return False
-        if memory:
-            return True
-        if row.paused_memory:
-            log.warning("paused sandbox %s lost its memory (was the host restarted?): it keeps its disk and "
-                        "boots on resume", row.sandbox_id)
-            backend.drop_memory(row.sandbox_id, sdir)
-            self.db.update_sandbox(row.sandbox_id, paused_memory=False)
-        self._teardown_of(row).run(*BOOT_STEPS)
-        return True
-
-    def _reapply_egress(self, row: SandboxRow) -> bool:
-        """A reattached sandbox's egress rules again (this server's egress proxy is new, and the
-        slot may hold rules an earlier version of sandboxd wrote); False, and the sandbox is not
-        kept, if they cannot be: it would run with rules other than its own."""
-        try:
-            self.slots.set_egress(self.slots.slot(row.slot_index), egress_of(row))
-        except NetworkError as exc:
-            log.warning("sandbox %s: its egress rules cannot be applied again (%s): removing it", row.sandbox_id, exc)
-            return False
-        return True
-
     def recover(self) -> RecoveryReport:
-        """After a (re)start: reattach sandboxes that still run, clean up everything else, so the
-        database and the host agree."""
-        self.slots.setup_host()
-        rows = self.db.list_sandboxes()
-        for name in {r.runtime for r in rows} | {self.backends.default}:
-            self.backends.get(name)  # every runtime with sandboxes must be there to judge them
-        states = {b.name: b.runtime.states() for b in self.backends.made()}
-        slots_present = set(self.slots.existing())
-        reattached: list[str] = []
-        removed: list[str] = []
-        for row in rows:
-            backend = self.backends.get(row.runtime)
-            if row.state == SandboxState.PAUSED:
-                kept = (self._recover_paused(backend, row, states[backend.name], slots_present)
-                        and self._reapply_egress(row))
-            else:
-                kept = (row.state == SandboxState.RUNNING and states[backend.name].get(row.sandbox_id) == "running"
-                        and row.slot_index in slots_present
-                        and backend.reattach_rootfs(row.build_id, self.sandbox_dir(row.sandbox_id))
-                        and self._reapply_egress(row))
-                if kept:
-                    self._route(row)
-            if kept:
-                reattached.append(row.sandbox_id)
-            else:
-                self._take_teardown(row.sandbox_id, row.slot_index, row.runtime).run()
-                removed.append(row.sandbox_id)
-        running = {name: set(st) for name, st in states.items()}
-        keep = set(reattached)
-        stale_containers = []
-        for backend in self.backends.made():
-            for sandbox_id in sorted(running.get(backend.name, set()) - keep):
-                backend.runtime.stop(sandbox_id)
-                stale_containers.append(sandbox_id)
-        keep_slots = {r.slot_index for r in self.db.list_sandboxes()}
-        stale_slots = self.slots.cleanup_stale(keep_slots)
-        stale_dirs = []
-        for d in self.settings.sandboxes_dir.iterdir():
-            if d.name not in keep:
-                self._rebuilt_teardown(d.name, None, None).run()
-                stale_dirs.append(d.name)
-        report = RecoveryReport(reattached, removed, stale_containers, stale_slots, stale_dirs)
-        log.info("recovery: %s", report)
-        return report
-
-
-def egress_of(row: SandboxRow) -> EgressPolicy:
-    """The egress rules a sandbox was created with (or last updated to)."""
-    return EgressPolicy.from_json(row.egress, row.allow_internet_access)
+        """After a (re)start: reattach what still runs, clean up the rest (recovery.py)."""
+        return recover_node(self)
 
 
 def _aware(dt: datetime) -> datetime:
