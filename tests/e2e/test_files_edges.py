@@ -8,6 +8,7 @@ import asyncio
 import os
 import time
 
+import httpx
 import pytest
 from e2b import AsyncSandbox, CommandExitException, FileType, NotFoundException, Sandbox
 from e2b.exceptions import InvalidArgumentException, SandboxException
@@ -144,3 +145,12 @@ def test_async_recursive_watch(sdk_env: Server) -> None:
         return seen
 
     assert {"x", "x/y", "x/y/z"} <= asyncio.run(main())
+
+
+def test_expired_signed_url_answers_envds_message(sandbox: Sandbox) -> None:
+    sandbox.files.write("/home/user/signed.txt", "s")
+    url = sandbox.download_url("/home/user/signed.txt", use_signature_expiration=1)
+    assert httpx.get(url, verify=False).content == b"s"
+    time.sleep(2.1)
+    r = httpx.get(url, verify=False)
+    assert r.status_code == 401 and r.json() == {"code": 401, "message": "signature is already expired"}

@@ -26,8 +26,15 @@ def test_check_files_access_rules() -> None:
     sig = "v1_yNlip7mgFptOh5KOWD0qBi0wnzQS6RPI4iupN+rOAy0"
     common = dict(token=TOKEN, header_token=None, path="/home/user/hello.txt", operation="write", username="root")
     assert check_files_access(**common, signature=sig, signature_expiration="1795390507", now=1795390000) is None
-    assert check_files_access(**common, signature=sig, signature_expiration="1795390507", now=1795390600)
-    assert check_files_access(**common, signature=sig, signature_expiration="1795390508", now=0)
+    # E2B's envd messages, the signature checked before its expiration
+    assert check_files_access(**common, signature=sig, signature_expiration="1795390507",
+                              now=1795390600) == "signature is already expired"
+    assert check_files_access(**common, signature=sig, signature_expiration="1795390508",
+                              now=1795390600) == "invalid signature"
+    assert check_files_access(**common, signature=None, signature_expiration=None) == \
+        "missing signature query parameter"
+    assert check_files_access(**{**common, "header_token": "x"}, signature=None, signature_expiration=None) == \
+        "access token present in header but does not match"
     assert check_files_access(**{**common, "operation": "read"}, signature=sig,
                               signature_expiration="1795390507", now=0)
     assert check_files_access(**common, signature=None, signature_expiration=None)
@@ -96,7 +103,7 @@ def test_files_token_or_signature(locked: Envd, tmp_path) -> None:
     old = int(time.time()) - 1
     sig = file_signature(path, "read", "", TOKEN, old)
     r = httpx.get(f"{locked.url}/files", params={"path": path, "signature": sig, "signature_expiration": old})
-    assert r.status_code == 401 and "expired" in r.json()["message"]
+    assert r.status_code == 401 and r.json() == {"code": 401, "message": "signature is already expired"}
     r = httpx.get(f"{locked.url}/files", params={"path": path}, headers={"x-access-token": TOKEN})
     assert r.status_code == 200
 

@@ -59,21 +59,22 @@ def check_files_access(
     """
     if token is None:
         return None
-    if header_token is not None:
-        return None if tokens_equal(header_token, token) else "invalid access token"
+    # E2B's envd messages and order: the signature is checked before its expiration
+    if header_token:
+        return None if tokens_equal(header_token, token) else "access token present in header but does not match"
     if not signature:
-        return "missing access token or signature"
+        return "missing signature query parameter"
     expiration: int | None = None
     if signature_expiration:
         try:
             expiration = int(signature_expiration)
         except ValueError:
             return "invalid signature expiration"
-        if expiration < (time.time() if now is None else now):
-            return "signature is expired"
     expected = file_signature(path, operation, username, token, expiration)
     if not hmac.compare_digest(signature.encode(), expected.encode()):
         return "invalid signature"
+    if expiration is not None and expiration < (time.time() if now is None else now):
+        return "signature is already expired"
     return None
 
 
