@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import struct
 import subprocess
 import threading
 import time
@@ -109,6 +112,37 @@ def test_user_environment(sandbox: Sandbox) -> None:
     assert (home, user) == ("/root", "root") and "/usr/bin" in path
     with pytest.raises(AuthenticationException):
         sandbox.commands.run("true", user="no-such-user")
+
+
+def _raw_start(server: Server, sandbox: Sandbox, cmd: str, args: list[str]) -> str:
+    """process.Process/Start through the proxy as user ``user``; the whole reply as text."""
+    body = json.dumps({"process": {"cmd": cmd, "args": args, "envs": {}}}).encode()
+    headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
+               "E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "49983",
+               "X-Access-Token": sandbox._envd_access_token or "",  # noqa: SLF001 - the user's own token
+               "Authorization": "Basic " + base64.b64encode(b"user:").decode()}
+    r = httpx.post(f"{server.url}/process.Process/Start", content=struct.pack(">BI", 0, len(body)) + body,
+                   headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.content.decode(errors="replace")
+
+
+def test_commands_run_with_their_users_ids_and_a_missing_program_fails_to_start(sdk_env: Server,
+                                                                                 sandbox: Sandbox) -> None:
+    # envd starts commands through the bundle's as-user (ids switched after a vfork): the same
+    # uid, gid and groups the user database gives
+    assert sandbox.commands.run("id -un; id -u; id -g").stdout == "user\n1000\n1000\n"
+    assert sandbox.commands.run("id -G").stdout == sandbox.commands.run("id -G user", user="root").stdout
+    assert sandbox.commands.run("id -G").stdout == sandbox.commands.run("id -G user").stdout
+    assert sandbox.commands.run("id -un", user="root").stdout == "root\n"
+    # a program that cannot be exec'd is a failed start (not a process exiting 127), as before
+    reply = _raw_start(sdk_env, sandbox, "/no/such/program", [])
+    assert "failed to start '/no/such/program': No such file or directory" in reply and '"start"' not in reply
+    reply = _raw_start(sdk_env, sandbox, "/etc/hostname", [])
+    assert "Permission denied" in reply
+    # a bare name is searched in PATH
+    reply = _raw_start(sdk_env, sandbox, "echo", ["found", "in", "PATH"])
+    assert base64.b64encode(b"found in PATH\n").decode() in reply
 
 
 # -- filesystem --------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ from .users import User
 log = logging.getLogger("envd.process")
 
 READ_CHUNK = 32 * 1024  # upstream sends at most 32 KiB per data event
+#: The bundle's id switcher (templates/as_user.c): CPython forks all of envd to start a child
+#: under other ids (~50 ms under gVisor), but vforks (~10 ms) one that keeps them; so envd
+#: vforks ``as-user``, which switches ids and execs the command.
+AS_USER = "/opt/sandboxd/bin/as-user"
 DRAIN_GRACE_S = 0.5  # after exit, how long to wait for output still held by grandchildren
 
 
@@ -278,9 +282,16 @@ def _credentials(user: User) -> _Creds:
 def _spawn_pipes(
     spec: ProcessSpec, env: dict[str, str], cwd: str, creds: _Creds, stdin: bool
 ) -> tuple[subprocess.Popen[bytes], int | None, None, list[tuple[str, int]]]:
+    argv = [spec.cmd, *spec.args]
+    err_r = err_w = -1
+    if creds.uid is not None and creds.gid is not None and os.access(AS_USER, os.X_OK):
+        err_r, err_w = os.pipe()  # as-user writes its exec's errno here
+        groups = ",".join(str(g) for g in creds.groups or []) or "-"
+        argv = [AS_USER, str(creds.uid), str(creds.gid), groups, str(err_w), *argv]
+        creds = _Creds(None, None, None)  # as-user switches, so Popen can vfork
     try:
         popen = subprocess.Popen(
-            [spec.cmd, *spec.args],
+            argv,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -291,9 +302,21 @@ def _spawn_pipes(
             extra_groups=creds.groups,
             start_new_session=True,
             close_fds=True,
+            pass_fds=(err_w,) if err_w >= 0 else (),
         )
     except OSError as e:
+        _close_quietly(err_r)
         raise SpawnError(f"failed to start '{spec.cmd}': {e.strerror or e}") from e
+    finally:
+        if err_w >= 0:
+            os.close(err_w)  # the child has its own copy: EOF here once it exec'd
+    if err_r >= 0:
+        try:
+            _raise_exec_failure(popen, err_r, spec.cmd)
+        except OSError as e:
+            raise SpawnError(f"failed to start '{spec.cmd}': {e.strerror or e}") from e
+        finally:
+            os.close(err_r)
     stdin_fd = None
     if popen.stdin is not None:
         stdin_fd = os.dup(popen.stdin.fileno())
@@ -303,6 +326,24 @@ def _spawn_pipes(
     popen.stdout.close()
     popen.stderr.close()
     return popen, stdin_fd, None, [("stdout", out), ("stderr", err)]
+
+
+def _raise_exec_failure(popen: subprocess.Popen[bytes], err_r: int, cmd: str) -> None:
+    """Wait until as-user exec'd the command (its end of the pipe closes) or failed to (it wrote
+    the errno): then raise that OSError, as Popen does for a command it starts itself."""
+    failure = b""
+    while chunk := os.read(err_r, 4 - len(failure)):
+        failure += chunk
+        if len(failure) == 4:
+            break
+    if not failure:
+        return
+    popen.wait()
+    for pipe in (popen.stdin, popen.stdout, popen.stderr):
+        if pipe is not None:
+            pipe.close()
+    code = int.from_bytes(failure.ljust(4, b"\0"), "little")
+    raise OSError(code, os.strerror(code), cmd)
 
 
 def _spawn_pty(

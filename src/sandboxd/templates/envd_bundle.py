@@ -9,7 +9,7 @@ involved.
 
 Layout (POSIX prefix layout, so CPython finds its stdlib from bin/python3 alone, no PYTHONHOME)::
 
-    bin/python3  bin/tini
+    bin/python3  bin/tini  bin/as-user
     lib/ld-linux-x86-64.so.2  lib/libc.so.6  lib/libpython3.11.so.1.0 ...
     lib/python3.11/{stdlib..., lib-dynload/, site-packages/{sandboxd/, uvicorn/, ...}}
 
@@ -32,6 +32,7 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import sandboxd
 from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX, LOADER_NAME
 
 TINI_SOURCE = Path("/usr/bin/tini-static")
+AS_USER_SOURCE = Path(__file__).with_name("as_user.c")
 FORMAT_VERSION = "envd-bundle-1"
 
 #: Distributions envd imports; their runtime requirements are added by :func:`resolve_distributions`.
@@ -250,6 +252,27 @@ def _plan_libs(elves: list[Path]) -> list[PlanEntry]:
     return [PlanEntry(f"lib/{name}", path.resolve(), 0o755) for name, path in sorted(libs.items())]
 
 
+def build_as_user() -> Path:
+    """envd's ``as-user`` (see as_user.c: starting a command as a user without forking envd),
+    compiled once per source version (static, no libc; gcc gives the same bytes each time, so
+    the bundle's hash stays stable)."""
+    digest = hashlib.sha256(AS_USER_SOURCE.read_bytes()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / "sandboxd-native" / f"as-user-{digest}"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        try:
+            subprocess.run(["gcc", "-O2", "-static", "-nostdlib", "-ffreestanding", "-fno-stack-protector",
+                            "-fno-builtin", "-o", str(tmp), str(AS_USER_SOURCE)], check=True,
+                           capture_output=True, text=True)
+        except FileNotFoundError as exc:
+            raise RuntimeError("gcc is needed to build envd's as-user helper: apt-get install -y gcc") from exc
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"building envd's as-user helper failed: {exc.stderr.strip()}") from exc
+        os.rename(tmp, out)
+    return out
+
+
 def _is_elf(p: Path) -> bool:
     with open(p, "rb") as f:
         return f.read(4) == b"\x7fELF"
@@ -262,6 +285,7 @@ def bundle_plan() -> list[PlanEntry]:
     if not TINI_SOURCE.exists():
         raise FileNotFoundError(f"{TINI_SOURCE} missing: apt-get install -y tini")
     plan.append(PlanEntry("bin/tini", TINI_SOURCE, 0o755))
+    plan.append(PlanEntry("bin/as-user", build_as_user(), 0o755))
     plan += _plan_stdlib(_stdlib_dir())
     plan += _plan_dynload()
     for dist in resolve_distributions():
