@@ -6,9 +6,11 @@ blocking work (mounts, runsc, waiting for envd) belongs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -42,8 +44,25 @@ from sandboxd.store.db import ApiKey, SandboxRow, hash_key
 router = APIRouter(dependencies=[Depends(require_api_key)])
 #: what the SDK allows in an ``Idempotency-Key`` (e2b.retry.resolve_idempotency_key)
 _IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")
-_idempotency_locks: dict[str, threading.Lock] = {}
+_idempotency_locks: dict[str, tuple[threading.Lock, list[int]]] = {}  # key → (lock, [holders])
 _idempotency_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_create_per_key(key: str) -> Iterator[None]:
+    """Creates with the same Idempotency-Key run one after another; a key's lock is forgotten
+    when no create holds or waits for it (keys are not kept forever)."""
+    with _idempotency_guard:
+        lock, holders = _idempotency_locks.setdefault(key, (threading.Lock(), [0]))
+        holders[0] += 1
+    try:
+        with lock:
+            yield
+    finally:
+        with _idempotency_guard:
+            holders[0] -= 1
+            if holders[0] == 0:
+                del _idempotency_locks[key]
 VISIBLE_STATES = listing.LISTED_STATES
 
 
@@ -78,9 +97,7 @@ def create(body: NewSandbox, request: Request, secure: bool = True,
     orch = _orchestrator(request)
     if req.idempotency_key is None:
         return JSONResponse(sandbox_json(_create(request, req), settings.domain), status_code=201)
-    with _idempotency_guard:
-        lock = _idempotency_locks.setdefault(req.idempotency_key, threading.Lock())
-    with lock:
+    with _one_create_per_key(req.idempotency_key):
         row = orch.db.find_sandbox_by_idempotency_key(req.idempotency_key)
         if row is None or row.state not in VISIBLE_STATES:
             row = _create(request, req)
