@@ -56,6 +56,9 @@ class Settings:
     max_disk_size_mb: int = 65536
     #: Processes (tasks) one user may run in a sandbox: a fork bomb gets EAGAIN at this count.
     max_processes: int = 1024
+    #: The key secrets are sealed with (32 bytes; made on first use). Default ``<data dir>/secrets.key``:
+    #: point it outside the data dir so a copy of the database and the key never travel together.
+    secrets_key_file: Path | None = None
     #: How often every running sandbox's CPU, memory and disk use is sampled (E2B: every 5 s).
     metrics_interval_s: float = 5.0
     database_url: str | None = field(default=None)

@@ -18,6 +18,7 @@ from sandboxd.api.logs import router as logs_router
 from sandboxd.api.quotas import Quotas
 from sandboxd.api.sandboxes import router as sandboxes_router
 from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
+from sandboxd.api.secrets import router as secrets_router
 from sandboxd.api.snapshots import router as snapshots_router
 from sandboxd.api.templates import router as templates_router
 from sandboxd.api.templates_list import router as templates_list_router
@@ -34,6 +35,7 @@ from sandboxd.orchestrator.snapshots import SnapshotService
 from sandboxd.orchestrator.volumes import Volumes
 from sandboxd.proxy.asgi import SandboxProxy
 from sandboxd.store.db import Database
+from sandboxd.store.secrets_db import Secrets
 from sandboxd.templates.store import TemplateStore
 
 log = logging.getLogger("sandboxd")
@@ -112,11 +114,13 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.state.metric_samples = samples
     api.state.snapshots = SnapshotService(orch)
     api.state.volumes = Volumes(orch.db, settings.data_dir)
+    api.state.secrets = Secrets(orch.db, settings.secrets_key_file or settings.data_dir / "secrets.key")
     install_error_handlers(api)
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)
     api.include_router(snapshots_router)
     api.include_router(volumes_router)
+    api.include_router(secrets_router)
     api.include_router(logs_router)
     api.include_router(templates_router)
     api.include_router(templates_list_router)  # after: /templates/aliases/{alias} is not a template id

@@ -19,11 +19,6 @@ from sandboxd.api.errors import ApiError
 #: (method, path, what it is on E2B)
 UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
     ("GET", "/default-templates", "the list of E2B's public templates"),
-    ("GET", "/secrets", "secrets"),
-    ("POST", "/secrets", "secrets"),
-    ("GET", "/secrets/{secret_id}", "secrets"),
-    ("POST", "/secrets/{secret_id}", "secrets"),
-    ("DELETE", "/secrets/{secret_id}", "secrets"),
     ("POST", "/templates", "the v1 template build (use Template.build: POST /v3/templates)"),
     ("POST", "/templates/{template_id}", "the v1 template rebuild (use Template.build)"),
     ("PATCH", "/templates/{template_id}", "updating a template"),
