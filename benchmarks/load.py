@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sandboxd.runtimes.gvisor import choose_platform
 from sandboxd.testing.server import running_server, sdk_pointed_at
 
 DATA_DIR = Path(os.environ.get("SANDBOXD_BENCH_DATA_DIR", "/var/lib/sandboxd-test"))
@@ -104,7 +105,9 @@ def main() -> None:
                     errors.append(f"{type(exc).__name__}: {exc}"[:300])
         wall = time.perf_counter() - started
         mem, cpu = idle_sandboxes()
-    print(f"\nsandboxd load test — {total} create+run+kill cycles, {in_flight} in flight, gVisor (ptrace)\n")
+    platform = choose_platform() if server.settings.gvisor_platform == "auto" else server.settings.gvisor_platform
+    print(f"\nsandboxd load test — {total} create+run+kill cycles, {in_flight} in flight, gVisor ({platform}), "
+          "no warm pool\n")
     print("| measurement                     | value      |")
     print("|---------------------------------|------------|")
     print(f"| errors                          | {len(errors):>10} |")
