@@ -52,7 +52,7 @@ from sandboxd.orchestrator.volumes import data_dir_of as volume_data_dir
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
 from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
-from sandboxd.store.templates_db import TemplateBuilds, split_name
+from sandboxd.store.templates_db import BuildResources, TemplateBuilds, split_name
 from sandboxd.templates.runtime import RuntimeConfig
 from sandboxd.templates.store import TemplateStore, remove_tree
 
@@ -206,12 +206,13 @@ class Orchestrator:
                                                      req.seed.runtime)
             resources = req.seed.resources
         else:
-            template = self.db.find_template(split_name(req.template)[0])
-            found = TemplateBuilds(self.db).resolve(req.template)
-            if template is None or found is None:
+            found = TemplateBuilds(self.db).lookup(req.template)  # one read: build and resources agree
+            if found is None:
                 raise SandboxError(404, f"template '{req.template}' not found")
-            template_id, alias, build_id, runtime = template.template_id, template.alias, found, template.runtime
-            resources = self._resources(req.template)
+            template = found.template
+            template_id, alias, build_id, runtime = (template.template_id, template.alias, found.build_id,
+                                                     template.runtime)
+            resources = self._resources_of(found.resources)
         try:
             backend = self.backends.get(runtime)
         except KeyError as exc:
@@ -246,9 +247,11 @@ class Orchestrator:
         return self._resources(template)
 
     def _resources(self, template: str) -> Resources:
+        return self._resources_of(TemplateBuilds(self.db).resources(template))
+
+    def _resources_of(self, asked: BuildResources) -> Resources:
         """The template build's CPU count and memory size, else the server's defaults; its disk
         is the server's size, grown (never shrunk) to the build's ``minFreeDiskMb``."""
-        asked = TemplateBuilds(self.db).resources(template)
         return Resources(cpu_count=asked.cpu_count or self.settings.cpu_count,
                          memory_mb=asked.memory_mb or self.settings.memory_mb,
                          disk_mb=max(self.settings.disk_size_mb, asked.min_free_disk_mb or 0))

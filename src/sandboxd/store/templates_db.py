@@ -237,6 +237,20 @@ class TemplateBuilds:
         tagged = self.tag(row.template_id, tag)
         return tagged.store_build_id if tagged else None
 
+    def lookup(self, ref: str) -> ResolvedTemplate | None:
+        """The template ``ref`` names, its build id and that build's resources, from one read of
+        its alias or tag: a tag moved meanwhile cannot pair one build with another's resources."""
+        name, tag = split_name(ref)
+        row = self.db.find_template(name)
+        if row is None:
+            return None
+        if tag in (None, DEFAULT_TAG):
+            return ResolvedTemplate(row, row.build_id, _resources(row))
+        tagged = self.tag(row.template_id, tag)
+        if tagged is None:
+            return None
+        return ResolvedTemplate(row, tagged.store_build_id, self._resources_of(tagged.build_id))
+
     def resources(self, ref: str) -> BuildResources:
         """What the build ``ref`` names asked its sandboxes to get."""
         name, tag = split_name(ref)
@@ -259,6 +273,15 @@ class TemplateBuilds:
             ids |= set(s.scalars(select(TemplateTagRow.store_build_id)))
             ids |= set(s.scalars(select(SandboxRow.build_id)))
         return ids
+
+
+@dataclass(frozen=True)
+class ResolvedTemplate:
+    """A template as one create sees it (see :meth:`TemplateBuilds.lookup`)."""
+
+    template: TemplateAlias
+    build_id: str
+    resources: BuildResources
 
 
 def _resources(row: TemplateBuildRow | TemplateAlias) -> BuildResources:
