@@ -118,11 +118,11 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     install_error_handlers(api)
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)
-    api.include_router(snapshots_router)
     api.include_router(volumes_router)
     api.include_router(secrets_router)
     api.include_router(logs_router)
     api.include_router(templates_router)
+    api.include_router(snapshots_router)  # after: DELETE /templates/tags is not DELETE /templates/{id}
     api.include_router(templates_list_router)  # after: /templates/aliases/{alias} is not a template id
     api.include_router(metrics_router)
 
