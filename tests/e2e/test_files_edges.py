@@ -154,3 +154,12 @@ def test_expired_signed_url_answers_envds_message(sandbox: Sandbox) -> None:
     time.sleep(2.1)
     r = httpx.get(url, verify=False)
     assert r.status_code == 401 and r.json() == {"code": 401, "message": "signature is already expired"}
+
+
+def test_writing_a_file_again_replaces_its_metadata(sandbox: Sandbox) -> None:
+    sandbox.files.write("/home/user/meta.txt", "1", metadata={"owner": "a", "stage": "draft"})
+    assert sandbox.files.get_info("/home/user/meta.txt").metadata == {"owner": "a", "stage": "draft"}
+    sandbox.files.write("/home/user/meta.txt", "2", metadata={"owner": "b"})
+    assert sandbox.files.get_info("/home/user/meta.txt").metadata == {"owner": "b"}
+    sandbox.files.write("/home/user/meta.txt", "3")  # no metadata: the stale set is cleared
+    assert not sandbox.files.get_info("/home/user/meta.txt").metadata

@@ -59,6 +59,9 @@ def test_metadata_is_kept_in_the_index_and_read_again_by_a_new_envd(ramfs: Path,
     assert store.replace(str(f), {"other": "b"}) == {"other": "b"}  # replaced, not merged
     f.write_text("rewritten in place")  # same inode: still the same file
     assert _read(store, f) == {"other": "b"}
+    assert store.replace(str(f), {}) == {}  # written again without metadata: none is left (E2B's envd)
+    assert _read(store, f) == {}
+    assert str(f) not in store.index_path.read_text()
 
 
 def test_envds_own_renames_carry_it_and_removals_drop_it(ramfs: Path, store: FileMetadata) -> None:

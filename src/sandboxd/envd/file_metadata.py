@@ -61,16 +61,22 @@ class FileMetadata:
         metadata = {k.lower(): v for k, v in metadata.items()}
         try:
             _replace_xattrs(path, metadata)
+            in_xattrs = True
         except OSError as e:
             if e.errno not in _UNSUPPORTED:
                 log.warning("metadata on %s not stored: %s", path, e)
                 return {}
-            with self._lock:
-                entries = self._entries()
-                if path not in entries:
-                    self._watch(path)
-                entries[path] = {"ino": os.lstat(path).st_ino, "metadata": metadata}
-                self._save(entries)
+            in_xattrs = False
+        with self._lock:
+            entries = self._entries()
+            if in_xattrs or not metadata:  # the index keeps nothing for it: a stale entry goes
+                if entries.pop(path, None) is not None:
+                    self._save(entries)
+                return metadata
+            if path not in entries:
+                self._watch(path)
+            entries[path] = {"ino": os.lstat(path).st_ino, "metadata": metadata}
+            self._save(entries)
         return metadata
 
     def moved(self, source: str, destination: str) -> None:

@@ -230,8 +230,11 @@ class _FileWriter:
         """Own the file, store metadata xattrs, and describe it for the response."""
         chown_quietly(self.path, self._user)
         item: dict[str, Any] = {"name": os.path.basename(self.path), "type": "file", "path": self.path}
-        if metadata:
-            item["metadata"] = file_metadata.STORE.replace(self.path, metadata)
+        # always: a file written again has exactly the metadata of this write (E2B's envd clears
+        # what an earlier upload left, which O_TRUNC does not)
+        stored = file_metadata.STORE.replace(self.path, metadata)
+        if stored:
+            item["metadata"] = stored
         return item
 
 
