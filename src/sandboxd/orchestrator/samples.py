@@ -39,6 +39,7 @@ class MetricSamples:
         self.retention_s = retention_s
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._last_ts: dict[str, int] = {}  # sandbox id -> second of its newest sample
         root.mkdir(parents=True, exist_ok=True)
         self.prune()
 
@@ -46,9 +47,13 @@ class MetricSamples:
         return self.root / f"{sandbox_id}.jsonl"
 
     def add(self, sandbox_id: str, sample: dict[str, Any]) -> None:
+        """Keep ``sample``; one per second at most (an on-demand sample and the sampler's may meet)."""
         path = self._path(sandbox_id)
         try:
             with self._lock:
+                if self._last_ts.get(sandbox_id) == int(sample["ts"]):
+                    return
+                self._last_ts[sandbox_id] = int(sample["ts"])
                 with open(path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(sample) + "\n")
                 count = self._counts.get(sandbox_id)
@@ -97,6 +102,7 @@ class MetricSamples:
                     path.unlink()
                     with self._lock:
                         self._counts.pop(path.stem, None)
+                        self._last_ts.pop(path.stem, None)
             except FileNotFoundError:
                 pass
 
