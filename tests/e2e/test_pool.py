@@ -4,9 +4,12 @@ user, the pool refills, and a stopped server leaves none of its pooled sandboxes
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,9 +17,9 @@ import httpx
 import pytest
 from e2b import Sandbox
 
-from sandboxd.testing.server import Server, running_server, sdk_pointed_at
+from sandboxd.testing.server import Server, running_server, sdk_pointed_at, spawn, stop, wait_listening
 
-from .hostcheck import netns_names, processes_mentioning
+from .hostcheck import netns_names, processes_mentioning, runsc_containers
 
 pytestmark = pytest.mark.slow
 POOL = 2
@@ -123,3 +126,24 @@ def test_pool_refills_and_a_stopped_server_leaves_nothing(data_dir: Path, tmp_pa
         assert processes_mentioning(runsc_root), "the pooled sandboxes run"
     assert processes_mentioning(runsc_root) == []
     assert not [n for n in netns_names() if n.startswith(f"{prefix}-")]
+
+
+def test_a_crashed_servers_pool_is_removed_by_recovery(data_dir: Path, tmp_path: Path) -> None:
+    log_path = tmp_path / "server.log"
+    with running_server(data_dir, log_path, warm_pool_size=POOL) as server:
+        wait_full(server)
+        pooled = {p.name for p in server.settings.sandboxes_dir.iterdir()}
+        assert len(pooled) == POOL
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the pooled sandboxes run on without a server
+        server.proc.wait()
+        assert pooled <= runsc_containers(server.settings)
+        restarted = spawn(replace(server.settings, warm_pool_size=0), log_path)
+        try:
+            wait_listening(server.url, restarted, log_path)
+            report = next(line for line in server.log().splitlines() if "recovery: RecoveryReport" in line
+                          and "stale_containers=[]" not in line)
+            assert all(sandbox_id in report for sandbox_id in pooled)
+            assert not runsc_containers(server.settings) and not any(server.settings.sandboxes_dir.iterdir())
+            assert not [n for n in netns_names() if n.startswith(f"{server.settings.net_prefix}-")]
+        finally:
+            stop(restarted)

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 
 def test_restart_after_kill_9_reattaches_or_cleans_up(data_dir: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "server.log"
-    with running_server(data_dir, log_path) as server:
+    # no warm pool: these tests assert the host's exact state (pooled sandboxes would add slots);
+    # tests/e2e/test_pool.py checks that recovery removes the pool a crash left
+    with running_server(data_dir, log_path, warm_pool_size=0) as server:
         with sdk_pointed_at(server):
             survivor = Sandbox.create(timeout=300)
             victim = Sandbox.create(timeout=300)
@@ -67,7 +69,9 @@ def test_paused_sandboxes_survive_kill_9_and_one_that_lost_its_memory_boots(data
     frozen one whose runtime, mounts and network are gone too (what a host reboot does) is kept
     paused with its disk and boots on resume, in a slot made again."""
     log_path = tmp_path / "server.log"
-    with running_server(data_dir, log_path) as server:
+    # no warm pool: these tests assert the host's exact state (pooled sandboxes would add slots);
+    # tests/e2e/test_pool.py checks that recovery removes the pool a crash left
+    with running_server(data_dir, log_path, warm_pool_size=0) as server:
         with sdk_pointed_at(server):
             frozen, on_disk, lost = (Sandbox.create(timeout=300) for _ in range(3))
             for sbx in (frozen, on_disk, lost):
