@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from sandboxd.config import Settings
+from sandboxd.interpreter.template import start_builtin_builds
 from sandboxd.store.db import Database
 from sandboxd.templates.base import build_base
 from sandboxd.templates.store import TemplateStore
@@ -92,6 +93,10 @@ def serve(host: str | None, port: int | None, data_dir: Path | None, domain: str
         ssl = {"ssl_certfile": str(files.cert), "ssl_keyfile": str(files.key)}
     db = Database(settings.db_url)
     ensure_base_template(settings, db)
+    try:
+        start_builtin_builds(settings, db, _echo)  # code-interpreter-v1, while the API already serves
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     key = ensure_api_key(db)
     if key:
         _echo("\n  Your API key (shown once; create more with `sandboxd keys create`):\n"

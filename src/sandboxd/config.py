@@ -62,6 +62,9 @@ class Settings:
     #: How often every running sandbox's CPU, memory and disk use is sampled (E2B: every 5 s).
     metrics_interval_s: float = 5.0
     database_url: str | None = field(default=None)
+    #: Built-in templates ``serve`` builds in the background after ``base`` (comma-separated;
+    #: empty: none). A create naming one before it is ready gets a 503 saying how far it got.
+    builtin_templates: str = "code-interpreter-v1"
 
     @property
     def db_url(self) -> str:

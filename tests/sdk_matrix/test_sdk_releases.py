@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from sandboxd.interpreter.template import NAME
 from sandboxd.testing.client_netns import ClientNetns, client_netns
 from sandboxd.testing.sdk_envs import node_env, path_with_node, python_env
 from sandboxd.testing.server import Server, running_server
@@ -63,6 +64,8 @@ RELEASES = (
     Release("js", "e2b", "2.45.0", "js_sdk.mjs"),  # v1 create, v1 connect
     Release("js", "e2b", "2.45.0", "js_sdk.mjs", mode="urls"),
     Release("js", "e2b", "2.51.0", "js_sdk.mjs"),  # the newest on npm: v2 create, v2 connect
+    # code-interpreter-v1 and its server on port 49999 (built by the server in the background)
+    Release("python", "e2b-code-interpreter", "2.11.5", "python_code_interpreter.py"),
 )
 
 
@@ -109,7 +112,7 @@ def matrix_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     log_path = tmp_path_factory.mktemp("matrix-server") / "server.log"
     try:
         with client_netns(DOMAIN) as ns, running_server(data_dir, log_path, host=ns.server_address, port=443,
-                                                          domain=DOMAIN) as server:
+                                                          domain=DOMAIN, builtin_templates=NAME) as server:
             yield ns, server
     finally:
         if log_path.exists():

@@ -60,7 +60,7 @@ def install_error_handlers(app: FastAPI) -> None:
         """The orchestrator's errors, in one place: status, message and E2B's ``error_code``; a
         create it already retried tells the SDK not to retry again."""
         headers = {"Should-Retry": "false"} if exc.final and exc.status >= 500 else None
-        return error_response(exc.status, exc.message, headers, error_code=exc.error_code)
+        return error_response(exc.status, exc.message, exc.headers or headers, error_code=exc.error_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -52,7 +52,7 @@ from sandboxd.orchestrator.volumes import data_dir_of as volume_data_dir
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
 from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
-from sandboxd.store.templates_db import BuildResources, TemplateBuilds, split_name
+from sandboxd.store.templates_db import ACTIVE, BuildResources, TemplateBuilds, split_name
 from sandboxd.templates.runtime import RuntimeConfig
 from sandboxd.templates.store import TemplateStore, remove_tree
 
@@ -64,6 +64,9 @@ T = TypeVar("T")
 _PLAIN_SLEEP = re.compile(r"sleep\s+\d+(\.\d+)?")
 
 
+#: Seconds a create of a template still being built is told to wait before it tries again.
+NOT_READY_RETRY_S = 10
+
 #: E2B's ``error_code`` for a resume that would restore an envd that did not answer at pause
 GUEST_UNRESPONSIVE = "sandbox_snapshot_guest_agent_unresponsive"
 
@@ -71,13 +74,16 @@ GUEST_UNRESPONSIVE = "sandbox_snapshot_guest_agent_unresponsive"
 class SandboxError(Exception):
     """A create/kill failure with the HTTP status the API should answer."""
 
-    def __init__(self, status: int, message: str, error_code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, error_code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_code = error_code
         #: a retry cannot help (a create was already retried here): the API says ``Should-Retry: false``
         self.final = False
+        #: extra response headers (``Retry-After`` for a template still being built)
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,7 @@ class Orchestrator:
         else:
             found = TemplateBuilds(self.db).lookup(req.template)  # one read: build and resources agree
             if found is None:
-                raise SandboxError(404, f"template '{req.template}' not found")
+                raise self._missing_template(req.template)
             template = found.template
             template_id, alias, build_id, runtime = (template.template_id, template.alias, found.build_id,
                                                      template.runtime)
@@ -245,6 +251,24 @@ class Orchestrator:
     def resources_for(self, template: str) -> Resources:
         """What a sandbox of ``template`` would get (quotas are checked against it)."""
         return self._resources(template)
+
+    def _missing_template(self, ref: str) -> SandboxError:
+        """A 404, unless the template is being built (503, how far it got, retry later: the SDK
+        retries a 503 with Retry-After) or its only build failed (500 with the reason)."""
+        builds = TemplateBuilds(self.db)
+        name = split_name(ref)[0]
+        row = builds.latest(name)
+        if row is not None and row.status in ACTIVE:
+            created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+            elapsed = (datetime.now(UTC) - created).total_seconds()
+            step = builds.last_header(row.build_id)
+            return SandboxError(503, f"template '{ref}' is still being built ({f'at {step}' if step else 'starting'}, "
+                                     f"{elapsed:.0f}s so far); try again when it is ready (build {row.build_id})",
+                                headers={"Retry-After": str(NOT_READY_RETRY_S), "Should-Retry": "true"})
+        if row is not None and row.status == "error" and self.db.find_template(name) is None:
+            return SandboxError(500, f"template '{ref}' failed to build (build {row.build_id}): "
+                                     f"{(row.reason or 'no reason recorded')[:800]}")
+        return SandboxError(404, f"template '{ref}' not found")
 
     def _resources(self, template: str) -> Resources:
         return self._resources_of(TemplateBuilds(self.db).resources(template))

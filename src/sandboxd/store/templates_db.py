@@ -131,6 +131,12 @@ class TemplateBuilds:
             if status in ("ready", "error"):
                 row.finished_at = utcnow()
 
+    def latest(self, alias: str) -> TemplateBuildRow | None:
+        """The newest build request of ``alias`` (a template may exist only as a build under way)."""
+        with self.db.session() as s:
+            return s.scalars(select(TemplateBuildRow).where(TemplateBuildRow.alias == alias)
+                             .order_by(TemplateBuildRow.created_at.desc())).first()
+
     def active(self) -> list[TemplateBuildRow]:
         with self.db.session() as s:
             return list(s.scalars(select(TemplateBuildRow).where(TemplateBuildRow.status.in_(ACTIVE))))
@@ -146,6 +152,14 @@ class TemplateBuilds:
             rows = s.scalars(select(TemplateBuildLog).where(TemplateBuildLog.build_id == build_id)
                              .order_by(TemplateBuildLog.id).offset(offset).limit(limit))
             return [LogEntry(r.timestamp, r.level, r.message, r.step) for r in rows]
+
+    def last_header(self, build_id: str) -> str | None:
+        """The last step header logged (``[3/7] RUN ...``): how far a build got."""
+        with self.db.session() as s:
+            msg = s.scalars(select(TemplateBuildLog.message).where(TemplateBuildLog.build_id == build_id,
+                                                                   TemplateBuildLog.message.like("[%"))
+                            .order_by(TemplateBuildLog.id.desc())).first()
+        return msg.splitlines()[0][:200] if msg else None
 
     # -- publishing ----------------------------------------------------------------------------
 

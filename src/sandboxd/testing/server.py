@@ -135,10 +135,12 @@ def running_server(shared_data_dir: Path, log_path: Path, **overrides: Any) -> I
     prefix, cidr = unique_network()
     data_dir = run_dir(shared_data_dir)
     # the warm pool is off unless the test asks for it (or SANDBOXD_TEST_WARM_POOL_SIZE turns it
-    # on for the whole suite): on a small host its background boots would slow every other test
+    # on for the whole suite): on a small host its background boots would slow every other test;
+    # built-in templates too (each is minutes of build on a cold cache)
     pool = int(os.environ.get("SANDBOXD_TEST_WARM_POOL_SIZE", "0"))
     settings = Settings.from_env({}, **{"data_dir": data_dir, "port": free_port(), "net_prefix": prefix,
-                                        "net_cidr": cidr, "warm_pool_size": pool, **overrides})
+                                        "net_cidr": cidr, "warm_pool_size": pool, "builtin_templates": "",
+                                        **overrides})
     key = Database(settings.db_url).create_api_key("tests")
     proc = spawn(settings, log_path)
     url = f"{'https' if settings.domain else 'http'}://{settings.host}:{settings.port}"
