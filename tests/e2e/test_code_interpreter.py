@@ -172,7 +172,8 @@ CHARTS = {
     "scatter": "plt.scatter([1, 2, 3], [3, 1, 2], label='dots')\nplt.title('Scatter')",
     "bar": "plt.bar(['a', 'b', 'c'], [3, 5, 7], label='bars')\nplt.title('Bar')",
     "pie": "plt.pie([1, 2, 3], labels=['x', 'y', 'z'])\nplt.title('Pie')",
-    "box_and_whisker": "plt.boxplot([[1, 2, 3, 4, 5], [2, 4, 6, 8, 10]], tick_labels=['A', 'B'], patch_artist=True)\nplt.title('Box')",
+    "box_and_whisker": ("plt.boxplot([[1, 2, 3, 4, 5], [2, 4, 6, 8, 10]], tick_labels=['A', 'B'], patch_artist=True)\n"
+                        "plt.title('Box')"),
 }
 
 
