@@ -19,13 +19,14 @@ venv="$here/.venv"
 # templates; qemu-system-x86/qemu-utils/lz4: the microVM runtime (guest kernel, snapshots).
 # Tests only: docker-registry, the loopback registry the template tests pull from; dnsmasq-base,
 # the DNS server that resolves the test domain for the SDK release matrix (tests/sdk_matrix);
-# nodejs/npm for the JS SDK releases there, from Debian unless a node is already on PATH;
-# chromium/chromium-driver, the headless browser the web console tests (tests/console) click through.
+# chromium/chromium-driver, the headless browser the web console tests (tests/console) click through;
+# nodejs/npm (from Debian unless a node and npm are already on PATH): the base template's npm is
+# fetched with the host's npm client, and the JS SDK releases of the matrix run on it.
 APT_PACKAGES=(runsc debootstrap nftables iproute2 e2fsprogs tini busybox-static gcc libc6-dev
               python3 python3-venv ca-certificates util-linux procps skopeo umoci
               qemu-system-x86 qemu-utils lz4)
 TEST_APT_PACKAGES=(docker-registry dnsmasq-base chromium chromium-driver)
-command -v node >/dev/null && command -v npm >/dev/null || TEST_APT_PACKAGES+=(nodejs npm)
+command -v node >/dev/null && command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then

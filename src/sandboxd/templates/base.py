@@ -1,6 +1,6 @@
-"""The built-in templates: ``base`` (E2B's default: Debian bookworm, user ``user``, bash, python3,
-passwordless sudo) and ``tiny`` (busybox only, no libc, no Python: proves envd needs nothing from
-the template).
+"""The built-in templates: ``base`` (E2B's default: Debian bookworm, user ``user``, bash, python3
+with pip and venv, node and npm, git, curl, passwordless sudo) and ``tiny`` (busybox only, no
+libc, no Python: proves envd needs nothing from the template).
 
 Why the recipe is this file: the recipe text that goes into the build id is this module's source,
 so *any* change to how a template is made yields a new build id and can never be served from an
@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX, DEFAULT_PATH, DEFAULT_USER, DEFAULT_WORKDIR
@@ -23,7 +24,13 @@ from sandboxd.templates.store import Build, BuildInputs, LogFn, TemplateStore
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-BASE_PACKAGES: tuple[str, ...] = ("bash", "python3", "sudo", "ca-certificates", "procps", "iproute2")
+#: What E2B users expect in the default template: the SDK's template helpers (``pip_install``,
+#: ``npm_install``, ``git_clone``, ``apt_install``) and ``sandbox.git`` run these commands.
+BASE_PACKAGES: tuple[str, ...] = ("bash", "python3", "sudo", "ca-certificates", "procps", "iproute2",
+                                  "python3-pip", "python3-venv", "nodejs", "git", "curl")
+#: npm from the npm registry (``npm pack``), not Debian's npm: that one is 350 packages and tripled
+#: the base build; this is one self-contained tarball. 10.x runs on bookworm's node 18.
+NPM_VERSION = "10.9.8"
 USER, UID, GID, HOME = DEFAULT_USER, 1000, 1000, DEFAULT_WORKDIR  # E2B's user, whose home is the default workdir
 HOSTNAME = "sandbox"
 BUSYBOX = Path("/bin/busybox")  # Debian busybox-static: statically linked, needs no libc
@@ -174,6 +181,29 @@ def clean_apt(rootfs: Path) -> None:
     (rootfs / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
 
 
+def allow_pip_install(rootfs: Path) -> None:
+    """``pip install`` as root installs into the system Python, as on E2B's images (Debian's
+    PEP 668 marker would refuse it, and the SDK's ``pip_install`` runs exactly that)."""
+    for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()
+
+
+def install_npm(rootfs: Path, log: LogFn) -> None:
+    """npm ``NPM_VERSION`` where Debian's node looks for global packages (its prefix is /usr, so
+    ``npm install -g`` puts packages beside it), fetched by the host's npm client."""
+    dest = rootfs / "usr/lib/node_modules/npm"
+    with tempfile.TemporaryDirectory(prefix="sandboxd-npm-") as tmp:
+        subprocess.run(["npm", "pack", f"npm@{NPM_VERSION}", "--pack-destination", tmp, "--silent"],
+                       check=True, capture_output=True, cwd=tmp)
+        tarball = next(Path(tmp).glob("npm-*.tgz"))
+        dest.mkdir(parents=True)
+        subprocess.run(["tar", "-xzf", str(tarball), "-C", str(dest), "--strip-components=1",
+                        "--no-same-owner"], check=True, capture_output=True)
+    for tool in ("npm", "npx"):
+        (rootfs / "usr/bin" / tool).symlink_to(f"../lib/node_modules/npm/bin/{tool}-cli.js")
+    log(f"npm {NPM_VERSION} installed in /usr/lib/node_modules")
+
+
 def install_bundle(rootfs: Path, expected_hash: str, log: LogFn) -> None:
     """Copy the envd bundle to /opt/sandboxd; fail if it is not the bundle the build id names."""
     got = build_envd_bundle(rootfs / BUNDLE_PATH_IN_SANDBOX.lstrip("/"))
@@ -205,9 +235,11 @@ def build_base(store: TemplateStore, log: LogFn, *, envd_check: str = "health",
 
     def builder(rootfs: Path, blog: LogFn) -> None:
         debootstrap(rootfs, inputs.packages, inputs.mirror, blog)
-        blog("configuring user, sudo, network files")
+        blog("configuring user, sudo, network files, pip, npm")
         configure_network_files(rootfs)
         add_user(rootfs)
+        allow_pip_install(rootfs)
+        install_npm(rootfs, blog)
         clean_apt(rootfs)
         install_bundle(rootfs, inputs.envd_bundle_hash, blog)
         check_envd_starts(rootfs, blog, level=envd_check)

@@ -39,6 +39,10 @@ from typing import IO, Any
 from sandboxd.envd.contract import DEFAULT_PATH
 
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+#: The host's CA bundle is a RUN step's trust store (bound read-only over the image's own for the
+#: step only, never part of a layer): builds reach PyPI, npm and mirrors wherever the host does,
+#: including through a TLS-inspecting egress proxy whose CA only the host trusts.
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _OVERLAY_OPTS = "redirect_dir=off,index=off,metacopy=off"  # uppers stay plain, portable layers
 #: Capabilities a RUN command keeps: Docker's default set minus NET_RAW (the build shares the
 #: host's network and could sniff it) and SYS_CHROOT (with chroot and no pivot_root, a second
@@ -122,7 +126,8 @@ def _mount_stack(lowers: list[str], upper: str | None, work: str | None, scratch
 
 def _mount_runtime(merged: str, host_resolv: bool) -> None:
     """What a command expects to find: /proc (of our PID namespace; /proc/sys read-only), a small
-    /dev, /dev/pts, /dev/shm, and the host's resolv.conf (so RUN can reach package mirrors)."""
+    /dev, /dev/pts, /dev/shm, and the host's resolv.conf and CA bundle (so RUN can reach package
+    mirrors and registries)."""
     for d in ("proc", "dev", "tmp"):
         os.makedirs(os.path.join(merged, d), exist_ok=True)
     proc = os.path.join(merged, "proc")
@@ -148,6 +153,9 @@ def _mount_runtime(merged: str, host_resolv: bool) -> None:
     resolv = os.path.join(merged, "etc", "resolv.conf")
     if host_resolv and os.path.isfile("/etc/resolv.conf") and os.path.isfile(resolv) and not os.path.islink(resolv):
         _sh("mount", "--bind", "-o", "ro", "/etc/resolv.conf", resolv)
+    ca = os.path.join(merged, CA_BUNDLE.lstrip("/"))
+    if host_resolv and os.path.isfile(CA_BUNDLE) and os.path.isfile(ca) and not os.path.islink(ca):
+        _sh("mount", "--bind", "-o", "ro", CA_BUNDLE, ca)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +299,7 @@ def op_run(merged: str, spec: dict[str, Any]) -> int:
     if not os.path.isdir(cwd):
         cwd = "/"
     env = {"PATH": DEFAULT_PATH, "HOME": account.home, "USER": account.name, "LOGNAME": account.name,
+           **({"NODE_EXTRA_CA_CERTS": CA_BUNDLE} if os.path.isfile(CA_BUNDLE) else {}),  # node has its own roots
            **state.get("env", {})}
     shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
     if not os.path.exists(shell):
