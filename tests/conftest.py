@@ -60,3 +60,16 @@ def data_dir() -> Path:
     d = Path(os.environ.get("SANDBOXD_TEST_DATA_DIR", "/var/lib/sandboxd-test"))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build (or verify) the base template before the first slow test, outside every test's
+    timeout: a cold build downloads Debian packages for minutes, which no single test should pay."""
+    if not any(item.get_closest_marker("slow") for item in session.items):
+        return
+    from sandboxd.templates.base import build_base
+    from sandboxd.templates.store import TemplateStore
+
+    d = Path(os.environ.get("SANDBOXD_TEST_DATA_DIR", "/var/lib/sandboxd-test"))
+    (d / "templates").mkdir(parents=True, exist_ok=True)
+    build_base(TemplateStore(d / "templates"), lambda msg: print(f"[base] {msg}", flush=True))

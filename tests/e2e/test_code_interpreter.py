@@ -312,3 +312,27 @@ def test_a_template_still_building_is_a_503_that_says_how_far_it_got(ci_server: 
         r = api.post("/v2/sandboxes", json={"templateID": "still-building"})
     assert r.status_code == 500 and "failed to build" in r.json()["message"], r.text
     assert "no space left on device" in r.json()["message"]
+
+
+# -- the JS SDK -----------------------------------------------------------------------------------
+
+JS_VERSION = "2.8.0"  # @e2b/code-interpreter, the newest on npm
+
+
+def test_the_js_sdk_runs_code_charts_and_contexts(ci_server: Server, data_dir: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    from sandboxd.testing.sdk_envs import node_env
+
+    root = node_env(data_dir / "sdk-envs", "@e2b/code-interpreter", JS_VERSION)
+    script = root / f"ci-{os.getpid()}.mjs"  # beside node_modules, so the import finds this release
+    shutil.copyfile(Path(__file__).parent / "scenarios" / "js_code_interpreter.mjs", script)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+           "E2B_API_KEY": ci_server.api_key, "E2B_API_URL": ci_server.url, "E2B_SANDBOX_URL": ci_server.url}
+    try:
+        p = subprocess.run(["node", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        script.unlink()
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd.config import Settings
+from sandboxd.envd.contract import DEFAULT_USER, DEFAULT_WORKDIR
 from sandboxd.store.db import Database
 from sandboxd.store.templates_db import DEFAULT_TAG, BuildResources, TemplateBuilds
 from sandboxd.templates.builder import StepFailed, builder_for
@@ -55,11 +56,11 @@ def recipe() -> Any:
             .pip_install(list(PYTHON_PACKAGES))
             .run_cmd(["python3 -m bash_kernel.install --sys-prefix", "MPLBACKEND=Agg python3 -c 'import matplotlib.pyplot'"],
                      user="root")
-            .run_cmd("deno jupyter --install --force", user="user")
+            .run_cmd("deno jupyter --install --force", user=DEFAULT_USER)
             .copy("server/sandboxd_display.py", f"{SITE_PACKAGES}/sandboxd_display.py")
             .copy("server", f"{SERVER_DIR}/server")
-            .set_user("user")
-            .set_workdir("/home/user")
+            .set_user(DEFAULT_USER)
+            .set_workdir(DEFAULT_WORKDIR)
             .set_start_cmd(f"cd {SERVER_DIR} && exec python3 -m server", wait_for_port(PORT))
         )
 

@@ -24,7 +24,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 log = logging.getLogger("interpreter")
 
-DEFAULT_CWD = "/home/user"
+DEFAULT_CWD = os.path.expanduser("~")  # the sandbox user's home, as on E2B
 #: language → Jupyter kernel name (kernel specs installed by the template's recipe)
 KERNELS = {"python": "python3", "javascript": "deno", "typescript": "deno", "bash": "bash"}
 ALIASES = {"js": "javascript", "ts": "typescript", "py": "python", "python3": "python", "sh": "bash"}
