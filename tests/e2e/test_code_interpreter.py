@@ -324,12 +324,12 @@ def test_the_js_sdk_runs_code_charts_and_contexts(ci_server: Server, data_dir: P
     import shutil
     import subprocess
 
-    from sandboxd.testing.sdk_envs import node_env
+    from sandboxd.testing.sdk_envs import node_env, path_with_node
 
     root = node_env(data_dir / "sdk-envs", "@e2b/code-interpreter", JS_VERSION)
     script = root / f"ci-{os.getpid()}.mjs"  # beside node_modules, so the import finds this release
     shutil.copyfile(Path(__file__).parent / "scenarios" / "js_code_interpreter.mjs", script)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+    env = {"PATH": path_with_node(data_dir / "sdk-envs"), "HOME": os.environ.get("HOME", "/root"),
            "E2B_API_KEY": ci_server.api_key, "E2B_API_URL": ci_server.url, "E2B_SANDBOX_URL": ci_server.url}
     try:
         p = subprocess.run(["node", str(script)], env=env, capture_output=True, text=True, timeout=300)
