@@ -165,6 +165,24 @@ def test_a_failure_at_each_create_step_leaves_nothing(node: Node, step: str, err
     assert node.leftovers() == []
 
 
+class CountingRuntime(FakeRuntime):
+    starts = 0
+
+    def start(self, spec: RuntimeSpec) -> None:
+        type(self).starts += 1
+        super().start(spec)
+
+
+def test_a_bug_in_a_step_is_neither_retried_nor_called_a_failed_start(node: Node) -> None:
+    """Only the start-error family (and the host refusing a resource) means "failed to start"."""
+    node.backend.runtime = CountingRuntime(node.fail)
+    node.fail["runtime"] = KeyError("a bug in our code")
+    with pytest.raises(KeyError):
+        node.create()
+    assert CountingRuntime.starts == 1  # not retried
+    assert node.leftovers() == []  # and still undone
+
+
 def test_kill_runs_the_teardown_create_built(node: Node) -> None:
     sandbox_id = node.create()
     assert node.db.get_sandbox(sandbox_id).state == SandboxState.RUNNING

@@ -22,6 +22,8 @@ import os
 import struct
 from pathlib import Path
 
+from sandboxd.errors import StartError
+
 HEADER = struct.Struct(">8sIQ64s")  # magic, block size, device size, base id
 HEADER_SIZE = 4096  # the bitmap starts page-aligned
 MAGIC = b"SBXCOW1\n"
@@ -34,7 +36,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
-class CowError(RuntimeError):
+class CowError(StartError):
     """The device's files do not fit together (other base, other block size) or an I/O failed."""
 
 

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sandboxd.errors import RootfsGuardError
 from sandboxd.nbd.cow import CowDevice
 from sandboxd.nbd.exports import ExportEvent, ExportState
 from sandboxd.nbd.thread import NbdServerThread
@@ -70,7 +71,7 @@ class NbdRootfsProvider:
         cow = sandbox_dir / COW_DIR
         record = _read_record(cow)
         if record and record.get("base_sha256") != image.sha256:
-            raise ValueError(f"{sandbox_dir} was made from another image ({record.get('build_id')}); "
+            raise RootfsGuardError(f"{sandbox_dir} was made from another image ({record.get('build_id')}); "
                              f"its COW state cannot be reused over {image.build_id}")
         state = self.nbd.allocate(image.path, cow, image.sha256, owner, self.block_size,
                                   prefer=record.get("export") if record else None)

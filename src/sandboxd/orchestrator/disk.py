@@ -21,12 +21,14 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+from sandboxd.errors import StartError
+
 IMAGE_NAME = "disk.img"
 MOUNT_NAME = "disk"
 _MKFS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard"]
 
 
-class DiskError(RuntimeError):
+class DiskError(StartError):
     pass
 
 

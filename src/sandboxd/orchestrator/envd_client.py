@@ -19,9 +19,10 @@ from typing import Any, Protocol
 import httpx
 
 from sandboxd.envd.contract import DEFAULT_USER, DEFAULT_WORKDIR, ENVD_PORT
+from sandboxd.errors import StartError
 
 
-class EnvdNotReady(RuntimeError):
+class EnvdNotReady(StartError):
     """envd did not answer /health (or refused /init) before the deadline."""
 
 

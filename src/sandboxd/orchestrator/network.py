@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandboxd.errors import StartError
 from sandboxd.orchestrator.egress import DENIED_RANGES, NO_EGRESS, EgressPolicy
 from sandboxd.orchestrator.egress_proxy import EgressProxy
 
@@ -41,7 +42,7 @@ SYS_NET = Path("/sys/class/net")
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,5}")  # "P-16383-h" must fit in 15 chars
 
 
-class NetworkError(RuntimeError):
+class NetworkError(StartError):
     """A slot could not be created; carries the failing command's stderr."""
 
 

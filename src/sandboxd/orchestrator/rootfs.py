@@ -12,13 +12,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandboxd.errors import StartError
 from sandboxd.orchestrator.disk import DiskError, mount_disk
 
 _MAX_UNMOUNT_PASSES = 8  # stacked mounts on one target need one pass each
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-class RootfsError(RuntimeError):
+class RootfsError(StartError):
     pass
 
 

@@ -28,6 +28,7 @@ from sandboxd.config import Settings
 from sandboxd.envd import ENVD_VERSION
 from sandboxd.envd.auth import file_signature
 from sandboxd.envd.contract import envd_argv, envd_env
+from sandboxd.errors import StartError
 from sandboxd.observability import events
 from sandboxd.orchestrator.backends import Backend, Backends
 from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
@@ -47,10 +48,10 @@ from sandboxd.orchestrator.logs import LogStore
 from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
 from sandboxd.orchestrator.pool import PoolKey, WarmPool, WarmSandbox
 from sandboxd.orchestrator.recovery import RecoveryReport, recover_node
-from sandboxd.orchestrator.rootfs import RootfsError, unmount_overlay
+from sandboxd.orchestrator.rootfs import unmount_overlay
 from sandboxd.orchestrator.volumes import data_dir_of as volume_data_dir
 from sandboxd.proxy.asgi import Upstream
-from sandboxd.runtimes.base import RuntimeSpec, RuntimeStartError, console_tail
+from sandboxd.runtimes.base import RuntimeSpec, console_tail
 from sandboxd.store.db import Database, SandboxRow, new_id, utcnow
 from sandboxd.store.templates_db import ACTIVE, BuildResources, TemplateBuilds, split_name
 from sandboxd.templates.runtime import RuntimeConfig
@@ -461,13 +462,15 @@ class Orchestrator:
 
     def _step(self, name: str, fn: Callable[[], T], sdir: Path | None = None) -> T:
         """Run one create step; turn its failure into a SandboxError with the console's tail.
+        Only start failures (:mod:`sandboxd.errors`) and the host refusing a resource (``OSError``)
+        are caught: anything else is a bug, reported as one and never retried.
         Its duration goes to the debug log (where a create's time goes)."""
         started = time.monotonic()
         try:
             result = fn()
             log.debug("step %s took %.0f ms", name, (time.monotonic() - started) * 1000)
             return result
-        except (RootfsError, NetworkError, RuntimeStartError, EnvdNotReady, OSError, KeyError, ValueError) as exc:
+        except (StartError, OSError) as exc:
             console = console_tail(sdir) if sdir is not None else ""
             message = f"sandbox failed to start ({name}): {exc}"
             if console and console not in message:

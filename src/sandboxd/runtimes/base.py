@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from sandboxd.errors import StartError
+
 CONSOLE_LOG = "console.log"
 CONSOLE_TAIL_BYTES = 64 * 1024
 
 
-class RuntimeStartError(RuntimeError):
+class RuntimeStartError(StartError):
     """The sandbox did not start; ``console`` is the tail of what it printed."""
 
     def __init__(self, message: str, console: str = "") -> None:

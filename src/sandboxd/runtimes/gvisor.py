@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd.envd.contract import SUDO, python_argv
+from sandboxd.errors import RootfsGuardError
 from sandboxd.runtimes.base import CONSOLE_LOG, RuntimeSpec, RuntimeStartError, console_tail
 
 log = logging.getLogger("sandboxd.runtimes.gvisor")
@@ -219,9 +220,9 @@ class GVisorRuntime:
         """Guarantee 2: the runtime gets the provider's path (a mounted overlay), never a template."""
         real = Path(rootfs).resolve()
         if self.template_root and (real == self.template_root or self.template_root in real.parents):
-            raise ValueError(f"refusing to run a sandbox directly on template storage: {real}")
+            raise RootfsGuardError(f"refusing to run a sandbox directly on template storage: {real}")
         if not os.path.ismount(real):
-            raise ValueError(f"sandbox rootfs {real} is not a mount point (expected its overlay)")
+            raise RootfsGuardError(f"sandbox rootfs {real} is not a mount point (expected its overlay)")
 
     def oci_config(self, spec: RuntimeSpec) -> dict[str, Any]:
         mounts = [

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sandboxd.errors import RootfsGuardError
 from sandboxd.proc import pid_alive
 from sandboxd.runtimes import vmnet
 from sandboxd.runtimes.accel import detect_accel
@@ -56,10 +57,6 @@ MEMORY_FILE = "memory.bin"
 VM_FILE = "vm.json"
 START_TIMEOUT_S = 15.0
 SNAPSHOT_TIMEOUT_S = 120.0
-
-
-class RootfsGuardError(ValueError):
-    """The VMM was offered something other than a rootfs provider's export."""
 
 
 def check_rootfs(path: Path, forbidden_roots: Iterable[Path] = ()) -> None:

@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sandboxd.errors import StartError
 
-class QmpError(RuntimeError):
+
+class QmpError(StartError):
     pass
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+from sandboxd.errors import StartError
+
 GUEST_ADDRESS = "169.254.0.21"
 GATEWAY_ADDRESS = "169.254.0.22"
 TAP = "tap0"
@@ -29,7 +31,7 @@ BRIDGE = "br0"
 GUEST_MAC = "02:00:a9:fe:00:15"
 
 
-class VmNetError(RuntimeError):
+class VmNetError(StartError):
     pass
 
 
