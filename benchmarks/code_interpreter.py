@@ -84,7 +84,7 @@ def main() -> None:
     with running_server(DATA_DIR, log_path, builtin_templates=NAME) as server, sdk_pointed_at(server):
         wait_built(server.settings.db_url)
         rows = bench(n)
-    print(f"\nsandboxd code interpreter — gVisor (ptrace), {NAME}, {n} runs each\n")
+    print(f"\nsandboxd code interpreter — gVisor, {NAME}, {n} runs each\n")
     print("| measurement                              |   n |   p50 ms |   p95 ms |")
     print("|------------------------------------------|-----|----------|----------|")
     print(line("Sandbox.create() → ready", rows["create"]))
