@@ -20,6 +20,7 @@ from sandboxd.api.sandboxes import router as sandboxes_router
 from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
 from sandboxd.api.secrets import router as secrets_router
 from sandboxd.api.snapshots import router as snapshots_router
+from sandboxd.api.templates import TemplateService
 from sandboxd.api.templates import router as templates_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
@@ -44,15 +45,24 @@ REAP_INTERVAL_S = 1.0
 
 def make_backends(settings: Settings, templates: TemplateStore) -> Backends:
     """gVisor always; the microVM stack too, made on first use (it prepares a guest kernel)."""
+    from sandboxd.nbd.provider import NbdRootfsProvider
     from sandboxd.orchestrator.backends import GVisorBackend, MicroVMBackend
+    from sandboxd.runtimes.guest import prepare_guest
     from sandboxd.runtimes.gvisor import GVisorRuntime
+    from sandboxd.runtimes.microvm import MicroVMRuntime
 
     def gvisor() -> GVisorBackend:
         runtime = GVisorRuntime(settings.runsc_root, platform=settings.gvisor_platform,
                                 template_root=settings.templates_dir)
         return GVisorBackend(runtime, templates)
 
-    return Backends({"gvisor": gvisor, "microvm": lambda: MicroVMBackend(settings, templates)}, settings.runtime)
+    def microvm() -> MicroVMBackend:
+        provider = NbdRootfsProvider(settings.data_dir, templates, log=log.info)
+        runtime = MicroVMRuntime(settings.data_dir / "microvm", prepare_guest(settings.data_dir, log.info),
+                                 forbidden_roots=provider.forbidden_roots)
+        return MicroVMBackend(runtime, provider)
+
+    return Backends({"gvisor": gvisor, "microvm": microvm}, settings.runtime)
 
 
 def make_orchestrator(settings: Settings, db: Database | None = None) -> Orchestrator:
@@ -115,6 +125,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.state.snapshots = SnapshotService(orch)
     api.state.volumes = Volumes(orch.db, settings.data_dir)
     api.state.secrets = Secrets(orch.db, settings.secrets_key_file or settings.data_dir / "secrets.key")
+    api.state.templates = TemplateService(settings, orch.db)
     install_error_handlers(api)
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)

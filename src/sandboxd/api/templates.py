@@ -14,7 +14,6 @@ import hmac
 import re
 import secrets
 import tempfile
-import threading
 import uuid
 from typing import Annotated, Any
 
@@ -27,6 +26,7 @@ from sandboxd.api.auth import require_api_key
 from sandboxd.api.errors import ApiError
 from sandboxd.api.models import iso
 from sandboxd.config import Settings
+from sandboxd.store.db import Database
 from sandboxd.store.templates_db import (
     DEFAULT_TAG,
     BuildResources,
@@ -45,7 +45,6 @@ router = APIRouter()
 AUTH = [Depends(require_api_key)]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
-_setup_lock = threading.Lock()
 
 
 class NewTemplate(BaseModel):
@@ -73,26 +72,24 @@ class DeleteTags(BaseModel):
 # -- wiring ------------------------------------------------------------------------------------
 
 
-class _Templates:
-    """What the routes share, made once per app on first use."""
+class TemplateService:
+    """What the template routes share: the build records, the builder's file cache and build jobs,
+    and the key that signs upload URLs. Made once by ``server.build_app``."""
 
-    def __init__(self, request: Request) -> None:
-        settings = request.app.state.settings
-        self.builds = TemplateBuilds(request.app.state.db)
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.builds = TemplateBuilds(db)
         builder = builder_for(settings.data_dir, find_template=self.builds.resolve)
         self.files: FilesCache = builder.files
         self.jobs = BuildJobs(builder, self.builds, settings.runtime)
         self.upload_key = secrets.token_bytes(32)  # upload URLs live for one Template.build call
 
 
-def _t(request: Request) -> _Templates:
-    with _setup_lock:
-        if getattr(request.app.state, "templates", None) is None:
-            request.app.state.templates = _Templates(request)
-    return request.app.state.templates
+def _t(request: Request) -> TemplateService:
+    service: TemplateService = request.app.state.templates
+    return service
 
 
-def _build_row(t: _Templates, template_id: str, build_id: str) -> TemplateBuildRow:
+def _build_row(t: TemplateService, template_id: str, build_id: str) -> TemplateBuildRow:
     row = t.builds.get(build_id)
     if row is None or template_id not in (row.template_id, row.alias):
         raise ApiError(404, f"build '{build_id}' of template '{template_id}' not found")
@@ -181,7 +178,7 @@ def status_json(row: TemplateBuildRow, entries: list[LogEntry]) -> dict[str, Any
 # -- COPY files --------------------------------------------------------------------------------
 
 
-def _upload_token(t: _Templates, template_id: str, files_hash: str) -> str:
+def _upload_token(t: TemplateService, template_id: str, files_hash: str) -> str:
     return hmac.new(t.upload_key, f"{template_id}/{files_hash}".encode(), hashlib.sha256).hexdigest()
 
 

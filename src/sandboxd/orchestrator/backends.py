@@ -14,15 +14,18 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from sandboxd.config import Settings
 from sandboxd.nbd.provider import COW_DIR
 from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
 from sandboxd.orchestrator.rootfs import is_mounted, mount_overlay, unmount_overlay
 from sandboxd.runtimes.base import Runtime, RuntimeSpec
 from sandboxd.runtimes.gvisor import GVisorRuntime
 from sandboxd.templates.store import TemplateStore, remove_tree
+
+if TYPE_CHECKING:  # the microVM stack is imported only where a server makes it
+    from sandboxd.nbd.provider import NbdRootfsProvider
+    from sandboxd.runtimes.microvm import MicroVMRuntime
 
 log = logging.getLogger("sandboxd.orchestrator")
 SNAPSHOT_DIR = "snapshot"
@@ -109,14 +112,9 @@ class MicroVMBackend:
 
     name = "microvm"
 
-    def __init__(self, settings: Settings, templates: TemplateStore) -> None:
-        from sandboxd.nbd.provider import NbdRootfsProvider
-        from sandboxd.runtimes.guest import prepare_guest
-        from sandboxd.runtimes.microvm import MicroVMRuntime
-
-        self.provider = NbdRootfsProvider(settings.data_dir, templates, log=log.info)
-        self.runtime = MicroVMRuntime(settings.data_dir / "microvm", prepare_guest(settings.data_dir, log.info),
-                                      forbidden_roots=self.provider.forbidden_roots)
+    def __init__(self, runtime: MicroVMRuntime, provider: NbdRootfsProvider) -> None:
+        self.runtime = runtime
+        self.provider = provider
 
     def prepare_rootfs(self, build_id: str, sandbox_dir: Path, disk_mb: int) -> Path:
         """The disk is the template's image plus its free space (``disk_mb`` is not applied)."""
