@@ -5,6 +5,7 @@ maskRequestHost) through the proxy, with the real SDK."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -158,3 +159,63 @@ def test_auto_resume_on_traffic(sdk_env: Server) -> None:
     finally:
         sbx.kill()
         plain.kill()
+
+
+_WS_AND_TLS_SERVER = r"""
+import base64, hashlib, http.server, socket, ssl, sys, threading
+def ws(conn):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(4096)
+    lines = head.decode().split("\r\n")
+    fields = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}
+    accept = base64.b64encode(hashlib.sha1((fields["sec-websocket-key"]
+                              + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+    conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+    text = fields.get("host", "").encode()
+    conn.sendall(bytes([0x81, len(text)]) + text)
+    conn.recv(1024)
+def serve(port, wrap):
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port)); srv.listen()
+    while True:
+        conn, _ = srv.accept()
+        try:
+            threading.Thread(target=ws, args=(wrap(conn),), daemon=True).start()
+        except Exception:
+            conn.close()
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+threading.Thread(target=serve, args=(8001, lambda c: c), daemon=True).start()
+serve(8443, lambda c: ctx.wrap_socket(c, server_side=True))
+"""
+
+
+def test_websockets_get_the_mask_and_https_ports(sdk_env: Server, tmp_path: Path) -> None:
+    from websockets.sync.client import connect
+
+    from sandboxd.tls import ensure_server_cert
+
+    tls = ensure_server_cert(tmp_path, "sandbox.test")
+    sbx = Sandbox.create(timeout=60, network={"mask_request_host": "${PORT}-masked.example.test",
+                                              "https_ports": [8443]})
+    try:
+        sbx.files.write("/tmp/cert.pem", tls.cert.read_text())
+        sbx.files.write("/tmp/key.pem", tls.key.read_text())
+        sbx.files.write("/tmp/ws.py", _WS_AND_TLS_SERVER)
+        sbx.commands.run("python3 /tmp/ws.py /tmp/cert.pem /tmp/key.pem", background=True)
+        ws_url = sdk_env.url.replace("http", "ws", 1) + "/"
+        for port in (8001, 8443):
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with connect(ws_url, additional_headers={"E2b-Sandbox-Id": sbx.sandbox_id,
+                                                             "E2b-Sandbox-Port": str(port)}, open_timeout=5) as ws:
+                        assert ws.recv(timeout=5) == f"{port}-masked.example.test"
+                    break
+                except (OSError, Exception):  # noqa: BLE001 - the server is still starting
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+    finally:
+        sbx.kill()

@@ -251,8 +251,10 @@ class SandboxProxy:
             return await send({"type": "websocket.close", "code": 1008, "reason": denied})
         path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         query = scope.get("query_string", b"").decode("latin-1")
-        await relay_websocket(scope, receive, send,
-                              f"ws://{upstream.address}:{port}{path}" + (f"?{query}" if query else ""))
+        scheme = "wss" if port in upstream.https_ports else "ws"
+        host = upstream.mask_host.replace("${PORT}", str(port)) if upstream.mask_host else f"{upstream.address}:{port}"
+        await relay_websocket(scope, receive, send, f"{scheme}://{host}{path}" + (f"?{query}" if query else ""),
+                              dial=(upstream.address, port))
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan to the app, and close our upstream pool when it has shut down."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -22,13 +23,20 @@ _SKIP_HEADERS = {b"host", b"e2b-traffic-access-token", b"connection", b"upgrade"
                  b"sec-websocket-extensions", b"sec-websocket-protocol", b"content-length"}
 
 
-async def relay_websocket(scope: dict[str, Any], receive: Any, send: Any, url: str) -> None:
-    """Proxy one websocket connection to ``url`` (``ws://address:port/path?query``)."""
+async def relay_websocket(scope: dict[str, Any], receive: Any, send: Any, url: str,
+                          dial: tuple[str, int] | None = None) -> None:
+    """Proxy one websocket connection to ``url`` (``ws://address:port/path?query``). With
+    ``dial``, the connection goes there and ``url``'s host is only the handshake's Host (a
+    sandbox's ``maskRequestHost``); a ``wss`` URL is TLS to the sandbox, unverified (its
+    ``httpsPorts`` serve their own, often self-signed, certificates)."""
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.lower() not in _SKIP_HEADERS]
     subprotocols = scope.get("subprotocols") or None
+    where: dict[str, Any] = {"host": dial[0], "port": dial[1]} if dial else {}
+    if url.startswith("wss://"):
+        where["ssl"] = _unverified()
     try:
         upstream = await connect(url, additional_headers=headers, subprotocols=subprotocols,
-                                 open_timeout=10, max_size=None, compression=None)
+                                 open_timeout=10, max_size=None, compression=None, **where)
     except (TimeoutError, OSError, InvalidHandshake) as exc:
         status = exc.response.status_code if isinstance(exc, InvalidStatus) else 502
         log.debug("websocket upstream %s refused: %s", url, exc)
@@ -69,3 +77,10 @@ async def _client_to_upstream(receive: Any, upstream: ClientConnection) -> None:
             await upstream.send(message["text"])
         elif message.get("bytes") is not None:
             await upstream.send(message["bytes"])
+
+
+def _unverified() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
