@@ -162,12 +162,14 @@ def test_list_depth_symlinks_and_entry_info(sandbox: Sandbox) -> None:
 
 def test_metadata_is_stored_with_the_file(sandbox: Sandbox) -> None:
     """gVisor's root refuses xattrs, so envd keeps the metadata in its index: it must still
-    belong to the file — kept by a rewrite and a rename through the API, gone with a removal,
-    never passed on to a file that replaced it behind envd's back."""
+    belong to the file — replaced by a rewrite (as E2B's envd does), kept by a rename through the
+    API, gone with a removal, never passed on to a file that replaced it behind envd's back."""
     w = sandbox.files.write("/home/user/m.txt", "x", metadata={"Owner": "team-a", "stage": "raw"})
     assert w.metadata == {"owner": "team-a", "stage": "raw"}
     assert sandbox.files.get_info("/home/user/m.txt").metadata == {"owner": "team-a", "stage": "raw"}
-    sandbox.files.write("/home/user/m.txt", "rewritten")
+    sandbox.files.write("/home/user/m.txt", "rewritten")  # a write replaces the metadata, as E2B's envd
+    assert not sandbox.files.get_info("/home/user/m.txt").metadata
+    sandbox.files.write("/home/user/m.txt", "again", metadata={"owner": "team-a", "stage": "raw"})
     sandbox.files.rename("/home/user/m.txt", "/home/user/d/m.txt")
     assert sandbox.files.get_info("/home/user/d/m.txt").metadata == {"owner": "team-a", "stage": "raw"}
     assert [e.metadata for e in sandbox.files.list("/home/user/d")] == [{"owner": "team-a", "stage": "raw"}]
