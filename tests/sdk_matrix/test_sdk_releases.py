@@ -46,6 +46,8 @@ class Release:
     #: "domain": only E2B_DOMAIN (every release can); "urls": E2B_API_URL + E2B_SANDBOX_URL at the
     #: API's name, the sandbox chosen by headers (releases from 2.1 on; README's plain-HTTP way)
     mode: str = "domain"
+    #: other packages pinned beside it: an old release with the ``e2b`` of its time, as its users have it
+    pins: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -65,7 +67,9 @@ RELEASES = (
     Release("js", "e2b", "2.45.0", "js_sdk.mjs", mode="urls"),
     Release("js", "e2b", "2.51.0", "js_sdk.mjs"),  # the newest on npm: v2 create, v2 connect
     # code-interpreter-v1 and its server on port 49999 (built by the server in the background)
-    Release("python", "e2b-code-interpreter", "2.11.5", "python_code_interpreter.py"),
+    # the first 2.x, with the e2b of its time (the newest e2b lacks the Sandbox._transport it reads)
+    Release("python", "e2b-code-interpreter", "2.0.0", "python_code_interpreter.py", pins=("e2b==2.0.2",)),
+    Release("python", "e2b-code-interpreter", "2.11.5", "python_code_interpreter.py"),  # the newest
 )
 
 
@@ -83,7 +87,7 @@ class Outcome:
 def _prepare(release: Release, cache: Path) -> list[str]:
     """The command that runs this release's scenario (its environment installed if missing)."""
     if release.language == "python":
-        python = python_env(cache, f"{release.package}=={release.version}")
+        python = python_env(cache, f"{release.package}=={release.version}", *release.pins)
         return [str(python), str(SCENARIOS / release.scenario)]
     root = node_env(cache, release.package, release.version)
     script = root / release.scenario  # next to node_modules, so `import 'e2b'` finds this release

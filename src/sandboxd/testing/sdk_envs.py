@@ -30,13 +30,15 @@ def _locked_install(root: Path, install: Callable[[Path], None]) -> Path:
     return root
 
 
-def python_env(cache: Path, requirement: str) -> Path:
-    """The Python of a venv holding ``requirement`` (e.g. ``e2b==2.45.1``) and nothing else of ours."""
-    root = cache / ("py-" + requirement.replace("==", "-"))
+def python_env(cache: Path, requirement: str, *pins: str) -> Path:
+    """The Python of a venv holding ``requirement`` (e.g. ``e2b==2.45.1``), with ``pins`` (e.g. the
+    ``e2b`` of an old code-interpreter release's time), and nothing else of ours."""
+    root = cache / "+".join("py-" + r.replace("==", "-") for r in (requirement, *pins))
 
     def install(d: Path) -> None:
         subprocess.run([sys.executable, "-m", "venv", str(d)], check=True, capture_output=True)
-        r = subprocess.run([str(d / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", requirement],
+        r = subprocess.run([str(d / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", requirement,
+                            *pins],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"pip install {requirement} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")

@@ -12,8 +12,12 @@ import sys
 import time
 from importlib.metadata import version
 
-from e2b.exceptions import ServiceBusyException
+from e2b import exceptions
 from e2b_code_interpreter import Sandbox
+
+#: what a 503 raises: ServiceBusyException in newer SDKs, SandboxException in older ones
+BUSY: tuple[type[Exception], ...] = tuple(
+    e for e in (getattr(exceptions, "ServiceBusyException", None), exceptions.SandboxException) if e is not None)
 
 BUILD_WAIT_S = 1800
 
@@ -27,9 +31,9 @@ def create() -> Sandbox:
     while True:
         try:
             return Sandbox.create(timeout=300)
-        except ServiceBusyException as exc:  # code-interpreter-v1 is still being built
-            if time.monotonic() > deadline:
-                raise
+        except BUSY as exc:
+            if "still being built" not in str(exc) or time.monotonic() > deadline:
+                raise  # only code-interpreter-v1 still being built (a 503) is waited for
             print(f"    waiting: {exc}", flush=True)
             time.sleep(10)
 
