@@ -304,11 +304,7 @@ class Orchestrator:
         except BaseException:
             teardown.run()
             raise
-        self._sandbox_teardowns[sandbox_id] = teardown
-        self.route(row)
-        log.info("sandbox %s (%s) ready in %.2fs", sandbox_id, alias, time.monotonic() - started)
-        self.logs.event(sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
-        return row
+        return self._went_live(row, alias, teardown, f"ready in {time.monotonic() - started:.2f}s")
 
     def _add_record(self, sandbox_id: str, req: CreateRequest, template_id: str, alias: str, build_id: str,
                     backend: Backend, res: Resources, slot: NetworkSlot, token: str) -> SandboxRow:
@@ -395,10 +391,14 @@ class Orchestrator:
         except BaseException:
             teardown.run()
             raise
-        self._sandbox_teardowns[sandbox_id] = teardown
+        return self._went_live(row, alias, teardown, f"claimed from the warm pool in {time.monotonic() - started:.3f}s")
+
+    def _went_live(self, row: SandboxRow, alias: str, teardown: Teardown, how: str) -> SandboxRow:
+        """A created sandbox (started or claimed) is kept with its teardown, routed, and logged."""
+        self._sandbox_teardowns[row.sandbox_id] = teardown
         self.route(row)
-        log.info("sandbox %s (%s) claimed from the warm pool in %.3fs", sandbox_id, alias, time.monotonic() - started)
-        self.logs.event(sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
+        log.info("sandbox %s (%s) %s", row.sandbox_id, alias, how)
+        self.logs.event(row.sandbox_id, f"Sandbox created from template {alias} and started", template=alias)
         return row
 
     def _boot(self, backend: Backend, row: SandboxRow, slot: NetworkSlot, teardown: Teardown,
