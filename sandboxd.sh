@@ -22,10 +22,12 @@ venv="$here/.venv"
 # chromium/chromium-driver, the headless browser the web console tests (tests/console) click through;
 # nodejs/npm (from Debian unless a node and npm are already on PATH): the base template's npm is
 # fetched with the host's npm client, and the JS SDK releases of the matrix run on it.
+# postgresql: the cluster's store; the tests start throwaway servers of it (sandboxd/testing/postgres.py),
+# never the system's own cluster.
 APT_PACKAGES=(runsc debootstrap nftables iproute2 e2fsprogs tini busybox-static gcc libc6-dev
               python3 python3-venv ca-certificates util-linux procps skopeo umoci
               qemu-system-x86 qemu-utils lz4)
-TEST_APT_PACKAGES=(docker-registry dnsmasq-base chromium chromium-driver)
+TEST_APT_PACKAGES=(docker-registry dnsmasq-base chromium chromium-driver postgresql)
 command -v node >/dev/null && command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
 
 need_root() {

@@ -73,3 +73,25 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     d = Path(os.environ.get("SANDBOXD_TEST_DATA_DIR", "/var/lib/sandboxd-test"))
     (d / "templates").mkdir(parents=True, exist_ok=True)
     build_base(TemplateStore(d / "templates"), lambda msg: print(f"[base] {msg}", flush=True))
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One throwaway real PostgreSQL for the session (testing/postgres.py), stopped at the end."""
+    from sandboxd.testing.postgres import available, running_postgres
+
+    why = available()
+    if why is not None:
+        pytest.fail(f"PostgreSQL tests need Debian's postgresql package: {why}")
+    with running_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store's tests run against both databases sandboxd supports: a SQLite file, and a fresh
+    database in the session's real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db.sqlite'}"
+    pg = request.getfixturevalue("postgres")
+    return str(pg.create_database())

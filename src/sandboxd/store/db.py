@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Integer, String, create_engine, event, inspect, select, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 API_KEY_PREFIX = "e2b_"
@@ -122,12 +122,23 @@ class Database:
     """Engine + sessions + the repository operations the server needs."""
 
     def __init__(self, url: str) -> None:
-        self.engine: Engine = create_engine(url)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        self.engine: Engine = _engine(url)
+        self.create_tables()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_tables(self) -> None:
+        """Every table of ``Base`` this database lacks, and every column added since it was made.
+        On PostgreSQL under an advisory lock: API replicas and nodes starting together would
+        otherwise race to create the same table; on SQLite in an exclusive transaction, for the same
+        reason (two servers on one data dir, a CLI command beside a server)."""
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
+            else:  # pysqlite runs DDL outside any transaction unless one is begun explicitly
+                conn.exec_driver_sql("BEGIN EXCLUSIVE")
+            Base.metadata.create_all(conn)
+            _add_missing_columns(conn)
+            conn.commit()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -236,10 +247,25 @@ class Database:
             return list(s.scalars(select(SandboxRow).order_by(SandboxRow.started_at, SandboxRow.sandbox_id)))
 
 
-def _add_missing_columns(engine: Engine) -> None:
+#: the key of the advisory lock schema changes hold on PostgreSQL (any constant of our own)
+_SCHEMA_LOCK = 0x5A4E_D5C4
+
+
+def _engine(url: str) -> Engine:
+    """SQLite: WAL and a busy timeout. PostgreSQL (psycopg 3): connections checked before use, so
+    a restarted server costs the next request nothing but a reconnect, and a pool as large as
+    the API's thread pool (its routes are blocking ``def`` functions, one connection each)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40, pool_recycle=1800)
+
+
+def _add_missing_columns(conn: Connection) -> None:
     """Columns added to a model after a database was created (``create_all`` only makes tables):
     added with their default, so an existing data dir keeps working after an upgrade."""
-    inspector = inspect(engine)
+    inspector = inspect(conn)
     for table in Base.metadata.sorted_tables:
         if not inspector.has_table(table.name):
             continue
@@ -249,11 +275,20 @@ def _add_missing_columns(engine: Engine) -> None:
                 continue
             arg = getattr(column.default, "arg", None)  # a scalar default (not a callable one) fills old rows
             default = arg if arg is not None and not callable(arg) else None
-            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(conn.dialect)}"
             if default is not None:
-                ddl += f" DEFAULT {int(default) if isinstance(default, bool) else repr(default)}"
-            with engine.begin() as conn:
-                conn.execute(text(ddl))
+                ddl += f" DEFAULT {_sql_literal(default)}"
+            conn.execute(text(ddl))
+
+
+def _sql_literal(value: Any) -> str:
+    """A column default as SQL both SQLite and PostgreSQL read (TRUE/FALSE, not 1/0: PostgreSQL's
+    boolean takes no integer)."""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def hash_key(key: str) -> str:

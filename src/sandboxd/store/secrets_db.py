@@ -102,7 +102,7 @@ class Secrets:
     def __init__(self, db: Database, key_file: Path) -> None:
         self.db = db
         self._aead = AESGCM(load_key(key_file))
-        Base.metadata.create_all(db.engine)  # our tables, if this database predates them
+        db.create_tables()  # our tables, if this database predates them
 
     def _seal(self, secret_id: str, version: int, value: str) -> SecretVersionRow:
         if len(value.encode()) > MAX_VALUE:

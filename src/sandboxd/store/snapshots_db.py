@@ -34,7 +34,7 @@ class Snapshots:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        Base.metadata.create_all(db.engine)  # our table, if this database predates it
+        db.create_tables()  # our table, if this database predates it
 
     def put(self, **fields: object) -> SnapshotRow:
         """Add a snapshot, or replace the record of the one with this id."""

@@ -91,7 +91,7 @@ class TemplateBuilds:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        Base.metadata.create_all(db.engine)  # our tables, if this database predates them
+        db.create_tables()  # our tables, if this database predates them
 
     # -- requests ------------------------------------------------------------------------------
 
