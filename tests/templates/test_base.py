@@ -37,6 +37,18 @@ def test_user_1000_with_home_and_bash(base: Build):
 
 
 @pytest.mark.slow
+def test_login_shell_path_unchanged_without_forking_id(base: Build):
+    """``bash -l`` (every commands.run) gets Debian's PATH for root and for user, and /etc/profile
+    no longer runs ``id`` under bash (sh, which has no EUID, still does)."""
+    root_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    user_path = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
+    assert sh(base, "env -i /bin/bash -l -c 'echo $PATH'").strip() == root_path
+    assert sh(base, "env -i /usr/sbin/runuser -u user -- /bin/bash -l -c 'echo $PATH'").strip() == user_path
+    assert sh(base, "env -i /usr/sbin/runuser -u user -- /bin/sh -l -c 'echo $PATH'").strip() == user_path
+    assert "id -u" not in sh(base, "env -i /usr/sbin/runuser -u user -- /bin/bash -l -x -c true 2>&1")
+
+
+@pytest.mark.slow
 def test_passwordless_sudo(base: Build):
     res = run_in_rootfs(base.rootfs, ["runuser", "-u", "user", "--", "sudo", "-n", "id", "-u"])
     assert res.returncode == 0, res.stderr
