@@ -65,6 +65,15 @@ class Settings:
     #: Built-in templates ``serve`` builds in the background after ``base`` (comma-separated;
     #: empty: none). A create naming one before it is ready gets a 503 saying how far it got.
     builtin_templates: str = "code-interpreter-v1"
+    #: Cluster membership (cluster/membership.py). This node's id (default: made once, kept in
+    #: ``<data dir>/node_id``); what its sandboxes may be given in total (0: the host's CPUs × 8,
+    #: its memory); how often it heartbeats; how long a silent node stays a member before it and
+    #: its sandboxes are reported gone.
+    node_id: str | None = None
+    node_vcpus: int = 0
+    node_memory_mb: int = 0
+    heartbeat_interval_s: float = 2.0
+    node_timeout_s: float = 15.0
 
     @property
     def db_url(self) -> str:

@@ -25,6 +25,7 @@ from sandboxd.api.templates import router as templates_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.api.volumes import router as volumes_router
+from sandboxd.cluster.membership import Sweeper, agent_for, node_id_of
 from sandboxd.config import Settings
 from sandboxd.console.routes import mount_console
 from sandboxd.observability.endpoint import router as metrics_router
@@ -41,6 +42,7 @@ from sandboxd.templates.store import TemplateStore
 
 log = logging.getLogger("sandboxd")
 REAP_INTERVAL_S = 1.0
+SWEEP_INTERVAL_S = 1.0
 
 
 def make_backends(settings: Settings, templates: TemplateStore) -> Backends:
@@ -66,9 +68,11 @@ def make_backends(settings: Settings, templates: TemplateStore) -> Backends:
 
 
 def make_orchestrator(settings: Settings, db: Database | None = None) -> Orchestrator:
+    """This node's orchestrator; its database sees the node's own sandboxes (``node_id_of``)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     templates = TemplateStore(settings.templates_dir)
-    return Orchestrator(settings, db or Database(settings.db_url), templates, make_backends(settings, templates),
+    db = (db or Database(settings.db_url)).scoped(node_id_of(settings))
+    return Orchestrator(settings, db, templates, make_backends(settings, templates),
                         SlotPool(settings.net_prefix, settings.net_cidr, settings.max_sandboxes))
 
 
@@ -97,13 +101,21 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     """The ASGI app to serve: the proxy in front of the FastAPI control plane."""
     orch = orch or make_orchestrator(settings)
     samples = MetricSamples(settings.data_dir / "metrics")
+    # the one node of this single-machine cluster (cluster/membership.py): registered, heartbeating,
+    # and sweeping as any cluster member does
+    agent = agent_for(orch, f"http://{settings.host}:{settings.port}")
+    sweeper = Sweeper(agent.nodes, settings.node_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(orch.db.adopt_unowned)  # records made before nodes were: all this node's
         await asyncio.to_thread(orch.recover)
+        await asyncio.to_thread(agent.register)
         orch.start_pool()
         tasks = [asyncio.create_task(_reap_forever(orch)),
-                 asyncio.create_task(_sample_forever(orch, samples, settings.metrics_interval_s))]
+                 asyncio.create_task(_sample_forever(orch, samples, settings.metrics_interval_s)),
+                 asyncio.create_task(agent.run(settings.heartbeat_interval_s)),
+                 asyncio.create_task(sweeper.run(SWEEP_INTERVAL_S))]
         try:
             yield
         finally:
@@ -140,7 +152,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     @api.get("/health")
     def health() -> dict[str, str | int]:
         """Up; and how many sandboxes the warm pool holds ready (benchmarks wait for it)."""
-        return {"status": "ok", "warmPoolReady": orch.pool.ready_count()}
+        return {"status": "ok", "warmPoolReady": orch.pool.ready_count(), "nodeId": agent.node_id}
 
     mount_console(api)
     api.include_router(unsupported_router)  # last: any route implemented later takes precedence

@@ -148,6 +148,7 @@ class Orchestrator:
         self.backends = backends
         self.slots = slots
         self._routes: dict[str, Upstream] = {}  # sandbox id → where it answers, read by the proxy per request
+        self._placed: dict[str, tuple[int, str]] = {}  # sandbox id → (slot, runtime), for forget_missing
         self._boots = itertools.count(1)
         self._tokens: dict[str, str] = {}  # sandbox id → envd access token (signed file URLs)
         self._locks: dict[str, threading.Lock] = {}
@@ -167,6 +168,7 @@ class Orchestrator:
     def route(self, row: SandboxRow) -> None:
         """Make a sandbox reachable (again): a new boot number, so no pooled connection to an
         earlier run of it is reused."""
+        self._placed[row.sandbox_id] = (row.slot_index, row.runtime)
         self._routes[row.sandbox_id] = Upstream(row.host_address, next(self._boots), row.traffic_access_token,
                                                 row.mask_request_host, frozenset(row.https_ports or ()))
         if row.envd_access_token:
@@ -499,6 +501,7 @@ class Orchestrator:
                 return False
             self._routes.pop(sandbox_id, None)
             self._tokens.pop(sandbox_id, None)
+            self._placed.pop(sandbox_id, None)
             teardown = self.take_teardown(sandbox_id, row.slot_index, row.runtime)
             teardown.run("record")
         with self._locks_guard:
@@ -720,6 +723,26 @@ class Orchestrator:
             log.info("sandbox %s timed out", row.sandbox_id)
             self.kill(row.sandbox_id, reason="timeout")
         return [r.sandbox_id for r in expired]
+
+    def forget_missing(self) -> list[str]:
+        """Tear down every sandbox this node still runs whose record is gone: the cluster declared
+        the node gone while it was cut off and reported its sandboxes gone, so a node coming back
+        agrees with the database (docs/architecture.md, "Nodes"). Only sandboxes that were handed
+        out (routed once: running or paused since) are judged; pooled ones have no record yet."""
+        gone: list[str] = []
+        for sandbox_id in sorted(self._placed):
+            if self.db.get_sandbox(sandbox_id) is not None:
+                continue
+            with self._lock(sandbox_id):
+                self._routes.pop(sandbox_id, None)
+                self._tokens.pop(sandbox_id, None)
+                slot, runtime = self._placed.pop(sandbox_id, (None, None))
+                teardown = self.take_teardown(sandbox_id, slot, runtime)
+            self._teardowns.submit(teardown.run)
+            gone.append(sandbox_id)
+        if gone:
+            log.warning("this node was declared gone: tore down %d sandboxes whose records were deleted", len(gone))
+        return gone
 
     def recover(self) -> RecoveryReport:
         """After a (re)start: reattach what still runs, clean up the rest (recovery.py)."""

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, create_engine, event, inspect, select, text
+from sqlalchemy import JSON, DateTime, Integer, String, create_engine, event, inspect, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -101,6 +101,8 @@ class SandboxRow(Base):
     volume_mounts: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True, default=None)
     #: ``<api key hash>:<Idempotency-Key>`` of the create that made it: a retried create returns it
     idempotency_key: Mapped[str | None] = mapped_column(String(320), nullable=True, default=None)
+    #: the node that runs it (store/nodes_db.py); None: made before nodes were recorded (serve adopts it)
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None, index=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     end_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -119,12 +121,31 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 class Database:
-    """Engine + sessions + the repository operations the server needs."""
+    """Engine + sessions + the repository operations the server needs.
 
-    def __init__(self, url: str) -> None:
+    A node's orchestrator gets a database scoped to its ``node_id``: the sandboxes it lists (for
+    recovery, the reaper, the sampler) are its own, and those it adds are recorded as its own. The
+    API of a cluster lists every node's (unscoped). ``scoped`` shares the engine."""
+
+    def __init__(self, url: str, node_id: str | None = None) -> None:
         self.engine: Engine = _engine(url)
+        self.node_id = node_id
         self.create_tables()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def scoped(self, node_id: str | None) -> Database:
+        """The same database (engine, pool) seen by one node."""
+        other = object.__new__(Database)
+        other.engine, other.node_id, other._sessions = self.engine, node_id, self._sessions
+        return other
+
+    def adopt_unowned(self) -> int:
+        """Record sandboxes made before nodes were recorded as this node's (a single-node server
+        upgraded in place: they are all its own)."""
+        assert self.node_id is not None
+        with self.session() as s:
+            res = s.execute(update(SandboxRow).where(SandboxRow.node_id.is_(None)).values(node_id=self.node_id))
+            return int(getattr(res, "rowcount", 0) or 0)
 
     def create_tables(self) -> None:
         """Every table of ``Base`` this database lacks, and every column added since it was made.
@@ -213,6 +234,7 @@ class Database:
     # -- sandboxes ---------------------------------------------------------------------------
 
     def add_sandbox(self, **fields: Any) -> SandboxRow:
+        fields.setdefault("node_id", self.node_id)
         with self.session() as s:
             row = SandboxRow(**fields)
             s.add(row)
@@ -243,8 +265,12 @@ class Database:
             return s.scalars(select(SandboxRow).where(SandboxRow.idempotency_key == key)).first()
 
     def list_sandboxes(self) -> list[SandboxRow]:
+        """Every sandbox (of this node, when scoped), oldest first."""
+        q = select(SandboxRow).order_by(SandboxRow.started_at, SandboxRow.sandbox_id)
+        if self.node_id is not None:
+            q = q.where(SandboxRow.node_id == self.node_id)
         with self.session() as s:
-            return list(s.scalars(select(SandboxRow).order_by(SandboxRow.started_at, SandboxRow.sandbox_id)))
+            return list(s.scalars(q))
 
 
 #: the key of the advisory lock schema changes hold on PostgreSQL (any constant of our own)

@@ -1,0 +1,1 @@
+"""A cluster: many nodes behind stateless API replicas, one PostgreSQL (docs/architecture.md)."""

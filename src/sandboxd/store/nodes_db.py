@@ -1,0 +1,135 @@
+"""Node membership: which nodes exist, what each can still take, and whether it is alive.
+
+Every node (``sandboxd serve`` is one, ``sandboxd node`` one per machine) registers a row and
+rewrites its heartbeat, free resources and the template builds it holds every few seconds. Any
+process may :meth:`Nodes.sweep`: a node whose heartbeat is older than the timeout becomes ``gone``
+and its sandbox records are deleted in the same transaction (the API reports them gone; the node,
+should it come back, tears down what it still runs: ``cluster/membership.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import JSON, DateTime, Integer, String, delete, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from sandboxd.store.db import Base, Database, SandboxRow, utcnow
+
+ACTIVE, DRAINING, GONE = "active", "draining", "gone"
+STATES = (ACTIVE, DRAINING, GONE)
+
+
+class NodeRow(Base):
+    """One node. ``address`` is where the API reaches its internal API (empty: in-process)."""
+
+    __tablename__ = "nodes"
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(256), default="")
+    state: Mapped[str] = mapped_column(String(16), default=ACTIVE)
+    vcpus: Mapped[int] = mapped_column(Integer)  # capacity: vCPUs its sandboxes may be given in total
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    free_vcpus: Mapped[int] = mapped_column(Integer)
+    free_memory_mb: Mapped[int] = mapped_column(Integer)
+    sandboxes: Mapped[int] = mapped_column(Integer, default=0)
+    #: template build ids this node holds (placement prefers a node that need not fetch one)
+    builds: Mapped[list[str]] = mapped_column(JSON, default=list)
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a node reports on each heartbeat."""
+
+    free_vcpus: int
+    free_memory_mb: int
+    sandboxes: int
+    builds: list[str]
+
+
+class Nodes:
+    """Repository of node rows."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.create_tables()
+
+    def register(self, node_id: str, address: str, vcpus: int, memory_mb: int, usage: Usage) -> NodeRow:
+        """Add the node, or bring it back: a node that was ``gone`` is ``active`` again; one
+        that was draining stays draining (an operator asked for it)."""
+        now = utcnow()
+        with self.db.session() as s:
+            row = s.get(NodeRow, node_id)
+            if row is None:
+                row = NodeRow(node_id=node_id, registered_at=now)
+                s.add(row)
+            if row.state != DRAINING:
+                row.state = ACTIVE
+            row.address, row.vcpus, row.memory_mb, row.heartbeat_at = address, vcpus, memory_mb, now
+            _apply(row, usage)
+            return row
+
+    def heartbeat(self, node_id: str, usage: Usage) -> str | None:
+        """Record that the node is alive and what it has free; its state before this beat
+        (None: no row: it was removed). A ``gone`` node is not revived here: the caller
+        reconciles first (its sandboxes' records were deleted) and registers again."""
+        with self.db.session() as s:
+            row = s.get(NodeRow, node_id)
+            if row is None:
+                return None
+            if row.state != GONE:
+                row.heartbeat_at = utcnow()
+                _apply(row, usage)
+            return row.state
+
+    def sweep(self, timeout_s: float, now: datetime | None = None) -> list[str]:
+        """Mark every node silent for longer than ``timeout_s`` gone and delete its sandboxes'
+        records, together; the ids of the nodes it marked."""
+        cutoff = (now or utcnow()) - timedelta(seconds=timeout_s)
+        with self.db.session() as s:
+            stale = list(s.scalars(select(NodeRow.node_id).where(NodeRow.state != GONE,
+                                                                 NodeRow.heartbeat_at < cutoff)
+                                   .with_for_update(skip_locked=True)))
+            if not stale:
+                return []
+            s.execute(update(NodeRow).where(NodeRow.node_id.in_(stale)).values(state=GONE))
+            s.execute(delete(SandboxRow).where(SandboxRow.node_id.in_(stale)))
+            return stale
+
+    def set_state(self, node_id: str, state: str) -> bool:
+        if state not in STATES:
+            raise ValueError(f"node state must be one of {', '.join(STATES)}")
+        with self.db.session() as s:
+            row = s.get(NodeRow, node_id)
+            if row is None:
+                return False
+            row.state = state
+            return True
+
+    def get(self, node_id: str) -> NodeRow | None:
+        with self.db.session() as s:
+            return s.get(NodeRow, node_id)
+
+    def all(self) -> list[NodeRow]:
+        with self.db.session() as s:
+            return list(s.scalars(select(NodeRow).order_by(NodeRow.registered_at, NodeRow.node_id)))
+
+    def active(self) -> list[NodeRow]:
+        """Nodes new sandboxes may be placed on."""
+        with self.db.session() as s:
+            return list(s.scalars(select(NodeRow).where(NodeRow.state == ACTIVE).order_by(NodeRow.node_id)))
+
+    def remove(self, node_id: str) -> bool:
+        with self.db.session() as s:
+            row = s.get(NodeRow, node_id)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+
+def _apply(row: NodeRow, usage: Usage) -> None:
+    row.free_vcpus, row.free_memory_mb = usage.free_vcpus, usage.free_memory_mb
+    row.sandboxes, row.builds = usage.sandboxes, sorted(usage.builds)
