@@ -2,13 +2,18 @@
 through a veth, holding TEST-NET addresses only (RFC 5737: 198.51.100.0/24 and 203.0.113.0/24,
 never routed on the real internet), serving HTTP on every address, and optionally HTTPS and DNS.
 
-Each instance picks random /30 and host addresses, so concurrent test runs on one host do not
-clash; everything it made goes away when the context exits.
+Concurrent test runs on one host each make their own: the addresses are chosen under a host-wide
+lock among those no interface or route of the host uses yet, and configured before the lock is
+let go. (Random picks alone clashed: two links with one /30 send both runs' traffic to the first
+namespace, and the second run's 203.0.113.x, routed via an address that namespace does not have,
+becomes a black hole — a probe times out.) Everything it made goes away when the context exits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import ipaddress
 import random
 import secrets
 import socket
@@ -24,6 +29,10 @@ from pathlib import Path
 _SERVER = r"""
 import http.server, socketserver, ssl, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
+    def setup(self):
+        if hasattr(self.request, "do_handshake"):  # TLS: in this connection's thread, not the accept loop
+            self.request.do_handshake()
+        super().setup()
     def do_GET(self):
         sni = getattr(self.connection, "sni", "-")
         body = f"{self.connection.getsockname()[0]} {self.headers.get('Host')} {sni}\n".encode()
@@ -41,7 +50,8 @@ if len(sys.argv) > 2:
     class T(S):
         def get_request(self):
             conn, addr = self.socket.accept()
-            tls = ctx.wrap_socket(conn, server_side=True)
+            conn.settimeout(30)
+            tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             tls.sni = getattr(tls, "sni", "-")
             return tls, addr
     T(("0.0.0.0", 8443), H).serve_forever()
@@ -65,6 +75,36 @@ class FakeInternet:
     names: dict[str, str] = field(default_factory=dict)
 
 
+#: Held while one run picks and configures its addresses, so another never picks the same ones.
+LOCK_FILE = Path("/run/sandboxd-fake-internet.lock")
+
+
+def _in_use() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network the host has an address in or a route to (the default route aside)."""
+    out = []
+    for argv in (["ip", "-4", "-o", "addr"], ["ip", "-4", "route"]):
+        for word in subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split():
+            with contextlib.suppress(ValueError):
+                out.append(ipaddress.IPv4Network(word, strict=False))
+    return out
+
+
+def _free(candidate: str, used: list[ipaddress.IPv4Network]) -> bool:
+    net = ipaddress.IPv4Network(candidate, strict=False)
+    return not any(net.overlaps(u) for u in used)
+
+
+def _pick_addresses() -> tuple[int, int]:
+    """A /30 of 198.51.100.0/24 and two adjacent addresses of 203.0.113.0/24 the host does not
+    use (call with :data:`LOCK_FILE` held)."""
+    used = _in_use()
+    blocks = [b for b in range(4, 252, 4) if _free(f"198.51.100.{b}/30", used)]
+    lasts = [n for n in range(2, 250) if _free(f"203.0.113.{n}/31", used) and _free(f"203.0.113.{n + 1}/32", used)]
+    if not blocks or not lasts:
+        raise RuntimeError("no free TEST-NET addresses left for another fake internet on this host")
+    return random.choice(blocks), random.choice(lasts)
+
+
 def _wait_port(netns: str, address: str, port: int, proc: subprocess.Popen[bytes]) -> None:
     probe = f"import socket; socket.create_connection(({address!r}, {port}), timeout=0.5).close()"
     deadline = time.monotonic() + 15
@@ -75,30 +115,57 @@ def _wait_port(netns: str, address: str, port: int, proc: subprocess.Popen[bytes
         time.sleep(0.1)
 
 
+def _answers(server: str, name: str) -> bool:
+    """Whether the DNS server at ``server`` (reached through the host's route) answers an A
+    query for ``name`` with at least one record."""
+    query = secrets.token_bytes(2) + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    query += b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\x00\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.sendto(query, (server, 53))
+            reply = sock.recv(512)
+        except OSError:
+            return False
+    return reply[:2] == query[:2] and int.from_bytes(reply[6:8], "big") > 0
+
+
+def _wait_dns(server: str, name: str, proc: subprocess.Popen[bytes]) -> None:
+    """Until dnsmasq answers for ``name``: a sandbox's first lookup must not race its start."""
+    deadline = time.monotonic() + 15
+    while not _answers(server, name):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"fake internet DNS on {server} did not answer for {name}")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None) -> Iterator[FakeInternet]:
     """``names``: DNS records (name → one of the hosts, by index "0"/"1" or an address) served by
     dnsmasq in the namespace; ``tls``: (certificate, key) for the HTTPS server on :8443."""
     tag = secrets.token_hex(3)
     ns, veth = f"tinet{tag}", f"tin{tag}-h"
-    block = 4 * random.randrange(1, 63)
-    host_side, first = f"198.51.100.{block + 1}", f"198.51.100.{block + 2}"
-    last = random.randrange(2, 250)
-    second, dns = f"203.0.113.{last}", f"203.0.113.{last + 1}"  # DNS on an address of its own
     procs: list[subprocess.Popen[bytes]] = []
+    routes: list[str] = []
     _sh("ip", "netns", "add", ns)
     try:
         _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _sh("ip", "addr", "add", f"{host_side}/30", "dev", veth)
-        _sh("ip", "link", "set", veth, "up")
+        with open(LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # let go when closed, after the host has our addresses
+            block, last = _pick_addresses()
+            host_side, first = f"198.51.100.{block + 1}", f"198.51.100.{block + 2}"
+            second, dns = f"203.0.113.{last}", f"203.0.113.{last + 1}"  # DNS on an address of its own
+            _sh("ip", "addr", "add", f"{host_side}/30", "dev", veth)
+            _sh("ip", "link", "set", veth, "up")
+            for address in (second, dns):
+                _sh("ip", "route", "add", f"{address}/32", "via", first, "dev", veth, "onlink")
+                routes.append(address)
         _sh("ip", "-n", ns, "addr", "add", f"{first}/30", "dev", "eth0")
         _sh("ip", "-n", ns, "addr", "add", f"{second}/32", "dev", "lo")
         _sh("ip", "-n", ns, "addr", "add", f"{dns}/32", "dev", "lo")
         _sh("ip", "-n", ns, "link", "set", "eth0", "up")
         _sh("ip", "-n", ns, "link", "set", "lo", "up")
         _sh("ip", "-n", ns, "route", "add", "default", "via", host_side)
-        for address in (second, dns):
-            _sh("ip", "route", "add", f"{address}/32", "via", first)
         argv = ["ip", "netns", "exec", ns, sys.executable, "-c", _SERVER]
         if tls:
             argv += [str(tls[0]), str(tls[1])]
@@ -114,13 +181,14 @@ def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | 
                                            "--no-hosts", f"--listen-address={dns}", "--bind-interfaces",
                                            "--port=53", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             net.dns, net.names = dns, records
+            _wait_dns(dns, next(iter(records)), procs[-1])
         yield net
     finally:
         for proc in procs:
             proc.kill()
             proc.wait()
-        for address in (second, dns):
-            subprocess.run(["ip", "route", "del", f"{address}/32"], capture_output=True)
+        for address in routes:
+            subprocess.run(["ip", "route", "del", f"{address}/32", "dev", veth], capture_output=True)
         subprocess.run(["ip", "link", "del", veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
