@@ -165,13 +165,14 @@ class SlotPool:
         self.egress_proxy = EgressProxy()  # a slot's names; started when a slot first allows one
 
     def setup_host(self) -> None:
-        """Once per server start: IPv4 forwarding and this server's egress table on the host
-        (replaced, so a changed policy applies). Only sandboxes created with internet access
-        have a path to it; the others' slot namespace drops everything they send."""
+        """Once per server start (and per builder: build slots have a pool of their own): IPv4
+        forwarding and this pool's egress table on the host (replaced, so a changed policy
+        applies). Only sandboxes created with internet access have a path to it; the others'
+        slot namespace drops everything they send."""
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-        table = f"sandboxd_{self.prefix}"
-        subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
-        _run("nft", "-f", "-", stdin=host_nft(self.prefix, str(self.network)))
+        table = f"sandboxd_{self.prefix}"  # replaced in one transaction: never a moment without it
+        _run("nft", "-f", "-", stdin=f"table ip {table} {{}}\ndelete table ip {table}\n"
+                                     + host_nft(self.prefix, str(self.network)))
 
     def teardown_host(self) -> None:
         subprocess.run(["nft", "delete", "table", "ip", f"sandboxd_{self.prefix}"], capture_output=True)

@@ -225,54 +225,61 @@ class GVisorRuntime:
             raise RootfsGuardError(f"sandbox rootfs {real} is not a mount point (expected its overlay)")
 
     def oci_config(self, spec: RuntimeSpec) -> dict[str, Any]:
-        mounts = [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            # sized like Linux's (half the memory): it lives in the sandbox's memory
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "nodev", "mode=1777", f"size={spec.memory_mb // 2}m"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        return oci_config(spec, self.shim, self.sudo_wrapper)
+
+
+def oci_config(spec: RuntimeSpec, shim: Path | None, sudo_wrapper: Path | None) -> dict[str, Any]:
+    """The OCI config of a gVisor container over ``spec.rootfs``: a sandbox's (with the sudo
+    wrapper) and a template build's RUN step's (without: there is no envd to ask)."""
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        # sized like Linux's (half the memory): it lives in the sandbox's memory
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "nodev", "mode=1777", f"size={spec.memory_mb // 2}m"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+    ]
+    tmp = spec.rootfs / "tmp"
+    if tmp.is_dir() and not tmp.is_symlink():  # a symlink would be followed on the host
+        # /tmp on the sandbox's disk, as in a VM: left alone, runsc mounts an unbounded tmpfs
+        # there (in memory, lost on a disk-only pause, outside the disk limit)
+        mounts.append({"destination": "/tmp", "type": "bind", "source": str(tmp), "options": ["rbind", "rw"]})
+    if shim is not None:
+        mounts += [
+            {"destination": SHIM_IN_SANDBOX, "type": "bind", "source": str(shim), "options": ["rbind", "ro"]},
+            {"destination": "/etc/ld.so.preload", "type": "bind", "source": str(shim.with_suffix(".preload")),
+             "options": ["rbind", "ro"]},
         ]
-        tmp = spec.rootfs / "tmp"
-        if tmp.is_dir() and not tmp.is_symlink():  # a symlink would be followed on the host
-            # /tmp on the sandbox's disk, as in a VM: left alone, runsc mounts an unbounded tmpfs
-            # there (in memory, lost on a disk-only pause, outside the disk limit)
-            mounts.append({"destination": "/tmp", "type": "bind", "source": str(tmp), "options": ["rbind", "rw"]})
-        if self.shim is not None:
-            mounts += [
-                {"destination": SHIM_IN_SANDBOX, "type": "bind", "source": str(self.shim), "options": ["rbind", "ro"]},
-                {"destination": "/etc/ld.so.preload", "type": "bind", "source": str(self.shim.with_suffix(".preload")),
-                 "options": ["rbind", "ro"]},
-            ]
-        mounts.append({"destination": SUDO_WRAPPER_IN_SANDBOX, "type": "bind", "source": str(self.sudo_wrapper),
+    if sudo_wrapper is not None:
+        mounts.append({"destination": SUDO_WRAPPER_IN_SANDBOX, "type": "bind", "source": str(sudo_wrapper),
                        "options": ["rbind", "ro"]})
-        mounts += [{"destination": inside, "type": "bind", "source": str(host), "options": ["rbind", "rw"]}
-                   for host, inside in spec.binds]  # volumes: writes go straight to the host directory
-        caps = list(_CAPS)
-        return {
-            "ociVersion": "1.0.2",
-            "process": {
-                "terminal": False,
-                "user": {"uid": 0, "gid": 0},
-                "args": spec.argv,
-                "env": [f"{k}={v}" for k, v in spec.env.items()],
-                "cwd": "/",
-                "capabilities": dict.fromkeys(("bounding", "effective", "permitted", "inheritable"), caps),
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576},
-                            # every process inherits it; root is exempt (CAP_SYS_RESOURCE)
-                            {"type": "RLIMIT_NPROC", "hard": spec.max_processes, "soft": spec.max_processes}],
-            },
-            "root": {"path": str(spec.rootfs), "readonly": False},
-            "hostname": spec.hostname,
-            "mounts": mounts,
-            "linux": {
-                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                               {"type": "network", "path": spec.netns_path}],
-                "resources": resources(spec),
-            },
-        }
+    mounts += [{"destination": inside, "type": "bind", "source": str(host), "options": ["rbind", "rw"]}
+               for host, inside in spec.binds]  # volumes: writes go straight to the host directory
+    caps = list(_CAPS)
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": spec.argv,
+            "env": [f"{k}={v}" for k, v in spec.env.items()],
+            "cwd": "/",
+            "capabilities": dict.fromkeys(("bounding", "effective", "permitted", "inheritable"), caps),
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576},
+                        # every process inherits it; root is exempt (CAP_SYS_RESOURCE)
+                        {"type": "RLIMIT_NPROC", "hard": spec.max_processes, "soft": spec.max_processes}],
+        },
+        "root": {"path": str(spec.rootfs), "readonly": False},
+        "hostname": spec.hostname,
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                           {"type": "network", "path": spec.netns_path}],
+            "resources": resources(spec),
+        },
+    }
 
 
 #: Host tasks a guest process costs under ptrace: its stub process and threads (measured: ~5 for
