@@ -56,6 +56,14 @@ class Settings:
     max_disk_size_mb: int = 65536
     #: Processes (tasks) one user may run in a sandbox: a fork bomb gets EAGAIN at this count.
     max_processes: int = 1024
+    #: What one template build's RUN step may use (each step runs in a gVisor sandbox of its own,
+    #: see templates/contained.py): memory, CPUs, processes (a fork bomb ends the step), how much it
+    #: may write (its writable layer is an ext4 image of this size) and how long it may run.
+    build_memory_mb: int = 2048
+    build_cpu_count: int = 2
+    build_max_processes: int = 512
+    build_disk_mb: int = 10240
+    build_step_timeout_s: float = 3600.0
     #: The key secrets are sealed with (32 bytes; made on first use). Default ``<data dir>/secrets.key``:
     #: point it outside the data dir so a copy of the database and the key never travel together.
     secrets_key_file: Path | None = None

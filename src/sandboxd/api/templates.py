@@ -78,7 +78,7 @@ class TemplateService:
 
     def __init__(self, settings: Settings, db: Database) -> None:
         self.builds = TemplateBuilds(db)
-        builder = builder_for(settings.data_dir, find_template=self.builds.resolve)
+        builder = builder_for(settings.data_dir, find_template=self.builds.resolve, settings=settings)
         self.files: FilesCache = builder.files
         self.jobs = BuildJobs(builder, self.builds, settings.runtime)
         self.upload_key = secrets.token_bytes(32)  # upload URLs live for one Template.build call

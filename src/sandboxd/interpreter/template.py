@@ -104,7 +104,8 @@ class BackgroundBuild:
                 self.echo(f"{NAME}: {message.splitlines()[0] if message else ''}")
 
         try:
-            builder = builder_for(self.settings.data_dir, find_template=self.builds.resolve)
+            builder = builder_for(self.settings.data_dir, find_template=self.builds.resolve,
+                                  settings=self.settings)
             spec = build_spec()
             cache_context_files(spec, CONTEXT, builder.files)
             result = builder.build(spec, emit)

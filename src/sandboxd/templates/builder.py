@@ -5,7 +5,8 @@ Reads top to bottom:
 1. **base** — FROM resolved to a verified directory (:mod:`sandboxd.templates.images`).
 2. **steps** — each step's layer key is ``hash(parent key, step, verified COPY files, step code)``;
    a verified layer with that key is reused, otherwise the step runs on the stack so far and its
-   changes become the layer (:mod:`sandboxd.templates.stepns`). A forced step (``skip_cache``) gets
+   changes become the layer (:mod:`sandboxd.templates.stepns`; a RUN step's command runs in a
+   gVisor sandbox of its own, :mod:`sandboxd.templates.contained`). A forced step (``skip_cache``) gets
    a fresh key, and so does everything after it.
 3. **finalize** — the envd bundle is stacked on top as its own cached layer (so every template,
    whatever its base, runs the current envd), the stack is flattened into a new build in the
@@ -29,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandboxd.config import Settings
 from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX
 from sandboxd.templates.check import check_envd_starts
+from sandboxd.templates.contained import StepSandbox
 from sandboxd.templates.envd_bundle import build_envd_bundle, bundle_hash
 from sandboxd.templates.files import FilesCache, FilesError
 from sandboxd.templates.images import BaseRootfs, ImageError, resolve_base
@@ -89,10 +92,11 @@ class _Stack:
 class TemplateBuilder:
     """Turns build specs into published, verified template builds."""
 
-    def __init__(self, store: TemplateStore, layers: LayerCache, files: FilesCache, *,
+    def __init__(self, store: TemplateStore, layers: LayerCache, files: FilesCache, sandbox: StepSandbox, *,
                  find_template: Callable[[str], str | None] = lambda _: None,
                  envd_check: str = "health", step_timeout: float = 3600) -> None:
         self.store = store
+        self.sandbox = sandbox
         self.layers = layers
         self.files = files
         self.find_template = find_template
@@ -178,7 +182,10 @@ class TemplateBuilder:
         with tempfile.TemporaryDirectory(prefix="sandboxd-step-") as scratch:
             spec = {**op, "lowers": [str(p) for p in stack.lowers()], "upper": str(diff), "work": str(work),
                     "scratch": scratch}
-            res = run_step(spec, lambda line: emit("info", line, name), self.step_timeout)
+            if op["op"] == "run":
+                res = self.sandbox.run(spec, lambda line: emit("info", line, name))
+            else:
+                res = run_step(spec, lambda line: emit("info", line, name), self.step_timeout)
         if res.returncode != 0:
             emit("error", f"step {name} ({step.describe()}) exited with code {res.returncode}", name)
             raise StepFailed(name, f"step {name} ({step.describe()}) failed with exit code {res.returncode}",
@@ -275,9 +282,11 @@ def _ext4_maker() -> Callable[[Path, Path, Callable[[str], None]], None] | None:
 
 
 def builder_for(data_dir: Path, find_template: Callable[[str], str | None] = lambda _: None,
-                envd_check: str = "health") -> TemplateBuilder:
+                envd_check: str = "health", settings: Settings | None = None) -> TemplateBuilder:
     """The builder of one data dir: ``templates/`` (published builds), ``cache/layers/`` and
-    ``cache/files/`` (derived data, verified on use, safe to delete)."""
+    ``cache/files/`` (derived data, verified on use, safe to delete). RUN steps get the network
+    slots and limits of ``settings`` (default: the environment's, for this data dir)."""
+    settings = settings or Settings.from_env(data_dir=data_dir)
     return TemplateBuilder(TemplateStore(data_dir / "templates"), LayerCache(data_dir / "cache" / "layers"),
-                           FilesCache(data_dir / "cache" / "files"), find_template=find_template,
-                           envd_check=envd_check)
+                           FilesCache(data_dir / "cache" / "files"), StepSandbox.from_settings(settings),
+                           find_template=find_template, envd_check=envd_check)

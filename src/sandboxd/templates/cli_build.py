@@ -136,7 +136,7 @@ def build_from_dockerfile(settings: Settings, dockerfile: Path, context: Path, n
     """Build, point ``name`` (and its tag) at the result, return the build id; None on failure
     (the failed step and its output have been printed)."""
     builds = TemplateBuilds(Database(settings.db_url))
-    builder = builder_for(settings.data_dir, find_template=builds.resolve)
+    builder = builder_for(settings.data_dir, find_template=builds.resolve, settings=settings)
     try:
         spec = spec_from_dockerfile(dockerfile, context)
         written = cache_context_files(spec, context, builder.files)

@@ -2,17 +2,15 @@
 
 Why a separate process: every step mounts an overlay (the parent layers read-only below, the new
 layer's directory as ``upperdir``), so whatever the step writes *is* the new layer, whiteouts and
-all. The mounts live in a private mount namespace (``unshare``) and the step's processes in a
-private PID namespace, so when the step ends, however it ends, its mounts and every process it
-started (daemons included) are gone: nothing leaks into the host or into the next step.
+all. The mounts live in a private mount namespace (``unshare``), the process in private PID, IPC,
+UTS and network namespaces, so when the step ends, however it ends, its mounts and every process
+it started are gone: nothing leaks into the host or into the next step.
 
-Then the process chroots into the merged tree and does the step's work there: RUN forks the
-command as the step's user (with a bounded capability set: no mounts, no modules, no raw network,
-no chroot escape), COPY/WORKDIR/USER are a few file operations in Python. Working inside the
-chroot means an absolute symlink in an image can never make a write land on the host.
-
-Not a security boundary against a hostile build (the host network is shared so builds can reach
-package mirrors): template builds are trusted like the API key that asked for them.
+RUN (:func:`op_run`) runs the build's own command, so never on the host: in a gVisor container
+over the overlay, its upper on a size-capped disk, in a network slot of its own (what it can
+reach and use: :mod:`sandboxd.templates.contained`). COPY/WORKDIR/USER/provision/flatten are a
+few file operations by this module's own code, chrooted into the merged tree, so an absolute
+symlink in an image can never make a write land on the host; no command of the image runs.
 
 Parent side: :func:`run_step`. Inside: ``python -m sandboxd.templates.stepns '<json>'``.
 """
@@ -20,7 +18,6 @@ Parent side: :func:`run_step`. Inside: ``python -m sandboxd.templates.stepns '<j
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import posixpath
@@ -37,18 +34,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from sandboxd.envd.contract import DEFAULT_PATH
+from sandboxd.errors import StartError
+from sandboxd.orchestrator.disk import make_disk
 
-_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 #: The host's CA bundle is a RUN step's trust store (bound read-only over the image's own for the
 #: step only, never part of a layer): builds reach PyPI, npm and mirrors wherever the host does,
 #: including through a TLS-inspecting egress proxy whose CA only the host trusts.
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _OVERLAY_OPTS = "redirect_dir=off,index=off,metacopy=off"  # uppers stay plain, portable layers
-#: Capabilities a RUN command keeps: Docker's default set minus NET_RAW (the build shares the
-#: host's network and could sniff it) and SYS_CHROOT (with chroot and no pivot_root, a second
-#: chroot is a way out). Everything else is dropped from the bounding set before exec.
-_KEEP_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 27, 29, 31})
-_PR_CAPBSET_DROP = 24
+#: Where runsc mounts something in a RUN step's root: made there (in the upper) if missing, so
+#: removed again after the step unless the step made it its own (see :func:`_drop_mount_points`).
+_MOUNT_POINTS = ("/proc", "/dev", "/sys", "/tmp", "/opt/sandboxd-rt/statx.so", "/etc/ld.so.preload", CA_BUNDLE)
 
 
 @dataclass(frozen=True)
@@ -62,10 +58,10 @@ class StepResult:
 
 
 def run_step(spec: dict[str, Any], on_line: Callable[[str], None], timeout: float = 3600) -> StepResult:
-    """Run one op (see ``_OPS``) in fresh mount/PID/IPC/UTS namespaces; stream its output
+    """Run one op (see ``_OPS``) in fresh mount/PID/IPC/UTS/network namespaces; stream its output
     lines to ``on_line``; return the exit code and the last 40 lines."""
-    cmd = ["unshare", "--mount", "--pid", "--fork", "--ipc", "--uts", "--propagation", "private", "--",
-           sys.executable, "-m", "sandboxd.templates.stepns", json.dumps(spec)]
+    cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--ipc", "--uts", "--net",
+           "--propagation", "private", "--", sys.executable, "-m", "sandboxd.templates.stepns", json.dumps(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     timed_out = threading.Event()
@@ -122,40 +118,6 @@ def _mount_stack(lowers: list[str], upper: str | None, work: str | None, scratch
     else:
         _sh("mount", "-t", "overlay", "overlay", "-o", f"lowerdir={names},{_OVERLAY_OPTS}", merged, cwd=links)
     return merged
-
-
-def _mount_runtime(merged: str, host_resolv: bool) -> None:
-    """What a command expects to find: /proc (of our PID namespace; /proc/sys read-only), a small
-    /dev, /dev/pts, /dev/shm, and the host's resolv.conf and CA bundle (so RUN can reach package
-    mirrors and registries)."""
-    for d in ("proc", "dev", "tmp"):
-        os.makedirs(os.path.join(merged, d), exist_ok=True)
-    proc = os.path.join(merged, "proc")
-    _sh("mount", "-t", "proc", "-o", "nosuid,nodev,noexec", "proc", proc)
-    for sub in ("sys", "sysrq-trigger"):
-        p = os.path.join(proc, sub)
-        if not os.path.exists(p):
-            continue
-        _sh("mount", "--bind", p, p)
-        _sh("mount", "-o", "remount,bind,ro", p)
-    dev = os.path.join(merged, "dev")
-    _sh("mount", "-t", "tmpfs", "-o", "nosuid,mode=0755,size=65536k", "tmpfs", dev)
-    for name in _DEVICES:
-        open(os.path.join(dev, name), "w").close()
-        _sh("mount", "--bind", f"/dev/{name}", os.path.join(dev, name))
-    for d in ("pts", "shm"):
-        os.mkdir(os.path.join(dev, d))
-    _sh("mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts", os.path.join(dev, "pts"))
-    _sh("mount", "-t", "tmpfs", "-o", "nosuid,nodev,mode=1777", "tmpfs", os.path.join(dev, "shm"))
-    for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, os.path.join(dev, name))
-    resolv = os.path.join(merged, "etc", "resolv.conf")
-    if host_resolv and os.path.isfile("/etc/resolv.conf") and os.path.isfile(resolv) and not os.path.islink(resolv):
-        _sh("mount", "--bind", "-o", "ro", "/etc/resolv.conf", resolv)
-    ca = os.path.join(merged, CA_BUNDLE.lstrip("/"))
-    if host_resolv and os.path.isfile(CA_BUNDLE) and os.path.isfile(ca) and not os.path.islink(ca):
-        _sh("mount", "--bind", "-o", "ro", CA_BUNDLE, ca)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,44 +234,170 @@ def _enter(root: str) -> None:
     os.chdir("/")
 
 
-def _become(account: Account, last_cap: int) -> Callable[[], None]:
-    """preexec_fn for RUN: bound the capabilities the command (and anything it execs, setuid
-    binaries included) can ever have, then switch to the step's user. Order matters: dropping
-    from the bounding set needs the root we are about to give up."""
-    libc = ctypes.CDLL(None, use_errno=True)
+def op_run(spec: dict[str, Any]) -> int:
+    """RUN: the command in a gVisor container whose root is the stack with a fresh upper on a disk
+    of ``disk_mb``; on success the upper becomes the layer (``spec["upper"]``)."""
+    scratch, limits = spec["scratch"], spec["limits"]
+    disk = os.path.join(scratch, "disk")
+    image = os.path.join(scratch, "disk.img")
+    make_disk(Path(image), limits["disk_mb"])
+    os.mkdir(disk)
+    _sh("mount", "-t", "ext4", "-o", "loop,nosuid,nodev", image, disk)
+    upper, work = os.path.join(disk, "upper"), os.path.join(disk, "work")
+    os.mkdir(upper, 0o755)
+    os.chmod(upper, 0o755)  # the stack's `/`: never the umask's idea
+    os.mkdir(work)
+    merged = _mount_stack(spec["lowers"], upper, work, scratch)
+    plan = _plan_run(merged, spec)
+    if "error" in plan:
+        print(plan["error"], flush=True)
+        return plan.get("code", 1)
+    bundle = os.path.join(scratch, "bundle")
+    os.mkdir(bundle)
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(_oci_config(merged, spec, plan), f)
+    # runsc refuses --network=sandbox where it sees a root /proc/sys/net (runtimes/gvisor.py)
+    _sh("mount", "-t", "tmpfs", "none", "/proc/sys/net")
+    cid = spec["container"]
+    hits: dict[str, int] = {}
+    done = threading.Event()
 
-    def preexec() -> None:
-        for cap in range(last_cap + 1):
-            if cap not in _KEEP_CAPS and libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), f"cannot drop capability {cap}")
-        os.setgroups(list(account.groups))
-        os.setgid(account.gid)
-        os.setuid(account.uid)
+    def watch() -> None:  # the cgroups are gone once runsc ends: read them while it runs
+        while not done.wait(0.1):
+            hits.update(limit_hits(cid))
 
-    return preexec
-
-
-def op_run(merged: str, spec: dict[str, Any]) -> int:
-    _mount_runtime(merged, spec.get("host_resolv", True))
-    spec = {**spec, "last_cap": int(Path("/proc/sys/kernel/cap_last_cap").read_text())}
-    _enter(merged)
-    state = spec["state"]
-    account = lookup_user(spec.get("user") or state["user"])
-    cwd = state.get("workdir") or account.home
-    if not os.path.isdir(cwd):
-        cwd = "/"
-    env = {"PATH": DEFAULT_PATH, "HOME": account.home, "USER": account.name, "LOGNAME": account.name,
-           **({"NODE_EXTRA_CA_CERTS": CA_BUNDLE} if os.path.isfile(CA_BUNDLE) else {}),  # node has its own roots
-           **state.get("env", {})}
-    shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
-    if not os.path.exists(shell):
-        print("RUN needs /bin/sh in the image, and there is none", flush=True)
-        return 127
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     sys.stdout.flush()
-    proc = subprocess.Popen([shell, "-c", spec["cmd"]], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=sys.stdout, stderr=subprocess.STDOUT,
-                            preexec_fn=_become(account, spec.get("last_cap", 40)))
-    return proc.wait()
+    rc = subprocess.run([*spec["runsc"], "run", "--bundle", bundle, cid], stdin=subprocess.DEVNULL,
+                        stdout=sys.stdout, stderr=subprocess.STDOUT).returncode
+    done.set()
+    watcher.join()
+    if rc != 0:
+        if hits.get("pids"):
+            print(f"[build] the step was stopped: it ran more processes than a build step may "
+                  f"(build_max_processes={limits['max_processes']}; a fork bomb?)", flush=True)
+        elif hits.get("memory"):
+            print(f"[build] the step was stopped: it used more memory than a build step may "
+                  f"(build_memory_mb={limits['memory_mb']})", flush=True)
+        elif disk_full(disk):
+            print(f"[build] the step filled its build disk: a step may write at most {limits['disk_mb']} MiB "
+                  f"(build_disk_mb)", flush=True)
+        return rc
+    _drop_mount_points(upper, plan["missing"])
+    _sh("cp", "-a", "--", f"{upper}/.", spec["upper"])  # owners, modes, xattrs (opaque dirs), whiteouts, links
+    return 0
+
+
+def _plan_run(merged: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """What the container needs to know about the image, read inside it (a forked child
+    chrooted into the merged tree: the image's symlinks can never point the reads at the host):
+    the step's user, its cwd and shell, whether the image has a CA bundle, and which mount
+    points runsc will have to make."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        try:
+            _enter(merged)
+            state = spec["state"]
+            account = lookup_user(spec.get("user") or state["user"])
+            cwd = state.get("workdir") or account.home
+            shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+            missing = sorted({p for d in _MOUNT_POINTS for p in _ancestors(d) if not os.path.lexists(p)})
+            out: dict[str, Any] = {
+                "uid": account.uid, "gid": account.gid, "groups": list(account.groups), "name": account.name,
+                "home": account.home, "cwd": cwd if os.path.isdir(cwd) else "/", "shell": shell,
+                "ca": os.path.isfile(CA_BUNDLE) and not os.path.islink(CA_BUNDLE), "missing": missing}
+            if not os.path.exists(shell):
+                out = {"error": "RUN needs /bin/sh in the image, and there is none", "code": 127}
+        except (OSError, LookupError, ValueError) as exc:
+            out = {"error": f"run failed: {type(exc).__name__}: {exc}"}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    plan: dict[str, Any] = json.loads(data or b'{"error": "run failed: reading the image"}')
+    return plan
+
+
+def _ancestors(path: str) -> list[str]:
+    """``/a/b/c`` → ``/a``, ``/a/b``, ``/a/b/c``."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _oci_config(merged: str, spec: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """A sandbox's OCI config (``runtimes/gvisor.py``) for the step: its command as its user in
+    its workdir, the host's CA bundle read-only, limits from the build settings."""
+    from sandboxd.runtimes.base import RuntimeSpec
+    from sandboxd.runtimes.gvisor import host_memory_limit_mb, oci_config
+
+    limits, state = spec["limits"], spec["state"]
+    env = {"PATH": DEFAULT_PATH, "HOME": plan["home"], "USER": plan["name"], "LOGNAME": plan["name"],
+           **({"NODE_EXTRA_CA_CERTS": CA_BUNDLE} if plan["ca"] else {}),  # node has its own roots
+           **state.get("env", {})}
+    rspec = RuntimeSpec(sandbox_id=spec["container"], rootfs=Path(merged), sandbox_dir=Path(spec["scratch"]),
+                        netns_path=spec["netns"], argv=[plan["shell"], "-c", spec["cmd"]], env=env,
+                        cpu_count=limits["cpu_count"], memory_mb=limits["memory_mb"],
+                        max_processes=limits["max_processes"])
+    config = oci_config(rspec, Path(spec["shim"]) if spec.get("shim") else None, None)
+    process = config["process"]
+    process["user"] = {"uid": plan["uid"], "gid": plan["gid"], "additionalGids": plan["groups"]}
+    process["cwd"] = plan["cwd"]
+    if plan["uid"] != 0:  # a user's step has a user's capabilities, as under Docker
+        process["capabilities"] = {"bounding": process["capabilities"]["bounding"]}
+    if plan["ca"] and os.path.isfile(CA_BUNDLE):
+        config["mounts"].append({"destination": CA_BUNDLE, "type": "bind", "source": CA_BUNDLE,
+                                 "options": ["rbind", "ro"]})
+    # the sandbox's own guard (envd) is not there to act first: the host cgroup is the limit
+    config["linux"]["resources"]["memory"]["limit"] = host_memory_limit_mb(limits["memory_mb"]) * 1024 * 1024
+    config["linux"]["resources"]["pids"]["limit"] = limits["host_tasks"]
+    config["linux"]["cgroupsPath"] = "/" + spec["container"]
+    return config
+
+
+def _drop_mount_points(upper: str, missing: list[str]) -> None:
+    """Remove what runsc made in the upper for its mounts (empty files and directories the image
+    did not have), deepest first; anything the step put there itself stays."""
+    for path in sorted(missing, key=lambda p: p.count("/"), reverse=True):
+        p = os.path.join(upper, path.lstrip("/"))
+        with contextlib.suppress(OSError):
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(p)  # only if empty
+            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                os.unlink(p)
+
+
+def cgroup_dirs(cid: str) -> list[Path]:
+    """The host cgroup directories of container ``cid`` (its ``cgroupsPath`` is ``/cid``): one
+    per v1 controller, or the one v2 directory."""
+    base = Path("/sys/fs/cgroup")
+    if (base / "cgroup.controllers").exists():
+        return [base / cid] if (base / cid).is_dir() else []
+    return [p / cid for p in base.iterdir() if (p / cid).is_dir()] if base.is_dir() else []
+
+
+def limit_hits(cid: str) -> dict[str, int]:
+    """How often the container's host cgroups hit their pids and memory limits so far."""
+    hits: dict[str, int] = {}
+    for d in cgroup_dirs(cid):
+        for name, key, field in (("pids.events", "pids", "max"), ("memory.events", "memory", "oom_kill"),
+                                 ("memory.oom_control", "memory", "oom_kill")):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                rows = [line.split() for line in (d / name).read_text().splitlines()]
+                value = next((int(row[1]) for row in rows if row and row[0] == field), 0)
+                hits[key] = max(hits.get(key, 0), value)
+    return hits
+
+
+def disk_full(path: str) -> bool:
+    """Whether the filesystem at ``path`` has (next to) no room left."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < 1024 * 1024
 
 
 def _copy_base(src: str) -> tuple[str, bool]:
@@ -507,12 +595,18 @@ def _copy_meta(src: str, target: str, st: os.stat_result) -> None:
 
 
 _OPS: dict[str, Callable[[str, dict[str, Any]], int]] = {
-    "run": op_run, "copy": op_copy, "workdir": op_workdir, "user": op_user,
+    "copy": op_copy, "workdir": op_workdir, "user": op_user,
     "provision": op_provision, "flatten": op_flatten,
 }
 
 
 def _inner_main(spec: dict[str, Any]) -> int:
+    if spec["op"] == "run":  # mounts its own stack, over a disk of its own
+        try:
+            return op_run(spec)
+        except (OSError, subprocess.CalledProcessError, StartError) as exc:
+            print(f"run failed: {type(exc).__name__}: {exc}", flush=True)
+            return 1
     if spec.get("root"):  # a single directory, written in place (image provisioning)
         merged = spec["root"]
     else:

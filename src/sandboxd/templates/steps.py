@@ -28,7 +28,7 @@ def code_hash() -> str:
     to how steps are carried out can never be served from layers the old code made."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("steps.py", "stepns.py", "images.py", "layers.py", "../envd/contract.py"):
+    for name in ("steps.py", "stepns.py", "contained.py", "images.py", "layers.py", "../envd/contract.py"):
         h.update(name.encode() + b"\0" + (here / name).read_bytes())
     return h.hexdigest()
 

@@ -149,7 +149,8 @@ def running_server(shared_data_dir: Path, log_path: Path, **overrides: Any) -> I
         yield Server(url, key, settings, proc, log_path)
     finally:
         stop(proc)
-        subprocess.run(["nft", "delete", "table", "ip", f"sandboxd_{prefix}"], capture_output=True)
+        for table in (f"sandboxd_{prefix}", f"sandboxd_{prefix[:5]}b"):  # its sandboxes' and its builds' slots
+            subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
         try:
             remove_tree(data_dir)
         except (BuildError, OSError) as exc:
