@@ -174,3 +174,21 @@ def test_health_gate_passes_with_stand_in_envd_and_fails_without(tmp_path: Path,
     with pytest.raises(RuntimeError, match="did not answer GET /health"):
         check_envd_starts(rootfs2, lines2.append, timeout=15)
     assert any("unknown flag --debug" in line for line in lines2)
+
+
+def test_the_build_check_runs_the_rootfs_code_in_gvisor_never_on_the_host(tiny: Build, tmp_path: Path):
+    """The envd check runs a built rootfs's own code (its loader honours the rootfs's
+    /etc/ld.so.preload: a hostile build's way in). Contained, that code runs on gVisor's kernel,
+    never the host's; chrooted (trusted rootfses only) it would run on the host's."""
+    import shutil
+
+    rootfs = tmp_path / "rootfs"
+    shutil.copytree(tiny.rootfs, rootfs, symlinks=True)
+    (rootfs / "etc").mkdir(exist_ok=True)
+    (rootfs / "etc/ld.so.preload").write_text("/opt/planted-by-the-build.so\n")
+    code = "import os; print(os.uname().release)"
+    res = run_in_rootfs(rootfs, contract.python_argv("-c", code), contained=True)
+    assert "planted-by-the-build.so" in res.stderr  # the loader did read the build's preload list ...
+    assert res.returncode == 0 and res.stdout.strip() != os.uname().release  # ... inside gVisor's kernel
+    host = run_in_rootfs(rootfs, contract.python_argv("-c", code))
+    assert host.stdout.strip() == os.uname().release  # the control: chrooted, it is the host's kernel
