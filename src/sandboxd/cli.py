@@ -114,6 +114,62 @@ def serve(host: str | None, port: int | None, data_dir: Path | None, domain: str
                 log_level="info", access_log=False, **ssl)
 
 
+def _cluster_settings(data_dir: Path | None, host: str | None, port: int | None) -> Settings:
+    settings = _settings(data_dir, host, port)
+    if not settings.database_url or settings.database_url.startswith("sqlite"):
+        raise click.UsageError("cluster mode needs SANDBOXD_DATABASE_URL pointing at the cluster's PostgreSQL "
+                               "(postgresql+psycopg://user@host/db)")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+@main.command()
+@click.option("--host", default=None, help="Listen address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Listen port (default 3000).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def api(host: str | None, port: int | None, data_dir: Path | None) -> None:
+    """Cluster mode: E2B's API and the sandbox proxy over every node (stateless; run several)."""
+    import uvicorn
+
+    from sandboxd.cluster.apps import build_api_app
+    from sandboxd.cluster.auth import ClusterConfigError
+
+    settings = _cluster_settings(data_dir, host, port)
+    key = ensure_api_key(Database(settings.db_url))
+    if key:
+        _echo(f"\n  Your API key (shown once):\n\n    export E2B_API_KEY={key}\n")
+    try:
+        app = build_api_app(settings)
+    except ClusterConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_keep_alive=KEEP_ALIVE_S,
+                log_level="info", access_log=False)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--host", default=None, help="Listen address (the API replicas reach it there).")
+@click.option("--port", type=int, default=None, help="Listen port (default 3000).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.pass_context
+def node(ctx: click.Context, host: str | None, port: int | None, data_dir: Path | None) -> None:
+    """Cluster mode: this machine's orchestrator, runtimes and template cache (one per machine)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from sandboxd.cluster.apps import build_node_app
+    from sandboxd.cluster.auth import ClusterConfigError
+
+    settings = _cluster_settings(data_dir, host, port)
+    ensure_base_template(settings, Database(settings.db_url))
+    try:
+        app = build_node_app(settings)
+    except ClusterConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_keep_alive=KEEP_ALIVE_S,
+                log_level="info", access_log=False)
+
+
 @main.group()
 def template() -> None:
     """Template builds."""

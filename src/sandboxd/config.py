@@ -82,6 +82,12 @@ class Settings:
     node_memory_mb: int = 0
     heartbeat_interval_s: float = 2.0
     node_timeout_s: float = 15.0
+    #: Cluster mode (``sandboxd api`` / ``sandboxd node``): the file holding the secret every API↔node
+    #: request carries (the same file on every machine; at least 32 bytes); the URL the API reaches
+    #: this node at (default ``http://<host>:<port>``); how many nodes placement compares per create.
+    cluster_secret_file: Path | None = None
+    node_address: str | None = None
+    placement_choices: int = 2
 
     @property
     def db_url(self) -> str:

@@ -25,7 +25,7 @@ from sandboxd.api.templates import router as templates_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.api.volumes import router as volumes_router
-from sandboxd.cluster.membership import Sweeper, agent_for, node_id_of
+from sandboxd.cluster.membership import NodeAgent, Sweeper, agent_for, node_id_of
 from sandboxd.config import Settings
 from sandboxd.console.routes import mount_console
 from sandboxd.observability.endpoint import router as metrics_router
@@ -97,6 +97,33 @@ async def _sample_forever(orch: Orchestrator, samples: MetricSamples, interval_s
             log.exception("metrics sampler failed")
 
 
+@contextlib.asynccontextmanager
+async def node_running(settings: Settings, orch: Orchestrator, samples: MetricSamples,
+                       agent: NodeAgent) -> AsyncIterator[None]:
+    """A node's life, in ``serve`` and ``sandboxd node`` alike: recover what the last run left,
+    register, then the warm pool, the reaper, the sampler, heartbeats and the membership sweep
+    until shutdown, which drains the teardowns."""
+    await asyncio.to_thread(orch.recover)
+    await asyncio.to_thread(agent.register)
+    orch.start_pool()
+    sweeper = Sweeper(agent.nodes, settings.node_timeout_s)
+    tasks = [asyncio.create_task(_reap_forever(orch)),
+             asyncio.create_task(_sample_forever(orch, samples, settings.metrics_interval_s)),
+             asyncio.create_task(agent.run(settings.heartbeat_interval_s)),
+             asyncio.create_task(sweeper.run(SWEEP_INTERVAL_S))]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(orch.pool.close)
+        await asyncio.to_thread(orch.drain)
+        if not orch.db.list_sandboxes():  # running sandboxes keep their egress until a restart
+            orch.slots.teardown_host()
+
+
 def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxProxy:
     """The ASGI app to serve: the proxy in front of the FastAPI control plane."""
     orch = orch or make_orchestrator(settings)
@@ -104,29 +131,12 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     # the one node of this single-machine cluster (cluster/membership.py): registered, heartbeating,
     # and sweeping as any cluster member does
     agent = agent_for(orch, f"http://{settings.host}:{settings.port}")
-    sweeper = Sweeper(agent.nodes, settings.node_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(orch.db.adopt_unowned)  # records made before nodes were: all this node's
-        await asyncio.to_thread(orch.recover)
-        await asyncio.to_thread(agent.register)
-        orch.start_pool()
-        tasks = [asyncio.create_task(_reap_forever(orch)),
-                 asyncio.create_task(_sample_forever(orch, samples, settings.metrics_interval_s)),
-                 asyncio.create_task(agent.run(settings.heartbeat_interval_s)),
-                 asyncio.create_task(sweeper.run(SWEEP_INTERVAL_S))]
-        try:
+        async with node_running(settings, orch, samples, agent):
             yield
-        finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await asyncio.to_thread(orch.pool.close)
-            await asyncio.to_thread(orch.drain)
-            if not orch.db.list_sandboxes():  # running sandboxes keep their egress until a restart
-                orch.slots.teardown_host()
 
     api = FastAPI(title="sandboxd", version="0.1.0", lifespan=lifespan)
     api.state.settings = settings

@@ -277,11 +277,7 @@ class Orchestrator:
         return self._resources_of(TemplateBuilds(self.db).resources(template))
 
     def _resources_of(self, asked: BuildResources) -> Resources:
-        """The template build's CPU count and memory size, else the server's defaults; its disk
-        is the server's size, grown (never shrunk) to the build's ``minFreeDiskMb``."""
-        return Resources(cpu_count=asked.cpu_count or self.settings.cpu_count,
-                         memory_mb=asked.memory_mb or self.settings.memory_mb,
-                         disk_mb=max(self.settings.disk_size_mb, asked.min_free_disk_mb or 0))
+        return resources_of(self.settings, asked)
 
     def _create_once(self, req: CreateRequest, template_id: str, alias: str, build_id: str,
                      backend: Backend, res: Resources) -> SandboxRow:
@@ -747,6 +743,15 @@ class Orchestrator:
     def recover(self) -> RecoveryReport:
         """After a (re)start: reattach what still runs, clean up the rest (recovery.py)."""
         return recover_node(self)
+
+
+def resources_of(settings: Settings, asked: BuildResources) -> Resources:
+    """The template build's CPU count and memory size, else the server's defaults; its disk is
+    the server's size, grown (never shrunk) to the build's ``minFreeDiskMb``. (A cluster's API
+    places sandboxes by it: cluster/remote.py.)"""
+    return Resources(cpu_count=asked.cpu_count or settings.cpu_count,
+                     memory_mb=asked.memory_mb or settings.memory_mb,
+                     disk_mb=max(settings.disk_size_mb, asked.min_free_disk_mb or 0))
 
 
 def _aware(dt: datetime) -> datetime:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import ipaddress
 import os
 import pwd
 import secrets
@@ -52,6 +53,8 @@ class Postgres:
     base: Path
     port: int
     bin_dir: Path
+    #: addresses it listens on (loopback, and a test network's host side for nodes in namespaces)
+    listen: tuple[str, ...] = ("127.0.0.1",)
 
     @property
     def data(self) -> Path:
@@ -61,15 +64,15 @@ class Postgres:
     def socket_dir(self) -> Path:
         return self.base / "run"
 
-    def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql+psycopg://{USER}@127.0.0.1:{self.port}/{dbname}"
+    def url(self, dbname: str = "postgres", host: str = "127.0.0.1") -> str:
+        return f"postgresql+psycopg://{USER}@{host}:{self.port}/{dbname}"
 
     def as_postgres(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["runuser", "-u", USER, "--", *argv], capture_output=True, text=True, check=check,
                               cwd="/")
 
     def start(self) -> None:
-        opts = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off " \
+        opts = f"-p {self.port} -k {self.socket_dir} -c listen_addresses={','.join(self.listen)} -c fsync=off " \
                "-c max_connections=300"
         res = self.as_postgres(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "log"),
                                 "-o", opts, "-w", "-t", "60", "start", check=False)
@@ -104,8 +107,10 @@ class Postgres:
 
 
 @contextlib.contextmanager
-def running_postgres(parent: Path | None = None) -> Iterator[Postgres]:
-    """A fresh PostgreSQL cluster, started; stopped and its files removed on exit."""
+def running_postgres(parent: Path | None = None, networks: tuple[str, ...] = ()) -> Iterator[Postgres]:
+    """A fresh PostgreSQL cluster, started; stopped and its files removed on exit. ``networks``
+    (``10.251.7.0/24``): test networks whose host-side address it also listens on, trusting
+    clients from them (nodes in network namespaces)."""
     why = available()
     if why is not None:
         raise RuntimeError(why)
@@ -113,7 +118,8 @@ def running_postgres(parent: Path | None = None) -> Iterator[Postgres]:
     assert bin_dir is not None
     base = Path(tempfile.mkdtemp(prefix="sandboxd-pg-", dir=parent))
     base.chmod(0o755)
-    pg = Postgres(base, free_port(), bin_dir)
+    listen = ("127.0.0.1", *(str(next(ipaddress.ip_network(n).hosts())) for n in networks))
+    pg = Postgres(base, free_port(), bin_dir, listen)
     entry = pwd.getpwnam(USER)
     for d in (pg.data, pg.socket_dir):
         d.mkdir()
@@ -123,6 +129,8 @@ def running_postgres(parent: Path | None = None) -> Iterator[Postgres]:
     try:
         pg.as_postgres(str(bin_dir / "initdb"), "-D", str(pg.data), "-U", USER, "--auth=trust",
                         "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync")
+        with open(pg.data / "pg_hba.conf", "a") as hba:
+            hba.writelines(f"host all all {n} trust\n" for n in networks)
         pg.start()
         yield pg
     finally:

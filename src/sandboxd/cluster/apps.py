@@ -1,0 +1,154 @@
+"""The two processes of a cluster, as ASGI apps: ``sandboxd node`` and ``sandboxd api``.
+
+A node is ``serve``'s orchestrator and lifespan (server.node_running) with the internal API
+(node_api.py) instead of the public one, behind the cluster secret. An API replica is the public
+API's routes (the same modules ``serve`` mounts) over a :class:`ClusterOrchestrator`, in front of
+the cluster proxy; it keeps no state of its own, so any number of replicas can serve behind a
+load balancer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from sandboxd.api.auth import require_api_key
+from sandboxd.api.errors import ApiError, install_error_handlers
+from sandboxd.api.quotas import Quotas
+from sandboxd.api.sandboxes import router as sandboxes_router
+from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
+from sandboxd.api.secrets import router as secrets_router
+from sandboxd.api.templates_list import router as templates_list_router
+from sandboxd.api.unsupported import router as unsupported_router
+from sandboxd.cluster.auth import RequireSecret, load_secret
+from sandboxd.cluster.membership import Sweeper, agent_for
+from sandboxd.cluster.node_api import node_api
+from sandboxd.cluster.node_client import NodeClients
+from sandboxd.cluster.proxy import ClusterProxy
+from sandboxd.cluster.remote import ClusterOrchestrator
+from sandboxd.config import Settings
+from sandboxd.orchestrator.samples import MetricSamples
+from sandboxd.orchestrator.volumes import Volumes
+from sandboxd.proxy.asgi import ASGIApp, SandboxProxy
+from sandboxd.store.db import Database
+from sandboxd.store.nodes_db import Nodes
+from sandboxd.store.secrets_db import Secrets
+
+SWEEP_INTERVAL_S = 1.0
+
+#: routes ``serve`` has that a cluster does not serve yet: (method, path, why)
+NOT_IN_CLUSTER: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/sandboxes/{sandbox_id}/logs", "sandbox logs"),
+    ("GET", "/v2/sandboxes/{sandbox_id}/logs", "sandbox logs"),
+    ("POST", "/sandboxes/{sandbox_id}/snapshots", "snapshots"),
+    ("GET", "/snapshots", "snapshots"),
+    ("POST", "/sandboxes/{sandbox_id}/fork", "forks"),
+    ("DELETE", "/templates/{template_id}", "deleting templates and snapshots"),
+    ("POST", "/volumes", "volumes"),
+    ("GET", "/volumes", "volumes"),
+    ("GET", "/volumes/{volume_id}", "volumes"),
+    ("DELETE", "/volumes/{volume_id}", "volumes"),
+    ("GET", "/templates/aliases/{alias}", "template builds"),
+    ("POST", "/v3/templates", "template builds (build on a node with `sandboxd template build`)"),
+    ("POST", "/v2/templates/{template_id}/builds/{build_id}", "template builds"),
+    ("GET", "/templates/{template_id}/builds/{build_id}/status", "template builds"),
+    ("GET", "/templates/{template_id}/files/{files_hash}", "template builds"),
+    ("PUT", "/templates/{template_id}/files/{files_hash}/upload", "template builds"),
+    ("POST", "/templates/tags", "template tags"),
+    ("DELETE", "/templates/tags", "template tags"),
+    ("GET", "/templates/{template_id}/tags", "template tags"),
+)
+
+
+def _not_in_cluster(method: str, path: str, what: str) -> Any:
+    def endpoint() -> None:
+        raise ApiError(501, f"{method} {path}: {what} are not served in cluster mode yet (sandboxd serve has them)")
+
+    endpoint.__name__ = f"cluster_{method.lower()}_{path.strip('/').replace('/', '_')}"
+    return endpoint
+
+
+def _not_in_cluster_router() -> APIRouter:
+    router = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
+    for method, path, what in NOT_IN_CLUSTER:
+        router.add_api_route(path, _not_in_cluster(method, path, what), methods=[method])
+    return router
+
+
+class NoSnapshots:
+    """Snapshots are not in cluster mode yet: no templateID names one."""
+
+    @staticmethod
+    def seed_for(_ref: str) -> None:
+        return None
+
+    @staticmethod
+    def env_of(_ref: str) -> dict[str, str]:
+        return {}
+
+
+def build_node_app(settings: Settings) -> ASGIApp:
+    """``sandboxd node``: this machine's orchestrator, its internal API and its sandbox proxy,
+    every request needing the cluster secret."""
+    from sandboxd.server import make_orchestrator, node_running
+
+    secret = load_secret(settings)
+    orch = make_orchestrator(settings)
+    samples = MetricSamples(settings.data_dir / "metrics")
+    agent = agent_for(orch, settings.node_address or f"http://{settings.host}:{settings.port}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with node_running(settings, orch, samples, agent):
+            yield
+
+    app = node_api(orch, agent, lifespan)
+    return RequireSecret(SandboxProxy(app, orch.upstream, orch.find_signed, orch.find_by_token, orch.wake), secret)
+
+
+def build_api_app(settings: Settings) -> ASGIApp:
+    """``sandboxd api``: E2B's REST API and the sandbox proxy over every node of the cluster."""
+    secret = load_secret(settings)
+    db = Database(settings.db_url)
+    clients = NodeClients(secret)
+    orch = ClusterOrchestrator(settings, db, clients)
+    sweeper = Sweeper(Nodes(db), settings.node_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(sweeper.run(SWEEP_INTERVAL_S))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.to_thread(clients.close)
+
+    api = FastAPI(title="sandboxd", version="0.1.0", lifespan=lifespan)
+    api.state.settings = settings
+    api.state.db = db
+    api.state.orchestrator = orch
+    api.state.quotas = Quotas(db)
+    api.state.metric_samples = MetricSamples(settings.data_dir / "metrics")  # none taken here: [] until nodes serve them
+    api.state.snapshots = NoSnapshots()
+    api.state.volumes = Volumes(db, settings.data_dir)
+    api.state.secrets = Secrets(db, settings.secrets_key_file or settings.data_dir / "secrets.key")
+    install_error_handlers(api)
+    api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
+    api.include_router(sandboxes_router)
+    api.include_router(secrets_router)
+    api.include_router(_not_in_cluster_router())  # before templates_list: /templates/aliases/{alias}
+    api.include_router(templates_list_router)
+
+    @api.get("/health")
+    def health() -> dict[str, Any]:
+        """Up, and the nodes it can place on."""
+        return {"status": "ok", "warmPoolReady": 0, "activeNodes": len(orch.nodes.active())}
+
+    api.include_router(unsupported_router)
+    return ClusterProxy(api, db, secret)

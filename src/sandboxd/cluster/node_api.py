@@ -1,0 +1,113 @@
+"""A node's internal API: what the cluster's API replicas ask of this node's orchestrator.
+
+Served by ``sandboxd node`` behind the cluster secret (auth.py), on the same listener as the
+node's sandbox proxy (sandbox traffic the API forwards carries ``E2b-Sandbox-Id``/``-Port`` and is
+proxied exactly as ``serve`` proxies it). Each route is one orchestrator method; records are not
+returned: the orchestrator wrote them to the shared database, where the API reads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from sandboxd.cluster.membership import NodeAgent, capacity_of, usage_of
+from sandboxd.cluster.wire import error_json, request_of
+from sandboxd.orchestrator.egress import EgressPolicy
+from sandboxd.orchestrator.sandboxes import Orchestrator, SandboxError
+
+PREFIX = "/internal/v1"
+router = APIRouter(prefix=PREFIX)
+
+
+class PauseBody(BaseModel):
+    memory: bool = True
+    strict: bool = False
+
+
+class TimeoutBody(BaseModel):
+    timeout: int | None = None
+    memory: bool = True
+
+
+class NetworkBody(BaseModel):
+    egress: dict[str, Any] | None = None
+    allow_internet_access: bool = True
+
+
+def _orch(request: Request) -> Orchestrator:
+    return request.app.state.orchestrator
+
+
+def _found(ok: object) -> JSONResponse:
+    if ok is None or ok is False:
+        return JSONResponse({"code": 404, "message": "sandbox not found on this node"}, status_code=404)
+    return JSONResponse({"ok": True})
+
+
+@router.get("/health")
+def health(request: Request) -> dict[str, Any]:
+    agent: NodeAgent = request.app.state.agent
+    return {"status": "ok", "nodeId": agent.node_id}
+
+
+@router.post("/sandboxes", status_code=201)
+def create(body: dict[str, Any], request: Request) -> dict[str, str]:
+    """Start a sandbox here. A node with no room left (its view is newer than the heartbeat the
+    API placed by) refuses with 503, and the API tries another node."""
+    orch = _orch(request)
+    req = request_of(body)
+    need = orch.resources_for(req.template)
+    free = usage_of(capacity_of(orch.settings), orch.db.list_sandboxes(), [])
+    if need.cpu_count > free.free_vcpus or need.memory_mb > free.free_memory_mb:
+        raise SandboxError(503, f"node {orch.db.node_id} is full ({free.free_vcpus} vCPUs, "
+                                f"{free.free_memory_mb} MiB free)", error_code="node_full")
+    return {"sandboxID": orch.create(req).sandbox_id}
+
+
+@router.delete("/sandboxes/{sandbox_id}")
+def kill(sandbox_id: str, request: Request) -> JSONResponse:
+    return _found(_orch(request).kill(sandbox_id))
+
+
+@router.post("/sandboxes/{sandbox_id}/pause")
+def pause(sandbox_id: str, body: PauseBody, request: Request) -> dict[str, bool | None]:
+    return {"paused": _orch(request).pause(sandbox_id, memory=body.memory, strict=body.strict)}
+
+
+@router.post("/sandboxes/{sandbox_id}/resume")
+def resume(sandbox_id: str, body: TimeoutBody, request: Request) -> JSONResponse:
+    return _found(_orch(request).resume(sandbox_id, body.timeout, memory=body.memory))
+
+
+@router.post("/sandboxes/{sandbox_id}/connect")
+def connect(sandbox_id: str, body: TimeoutBody, request: Request) -> JSONResponse:
+    return _found(_orch(request).connect(sandbox_id, body.timeout))
+
+
+@router.post("/sandboxes/{sandbox_id}/timeout")
+def set_timeout(sandbox_id: str, body: TimeoutBody, request: Request) -> JSONResponse:
+    return _found(_orch(request).set_timeout(sandbox_id, body.timeout or 0))
+
+
+@router.put("/sandboxes/{sandbox_id}/network")
+def update_network(sandbox_id: str, body: NetworkBody, request: Request) -> JSONResponse:
+    policy = EgressPolicy.from_json(body.egress, body.allow_internet_access)
+    return _found(_orch(request).update_network(sandbox_id, policy))
+
+
+def node_api(orch: Orchestrator, agent: NodeAgent, lifespan: Any = None) -> FastAPI:
+    """The internal API app."""
+    app = FastAPI(title="sandboxd node", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.orchestrator = orch
+    app.state.agent = agent
+
+    @app.exception_handler(SandboxError)
+    async def _sandbox_error(_: Request, exc: SandboxError) -> JSONResponse:
+        return JSONResponse(error_json(exc), status_code=exc.status, headers=exc.headers)
+
+    app.include_router(router)
+    return app

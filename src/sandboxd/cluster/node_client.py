@@ -1,0 +1,108 @@
+"""The API's side of the node wire: one node's internal API, with the Orchestrator's method shapes.
+
+A node that cannot be reached raises :class:`NodeUnreachable` (placement tries another node; a
+call naming a sandbox answers 503 until the node comes back or is given up); an orchestrator
+error on the node is raised here again as the same :class:`SandboxError`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+
+from sandboxd.cluster.auth import SECRET_HEADER
+from sandboxd.cluster.node_api import PREFIX
+from sandboxd.cluster.wire import error_of, request_json
+from sandboxd.orchestrator.egress import EgressPolicy
+from sandboxd.orchestrator.sandboxes import CreateRequest, SandboxError
+
+#: a create waits for envd in the new sandbox (and one retry of a failed start)
+CREATE_TIMEOUT_S = 180.0
+CALL_TIMEOUT_S = 60.0
+
+
+class NodeUnreachable(SandboxError):
+    """503: the node holding a sandbox does not answer (until it is back or given up)."""
+
+    def __init__(self, node_id: str, why: str) -> None:
+        super().__init__(503, f"node {node_id} does not answer ({why}); try again shortly",
+                         headers={"Retry-After": "2"})
+        self.node_id = node_id
+
+
+class NodeClient:
+    def __init__(self, node_id: str, address: str, secret: str) -> None:
+        self.node_id = node_id
+        self.address = address.rstrip("/")
+        self._http = httpx.Client(base_url=self.address + PREFIX, headers={SECRET_HEADER.decode(): secret},
+                                  timeout=httpx.Timeout(CALL_TIMEOUT_S, connect=3.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = CALL_TIMEOUT_S) -> Any:
+        try:
+            res = self._http.request(method, path, json=body, timeout=httpx.Timeout(timeout, connect=3.0))
+        except httpx.TransportError as exc:
+            raise NodeUnreachable(self.node_id, type(exc).__name__) from exc
+        if res.status_code == 404:
+            return None
+        try:
+            data = res.json()
+        except ValueError:
+            data = None
+        if res.status_code >= 400:
+            raise error_of(res.status_code, data, dict(res.headers))
+        return data
+
+    def create(self, req: CreateRequest) -> str:
+        data = self._call("POST", "/sandboxes", request_json(req), timeout=CREATE_TIMEOUT_S)
+        if not data or "sandboxID" not in data:
+            raise SandboxError(502, f"node {self.node_id} answered a create without a sandbox id")
+        return str(data["sandboxID"])
+
+    def kill(self, sandbox_id: str) -> bool:
+        return self._call("DELETE", f"/sandboxes/{sandbox_id}") is not None
+
+    def pause(self, sandbox_id: str, memory: bool, strict: bool) -> bool | None:
+        data = self._call("POST", f"/sandboxes/{sandbox_id}/pause", {"memory": memory, "strict": strict},
+                          timeout=CREATE_TIMEOUT_S)
+        return None if data is None else data.get("paused")
+
+    def resume(self, sandbox_id: str, timeout_s: int | None, memory: bool) -> bool:
+        return self._call("POST", f"/sandboxes/{sandbox_id}/resume", {"timeout": timeout_s, "memory": memory},
+                          timeout=CREATE_TIMEOUT_S) is not None
+
+    def connect(self, sandbox_id: str, timeout_s: int | None) -> bool:
+        return self._call("POST", f"/sandboxes/{sandbox_id}/connect", {"timeout": timeout_s}) is not None
+
+    def set_timeout(self, sandbox_id: str, timeout_s: int) -> bool:
+        return self._call("POST", f"/sandboxes/{sandbox_id}/timeout", {"timeout": timeout_s}) is not None
+
+    def update_network(self, sandbox_id: str, policy: EgressPolicy) -> bool:
+        body = {"egress": policy.to_json(), "allow_internet_access": not policy.denies_all}
+        return self._call("PUT", f"/sandboxes/{sandbox_id}/network", body) is not None
+
+
+class NodeClients:
+    """One client per node address, made on first use (connections are pooled per node)."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+        self._clients: dict[tuple[str, str], NodeClient] = {}
+        self._guard = threading.Lock()
+
+    def get(self, node_id: str, address: str) -> NodeClient:
+        with self._guard:
+            client = self._clients.get((node_id, address))
+            if client is None:
+                client = self._clients[(node_id, address)] = NodeClient(node_id, address, self._secret)
+            return client
+
+    def close(self) -> None:
+        with self._guard:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()

@@ -1,0 +1,134 @@
+"""The API replica's orchestrator: the Orchestrator's method shapes, carried out by the nodes.
+
+``sandboxd api`` gives the unchanged API routes this object where ``serve`` gives them its
+local :class:`~sandboxd.orchestrator.sandboxes.Orchestrator`: a create is placed on a node
+(placement.py) and sent there; every call naming a sandbox goes to the node its record names.
+Records are read from the shared database (unscoped: every node's).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sandboxd.cluster.node_client import NodeClient, NodeClients, NodeUnreachable
+from sandboxd.cluster.placement import order
+from sandboxd.config import Settings
+from sandboxd.orchestrator.egress import EgressPolicy
+from sandboxd.orchestrator.sandboxes import CreateRequest, Resources, SandboxError, resources_of
+from sandboxd.proxy.asgi import Upstream
+from sandboxd.store.db import Database, SandboxRow
+from sandboxd.store.nodes_db import GONE, Nodes
+from sandboxd.store.templates_db import TemplateBuilds
+
+log = logging.getLogger("sandboxd.cluster")
+#: nodes one create tries before it gives up (each refusal is "full" or "unreachable")
+MAX_TRIES = 3
+#: what the SDK is told to wait before it tries a create again when no node has room
+FULL_RETRY_AFTER_S = 5
+
+
+class NoPool:
+    """The API replica runs no sandboxes, so no warm pool (its ``/health`` says 0)."""
+
+    @staticmethod
+    def ready_count(_key: object = None) -> int:
+        return 0
+
+
+class ClusterOrchestrator:
+    """What the API routes call in cluster mode (see module doc)."""
+
+    def __init__(self, settings: Settings, db: Database, clients: NodeClients) -> None:
+        self.settings = settings
+        self.db = db
+        self.nodes = Nodes(db)
+        self.clients = clients
+        self.pool = NoPool()
+
+    # -- placing a create ----------------------------------------------------------------------
+
+    def resources_for(self, template: str) -> Resources:
+        return resources_of(self.settings, TemplateBuilds(self.db).resources(template))
+
+    def create(self, req: CreateRequest) -> SandboxRow:
+        """On the best node with room; a node that is full or does not answer passes it on. All
+        full: 503 with Retry-After, in E2B's error shape."""
+        need = self.resources_for(req.template)
+        found = TemplateBuilds(self.db).lookup(req.template)
+        candidates = order(self.nodes.active(), need.cpu_count, need.memory_mb,
+                           found.build_id if found else None, self.settings.placement_choices,
+                           self.settings.node_timeout_s)
+        if not candidates:
+            exc = SandboxError(503, f"no node has room for a sandbox of {need.cpu_count} vCPUs and "
+                                    f"{need.memory_mb} MiB right now; try again later",
+                               headers={"Retry-After": str(FULL_RETRY_AFTER_S)})
+            raise exc
+        refusals: list[str] = []
+        for node in candidates[:MAX_TRIES]:
+            client = self.clients.get(node.node_id, node.address)
+            try:
+                sandbox_id = client.create(req)
+            except NodeUnreachable as exc:
+                refusals.append(exc.message)
+                continue
+            except SandboxError as exc:
+                if exc.error_code != "node_full":
+                    raise
+                refusals.append(exc.message)
+                continue
+            row = self.db.get_sandbox(sandbox_id)
+            if row is None:  # killed (or its node given up) between its start and this read
+                raise SandboxError(500, f"sandbox {sandbox_id} ended right after it started on node {node.node_id}")
+            return row
+        raise SandboxError(503, "no node could take the sandbox: " + "; ".join(refusals),
+                           headers={"Retry-After": str(FULL_RETRY_AFTER_S)})
+
+    # -- calls naming a sandbox ----------------------------------------------------------------
+
+    def _client_of(self, sandbox_id: str) -> NodeClient | None:
+        """The client of the node that holds the sandbox; None: no such sandbox (anymore)."""
+        row = self.db.get_sandbox(sandbox_id)
+        if row is None or row.node_id is None:
+            return None
+        node = self.nodes.get(row.node_id)
+        if node is None or node.state == GONE:
+            return None
+        return self.clients.get(node.node_id, node.address)
+
+    def kill(self, sandbox_id: str, wait: bool = False, reason: str = "api") -> bool:
+        client = self._client_of(sandbox_id)
+        return client is not None and client.kill(sandbox_id)
+
+    def pause(self, sandbox_id: str, memory: bool = True, strict: bool = False) -> bool | None:
+        client = self._client_of(sandbox_id)
+        return None if client is None else client.pause(sandbox_id, memory, strict)
+
+    def resume(self, sandbox_id: str, timeout_s: int | None, memory: bool = True) -> SandboxRow | None:
+        client = self._client_of(sandbox_id)
+        if client is None or not client.resume(sandbox_id, timeout_s, memory):
+            return None
+        return self.db.get_sandbox(sandbox_id)
+
+    def connect(self, sandbox_id: str, timeout_s: int | None) -> SandboxRow | None:
+        row = self.db.get_sandbox(sandbox_id)
+        if row is None or row.state != "running":
+            return None  # a paused one: the route resumes it (resume goes to its node)
+        client = self._client_of(sandbox_id)
+        if client is None or not client.connect(sandbox_id, timeout_s):
+            return None
+        return self.db.get_sandbox(sandbox_id)
+
+    def set_timeout(self, sandbox_id: str, timeout_s: int) -> bool:
+        client = self._client_of(sandbox_id)
+        return client is not None and client.set_timeout(sandbox_id, timeout_s)
+
+    def update_network(self, sandbox_id: str, policy: EgressPolicy) -> SandboxRow | None:
+        client = self._client_of(sandbox_id)
+        if client is None or not client.update_network(sandbox_id, policy):
+            return None
+        return self.db.get_sandbox(sandbox_id)
+
+    def upstream(self, sandbox_id: str) -> Upstream | None:
+        """Sandboxes are not reached from the API replica directly (the proxy forwards to their
+        node), so on-demand metric samples are not taken here."""
+        return None

@@ -1,0 +1,183 @@
+"""A real cluster on this machine: PostgreSQL, two API replicas and three nodes, each node in its
+own network namespace with its own address (testing/cluster.py), driven by the real ``e2b`` SDK
+through either replica; then failures: kill -9 of a node, of an API replica, a PostgreSQL restart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from e2b import Sandbox
+from e2b.exceptions import NotFoundException, SandboxException
+
+from sandboxd.store.nodes_db import ACTIVE, DRAINING, GONE, Nodes
+from sandboxd.testing.cluster import Cluster, Proc, running_cluster, wait_api, wait_node
+
+pytestmark = pytest.mark.slow
+
+#: the issue's bound on reporting a dead node's sandboxes gone (the default node_timeout_s is 15)
+GONE_WITHIN_S = 30
+
+
+@pytest.fixture(scope="module")
+def cluster(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    logs = tmp_path_factory.mktemp("cluster")
+    c = None
+    try:
+        with running_cluster(data_dir, logs, apis=2, nodes=3) as c:
+            yield c
+    finally:
+        if c is not None:
+            print(c.logs())
+
+
+def _opts(cluster: Cluster, api: Proc) -> dict[str, Any]:
+    return {"api_key": cluster.api_key, "api_url": api.url, "sandbox_url": api.url}
+
+
+def _node_of(cluster: Cluster, sandbox_id: str) -> Proc:
+    row = cluster.db().get_sandbox(sandbox_id)
+    assert row is not None
+    return next(n for n in cluster.nodes if n.name == row.node_id)
+
+
+def test_the_sdk_drives_sandboxes_through_either_api_replica(cluster: Cluster) -> None:
+    a, b = cluster.apis
+    made = [Sandbox.create(timeout=120, metadata={"n": str(i)}, **_opts(cluster, a if i % 2 else b))
+            for i in range(4)]
+    try:
+        nodes = {_node_of(cluster, s.sandbox_id).name for s in made}
+        assert nodes <= {"node1", "node2", "node3"}
+        for i, sbx in enumerate(made):
+            other = b if i % 2 else a  # created through one replica, used through the other
+            again = Sandbox.connect(sbx.sandbox_id, **_opts(cluster, other))
+            assert again.commands.run(f"echo {i} $((40+2))").stdout == f"{i} 42\n"
+            again.files.write("/tmp/f.txt", f"file {i}")
+            assert sbx.files.read("/tmp/f.txt") == f"file {i}"
+        for api in (a, b):
+            listed = {s.sandbox_id for s in Sandbox.list(**_opts(cluster, api)).next_items()}
+            assert {s.sandbox_id for s in made} <= listed
+        info = Sandbox.get_info(made[0].sandbox_id, **_opts(cluster, b))
+        assert info.metadata == {"n": "0"}
+        made[1].set_timeout(200)
+    finally:
+        for i, sbx in enumerate(made):
+            assert Sandbox.kill(sbx.sandbox_id, **_opts(cluster, b if i % 2 else a))
+    db = cluster.db()
+    assert all(db.get_sandbox(s.sandbox_id) is None for s in made)
+
+
+def test_node_traffic_needs_the_cluster_secret(cluster: Cluster) -> None:
+    node = cluster.nodes[0]
+    res = httpx.post(node.url + "/internal/v1/sandboxes", json={"template": "base", "timeout_s": 60})
+    assert res.status_code == 401 and res.json()["code"] == 401
+    res = httpx.get(node.url + "/internal/v1/health", headers={"x-sandboxd-cluster-secret": "x" * 43})
+    assert res.status_code == 401
+
+
+def test_no_node_with_room_is_a_503_in_e2bs_shape(cluster: Cluster) -> None:
+    nodes = Nodes(cluster.db())
+    for n in cluster.nodes:
+        nodes.set_state(n.name, DRAINING)
+    try:
+        res = httpx.post(cluster.apis[0].url + "/v2/sandboxes", json={"templateID": "base"},
+                         headers={"X-API-Key": cluster.api_key})
+        assert res.status_code == 503, res.text
+        body = res.json()
+        assert body["code"] == 503 and "no node has room" in body["message"]
+        assert res.headers["retry-after"]
+    finally:
+        for n in cluster.nodes:
+            nodes.set_state(n.name, ACTIVE)
+
+
+def _wait_until(what: str, check: Any, within_s: float) -> float:
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > within_s:
+            raise AssertionError(f"{what}: not within {within_s}s")
+        time.sleep(0.25)
+    return time.monotonic() - started
+
+
+def test_kill_9_of_a_node(cluster: Cluster) -> None:
+    """Its sandboxes are reported gone within the bound; creates go to the other nodes at once;
+    restarted, it reconciles (what it still had on the host is removed)."""
+    api = cluster.apis[0]
+    sbx = Sandbox.create(timeout=300, **_opts(cluster, api))
+    victim = _node_of(cluster, sbx.sandbox_id)
+    row = cluster.db().get_sandbox(sbx.sandbox_id)
+    assert row is not None
+    sandbox_dir = victim.settings.sandboxes_dir / sbx.sandbox_id
+    assert sandbox_dir.exists()
+    victim.kill9()
+    killed_at = time.monotonic()
+    others = []
+    try:
+        for _ in range(3):  # right away: the dead node is skipped (it does not answer)
+            s = Sandbox.create(timeout=60, **_opts(cluster, api))
+            others.append(s)
+            assert _node_of(cluster, s.sandbox_id).name != victim.name
+        took = _wait_until("the dead node's sandbox reported gone",
+                           lambda: sbx.sandbox_id not in {s.sandbox_id for s in Sandbox.list(**_opts(cluster, api))
+                                                          .next_items()}, GONE_WITHIN_S)
+        print(f"reported gone {time.monotonic() - killed_at:.1f}s after kill -9 (waited {took:.1f}s)")
+        with pytest.raises(NotFoundException):
+            Sandbox.get_info(sbx.sandbox_id, **_opts(cluster, cluster.apis[1]))
+        node = Nodes(cluster.db()).get(victim.name)
+        assert node is not None and node.state == GONE
+    finally:
+        for s in others:
+            s.kill()
+    victim.start()  # comes back: recovery finds no record of its sandbox and removes it
+    wait_node(cluster, victim)
+    assert not sandbox_dir.exists()
+    node = Nodes(cluster.db()).get(victim.name)
+    assert node is not None and node.state == ACTIVE
+
+
+def test_kill_9_of_an_api_replica_loses_nothing(cluster: Cluster) -> None:
+    a, b = cluster.apis
+    sbx = Sandbox.create(timeout=120, **_opts(cluster, a))
+    try:
+        a.kill9()
+        again = Sandbox.connect(sbx.sandbox_id, **_opts(cluster, b))
+        assert again.commands.run("echo still here").stdout == "still here\n"
+        extra = Sandbox.create(timeout=60, **_opts(cluster, b))
+        extra.kill()
+    finally:
+        a.start()
+        wait_api(a)
+    assert Sandbox.connect(sbx.sandbox_id, **_opts(cluster, a)).commands.run("true").exit_code == 0
+    sbx.kill()
+
+
+def test_a_postgresql_restart_is_survived(cluster: Cluster) -> None:
+    """Nothing is given up for the outage: every node gets a full timeout to heartbeat again, and
+    the pools reconnect."""
+    api = cluster.apis[1]
+    sbx = Sandbox.create(timeout=300, **_opts(cluster, api))
+    try:
+        cluster.pg.restart()
+        _wait_until("the API answering again",
+                    lambda: _lists(cluster, api, sbx.sandbox_id), 30)
+        time.sleep(cluster.nodes[0].settings.node_timeout_s + 3)  # past the timeout after the outage
+        assert _lists(cluster, api, sbx.sandbox_id)
+        assert {n.state for n in Nodes(cluster.db()).all()} == {ACTIVE}
+        assert sbx.commands.run("echo ok").stdout == "ok\n"
+        more = Sandbox.create(timeout=60, **_opts(cluster, cluster.apis[0]))
+        more.kill()
+    finally:
+        sbx.kill()
+
+
+def _lists(cluster: Cluster, api: Proc, sandbox_id: str) -> bool:
+    try:
+        return sandbox_id in {s.sandbox_id for s in Sandbox.list(**_opts(cluster, api)).next_items()}
+    except SandboxException:
+        return False

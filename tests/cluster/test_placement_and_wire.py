@@ -1,0 +1,68 @@
+"""Placement's order and the API↔node wire, without a cluster (pure functions; the cluster
+tests run them for real)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from datetime import timedelta
+
+import pytest
+
+from sandboxd.cluster.placement import order
+from sandboxd.cluster.wire import error_json, error_of, request_json, request_of
+from sandboxd.orchestrator.egress import EgressPolicy
+from sandboxd.orchestrator.sandboxes import CreateRequest, SandboxError
+from sandboxd.store.db import utcnow
+from sandboxd.store.nodes_db import NodeRow
+
+
+def _node(node_id: str, free_vcpus: int = 16, free_mb: int = 8192, builds: list[str] | None = None,
+          age_s: float = 1) -> NodeRow:
+    return NodeRow(node_id=node_id, address=f"http://{node_id}", state="active", vcpus=16, memory_mb=8192,
+                   free_vcpus=free_vcpus, free_memory_mb=free_mb, sandboxes=0, builds=builds or [],
+                   heartbeat_at=utcnow() - timedelta(seconds=age_s))
+
+
+def test_placement_skips_full_and_silent_nodes_and_prefers_the_build_then_room() -> None:
+    nodes = [_node("full", free_vcpus=1), _node("silent", age_s=60), _node("roomy"),
+             _node("has-build", free_vcpus=4, free_mb=1024, builds=["b1"]), _node("busy", free_vcpus=4, free_mb=1024)]
+    got = [n.node_id for n in order(nodes, 2, 512, "b1", k=10, stale_after_s=15, rng=random.Random(1))]
+    assert got == ["has-build", "roomy", "busy"]
+    assert order(nodes, 2, 512, None, k=10, stale_after_s=15)[0].node_id == "roomy"
+    assert order(nodes, 32, 512, None, k=2, stale_after_s=15) == []  # nobody has 32 vCPUs free
+
+
+def test_best_of_k_compares_only_k_then_tries_the_rest() -> None:
+    nodes = [_node(f"n{i}", free_vcpus=i + 2) for i in range(6)]
+    got = order(nodes, 1, 1, None, k=2, stale_after_s=15, rng=random.Random(7))
+    assert len(got) == 6 and len({n.node_id for n in got}) == 6
+    assert got[0].free_vcpus >= got[1].free_vcpus  # the two compared, best first
+    assert [n.free_vcpus for n in got[2:]] == sorted((n.free_vcpus for n in got[2:]), reverse=True)
+
+
+def test_a_create_request_crosses_the_wire_whole() -> None:
+    req = CreateRequest(template="base:v2", timeout_s=77, metadata={"a": "b"}, env_vars={"X": "1"},
+                        allow_internet_access=True,
+                        egress=EgressPolicy.parse(True, ["198.51.100.7"], ["0.0.0.0/0"], None, "network"),
+                        auto_pause=True, auto_pause_memory=False, auto_resume=False, secure=False,
+                        allow_public_traffic=False, mask_request_host="h:${PORT}", https_ports=(8443,),
+                        idempotency_key="k:1", owner="o")
+    assert request_of(request_json(req)) == req
+    carried = set(request_json(req)) | {"seed", "volume_mounts"}  # those two: 501 in cluster mode
+    assert carried == {f.name for f in dataclasses.fields(CreateRequest)}, "a new CreateRequest field must cross the wire"
+
+
+def test_what_a_cluster_cannot_do_yet_is_a_501_naming_it() -> None:
+    req = CreateRequest(template="base", timeout_s=60, volume_mounts=({"volumeID": "v", "path": "/data"},))
+    with pytest.raises(SandboxError) as exc:
+        request_json(req)
+    assert exc.value.status == 501 and "volumeMounts" in exc.value.message
+
+
+def test_an_error_crosses_the_wire_with_its_code_and_retry_hints() -> None:
+    exc = SandboxError(503, "template 't' is still being built", "building", {"Retry-After": "10"})
+    exc.final = True
+    again = error_of(503, error_json(exc), {"retry-after": "10", "content-type": "application/json"})
+    assert (again.status, again.message, again.error_code, again.final) == (503, exc.message, "building", True)
+    assert again.headers == {"retry-after": "10"}
