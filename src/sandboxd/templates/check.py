@@ -195,7 +195,10 @@ def _inner_main(spec: dict[str, Any]) -> int:
     ok = _poll_health(spec["port"], proc, spec["wait"])
     print(f"[check] /health {'ok' if ok else 'FAILED'} after {time.monotonic() - t0:.2f}s"
           f" (envd exit code {proc.poll()})", flush=True)
-    if proc.poll() is None:
+    if proc.poll() is None and contained:
+        proc.kill()  # runsc run does not pass SIGTERM on; the PID namespace takes the container along
+        proc.wait()
+    elif proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(5)
