@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from sandboxd.envd.oom_guard import OomGuard, Victim, biggest_process, meminfo, poll_interval
+from sandboxd.envd.oom_guard import OomGuard, Victim, biggest_process, meminfo, only_these_run, poll_interval
 
 HOG_MB = 200
 
@@ -53,3 +53,26 @@ def test_the_biggest_process_is_found_and_killed_with_its_session() -> None:
             hog.kill()
             hog.wait()
 
+
+
+def test_an_idle_sandbox_is_looked_at_seldom_and_at_once_when_a_process_starts() -> None:
+    """Idle (nothing runs but the protected): a look every 2 s, not ten a second (each wake-up is
+    host CPU under gVisor); ``wake()`` (envd calls it before every spawn) looks at once, and a
+    running process keeps it looking often."""
+    assert only_these_run(_all_pids() | {os.getpid()})
+    assert not only_these_run({1})
+    guard = OomGuard(lambda v: None, protected=_all_pids() | {os.getpid()}).start()
+    try:
+        time.sleep(1.0)
+        assert guard.rounds <= 2, guard.rounds
+        before = guard.rounds
+        guard.wake()
+        time.sleep(0.1)
+        assert guard.rounds > before
+        guard.protected = {1}  # now everything else on the host counts as a running process
+        guard.wake()
+        before = guard.rounds
+        time.sleep(1.5)
+        assert guard.rounds - before >= 3, guard.rounds - before  # every <= 0.5 s while busy
+    finally:
+        guard.stop()

@@ -142,7 +142,8 @@ class EnvdApp:
                 _start_sudo_broker_if_needed()
                 if _guards_memory():
                     loop = asyncio.get_running_loop()
-                    OomGuard(lambda v: loop.call_soon_threadsafe(self.processes.oom_killed, v)).start()  # noqa: B023 - one loop
+                    guard = OomGuard(lambda v: loop.call_soon_threadsafe(self.processes.oom_killed, v))  # noqa: B023 - one loop
+                    self.processes.before_spawn = guard.start().wake
                 log.info("envd %s ready", ENVD_VERSION)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

@@ -9,6 +9,9 @@ The host's limit sits above the guest's size (``runtimes/gvisor.py``), so the gu
 It polls cheaply (one ``pread`` of an open ``/proc/meminfo``: every syscall is dear under
 ptrace) and as often as the memory left calls for: the time a fast allocator (1.2 GB/s was
 measured under ptrace) would need to use up what is left, halved, between 10 ms and 500 ms.
+An idle sandbox (no process but PID 1 and envd) has nothing that could allocate: the guard then
+looks every ``IDLE_INTERVAL_S`` only (each wake-up costs host CPU, which decides how many idle
+sandboxes a host holds), and envd wakes it (``wake()``) before it starts any process.
 A kill is reported to ``on_kill``, which tells the client whose command it was (process_manager).
 In a microVM the guest kernel's own OOM killer usually acts first; the guard is harmless there.
 """
@@ -19,6 +22,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +32,9 @@ RESERVE_FRACTION = 0.04  # kill when less than this much of MemTotal is availabl
 RESERVE_MIN_BYTES = 12 * 1024 * 1024  # ... or less than this, whichever is more
 FASTEST_ALLOCATION_BYTES_PER_S = 2 * 1024**3  # above what was measured, to be safe
 MIN_INTERVAL_S, MAX_INTERVAL_S = 0.01, 0.5
+IDLE_INTERVAL_S = 2.0
+#: while other processes run, /proc is listed (to notice the sandbox went idle) at most this often
+IDLE_RECHECK_S = 1.0
 #: after a kill, how long to let the victim's memory come back before choosing another
 SETTLE_S = 0.2
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -85,6 +92,11 @@ def biggest_process(protected: set[int]) -> tuple[int, int, int, str] | None:
     return best
 
 
+def only_these_run(protected: set[int]) -> bool:
+    """Whether every process in the sandbox is one of ``protected`` (PID 1 and envd: idle)."""
+    return all(int(e.name) in protected for e in os.scandir("/proc") if e.name.isdigit())
+
+
 class OomGuard:
     """A daemon thread; ``check()`` is one round (tests call it directly)."""
 
@@ -92,7 +104,9 @@ class OomGuard:
         self.on_kill = on_kill
         self.protected = protected if protected is not None else {1, os.getpid()}
         self.kills = 0
+        self.rounds = 0  # looks at /proc/meminfo so far (how often it wakes: tests)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # stop, or a process is about to start
 
     def start(self) -> OomGuard:
         threading.Thread(target=self._run, name="oom-guard", daemon=True).start()
@@ -100,21 +114,35 @@ class OomGuard:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """A process is about to start: look at once and often again (call before spawning)."""
+        self._wake.set()
 
     def _run(self) -> None:
         fd = os.open("/proc/meminfo", os.O_RDONLY | os.O_CLOEXEC)
+        busy_until = 0.0  # monotonic time before which /proc is not listed again
         try:
             while not self._stop.is_set():
+                self.rounds += 1
                 try:
                     total, available = meminfo(fd)
                     if available < max(RESERVE_MIN_BYTES, total * RESERVE_FRACTION) and self.check(total):
                         self._stop.wait(SETTLE_S)
                         continue
                     interval = poll_interval(available)
+                    if time.monotonic() >= busy_until:
+                        if only_these_run(self.protected):
+                            interval = IDLE_INTERVAL_S
+                        else:
+                            busy_until = time.monotonic() + IDLE_RECHECK_S
                 except Exception:  # the guard must outlive one bad read
                     log.exception("oom guard round failed")
                     interval = MAX_INTERVAL_S
-                self._stop.wait(interval)
+                if self._wake.wait(interval):
+                    self._wake.clear()
+                    busy_until = time.monotonic() + IDLE_RECHECK_S  # the new process needs a moment to show
         finally:
             os.close(fd)
 

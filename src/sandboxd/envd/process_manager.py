@@ -177,6 +177,8 @@ class ProcessManager:
 
     def __init__(self) -> None:
         self._procs: dict[int, ManagedProcess] = {}
+        #: called just before each spawn (the OOM guard's ``wake``: it slows down while idle)
+        self.before_spawn: Callable[[], object] = lambda: None
 
     def get(self, pid: int) -> ManagedProcess | None:
         return self._procs.get(pid)
@@ -206,6 +208,7 @@ class ProcessManager:
             raise SpawnError(f"cwd '{cwd}' does not exist or is not a directory")
         loop = asyncio.get_running_loop()
         creds = _credentials(user)
+        self.before_spawn()
         pty_fd: int | None
         if pty_size is not None:
             popen, stdin_fd, pty_fd, readers = _spawn_pty(spec, env, cwd, creds, pty_size)
