@@ -184,6 +184,14 @@ def test_a_fork_bomb_fails_its_own_build_in_bounded_time(hostile_env: Server):
     _server_is_healthy_and_builds(hostile_env)
 
 
+def test_a_memory_hog_fails_its_own_build(hostile_env: Server):
+    message, seconds = _failed_build("hostile-memory", "python3 -c 'b = bytearray(6 << 30); print(len(b))'")
+    assert "used more memory than a build step may (build_memory_mb=2048)" in message, message
+    print(f"memory hog: build failed after {seconds:.1f}s")
+    assert seconds < 120
+    _server_is_healthy_and_builds(hostile_env)
+
+
 def _host_addresses() -> list[str]:
     """The host's IPv4 addresses (every interface but sandboxes' slots' own links)."""
     import subprocess

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import secrets
 import subprocess
 import threading
@@ -38,13 +39,15 @@ from typing import Any
 
 from sandboxd.config import Settings
 from sandboxd.orchestrator.egress import OPEN_EGRESS
-from sandboxd.orchestrator.network import NetworkError, NetworkSlot, SlotPool
+from sandboxd.orchestrator.network import NETNS_DIR, NetworkError, NetworkSlot, SlotPool
 from sandboxd.runtimes.gvisor import HOST_TASKS_PER_PROCESS, build_statx_shim, choose_platform, raise_pid_max
 from sandboxd.templates.stepns import StepResult, cgroup_dirs, run_step
 
 #: Build slots a pool holds (concurrent RUN steps on one host, across processes).
 MAX_BUILD_SLOTS = 64
 SYSTRAP_TASKS_PER_PROCESS = 3
+#: A build slot this much older than the step timeout belongs to no live step.
+STALE_SLOT_MARGIN_S = 600
 _ACQUIRE_ATTEMPTS = 5  # another process (the CLI beside a server) may take the same free slot first
 
 
@@ -97,17 +100,29 @@ class StepSandbox:
                    BuildLimits.of(settings))
 
     def _prepare(self) -> None:
-        """Once: the pool's host table (NAT out, the host and private ranges denied), the
-        platform probe, the statx shim the sandboxes get too, and a pid_max gVisor can live with."""
+        """Once: the pool's host table (NAT out, the host and private ranges denied), the slots
+        a crashed builder left, the platform probe, the statx shim the sandboxes get too, and a
+        pid_max gVisor can live with."""
         with self._lock:
             if self._ready:
                 return
             self.slots.setup_host()
+            self.remove_stale_slots()
             if self._platform == "auto":
                 self._platform = choose_platform()
             raise_pid_max()
             self._shim = build_statx_shim(self.lib_dir)
             self._ready = True
+
+    def remove_stale_slots(self, now: float | None = None) -> list[int]:
+        """Remove the pool's slots older than a step can live (its timeout, and a margin): a
+        builder killed mid-step (the CLI's, a server's) leaves its slot behind. Younger ones may
+        be another process's step at work, so they are left alone."""
+        oldest = (now or time.time()) - self.limits.timeout_s - STALE_SLOT_MARGIN_S
+        stale = [i for i in self.slots.existing() if slot_created(self.slots.slot(i)) < oldest]
+        for i in stale:
+            self.slots.release(self.slots.slot(i))
+        return stale
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[NetworkSlot]:
@@ -143,6 +158,15 @@ class StepSandbox:
                 return run_step(full, on_line, self.limits.timeout_s)
         finally:
             _remove_container(root, cid)
+
+
+def slot_created(slot: NetworkSlot) -> float:
+    """When the slot was made: its namespaces' time (nsfs keeps it); now if both are gone."""
+    times = []
+    for ns in (slot.netns, slot.guest_netns):
+        with contextlib.suppress(FileNotFoundError):
+            times.append(os.stat(NETNS_DIR / ns).st_mtime)
+    return min(times, default=time.time())
 
 
 def host_tasks(max_processes: int, platform: str) -> int:
