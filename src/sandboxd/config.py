@@ -37,6 +37,9 @@ class Settings:
     #: Sandboxes kept booted per template build in demand (the default template's from the start),
     #: claimed by creates that take its defaults; 0 turns the warm pool off (see orchestrator/pool.py).
     warm_pool_size: int = 2
+    #: A template asked for in bursts gets up to this many (as many as creates asked for it in
+    #: the last 30 s): the next burst finds them booted. Each costs memory and idle CPU.
+    warm_pool_max: int = 8
     #: A failed start is cleaned up and retried this many times before the client gets the error.
     start_attempts: int = 2
     #: Domain mode (``serve --domain``): HTTPS on one port, ``api.<domain>`` is the API and

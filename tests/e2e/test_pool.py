@@ -147,3 +147,29 @@ def test_a_crashed_servers_pool_is_removed_by_recovery(data_dir: Path, tmp_path:
             assert not [n for n in netns_names() if n.startswith(f"{server.settings.net_prefix}-")]
         finally:
             stop(restarted)
+
+
+def test_a_burst_sizes_the_pool_for_the_next_burst(data_dir: Path, tmp_path: Path) -> None:
+    """Four creates at once against a pool of 1 (most boot cold); the pool then keeps four booted
+    (the burst's size, under warm_pool_max), so the next burst of four is all claimed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    burst = 4
+    with running_server(data_dir, tmp_path / "server.log", warm_pool_size=1, warm_pool_max=burst) as server, \
+            sdk_pointed_at(server):
+        deadline = time.monotonic() + 120
+        while ready(server) < 1:
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.2)
+        with ThreadPoolExecutor(burst) as pool:
+            first = list(pool.map(lambda _: Sandbox.create(timeout=120), range(burst)))
+        deadline = time.monotonic() + 240
+        while ready(server) < burst:
+            assert time.monotonic() < deadline, f"the pool did not grow to {burst}:\n{server.log()[-3000:]}"
+            time.sleep(0.5)
+        with ThreadPoolExecutor(burst) as pool:
+            second = list(pool.map(lambda _: Sandbox.create(timeout=120), range(burst)))
+        assert all(claimed(server, s.sandbox_id) for s in second), server.log()[-3000:]
+        assert not all(claimed(server, s.sandbox_id) for s in first)
+        for s in first + second:
+            s.kill()

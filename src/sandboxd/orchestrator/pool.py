@@ -12,8 +12,10 @@ route in the proxy; only the host can reach its envd. A server crash leaves its 
 container and slot without a record, which :meth:`Orchestrator.recover` removes like any stray.
 
 A pool is kept for the default template from the start and for every template build created
-from since (recent demand), ``size`` sandboxes each; a build nobody asked for during
-``idle_s`` is drained (so is, in time, one its template no longer points at).
+from since (recent demand), ``size`` sandboxes each — or, for a build asked for in bursts, as
+many as creates asked for it in the last ``burst_window_s`` (up to ``max_size``), so an agent
+or RL loop that creates 8 at a time finds 8 booted the next time; a build nobody asked for
+during ``idle_s`` is drained (so is, in time, one its template no longer points at).
 Sandboxes older than ``max_age_s`` are replaced, so a claimed one never has a long uptime.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,14 +57,18 @@ class WarmPool:
     at a time: on a small host the pool must not starve the creates it is there to speed up)."""
 
     def __init__(self, size: int, boot: Callable[[PoolKey], WarmSandbox], discard: Callable[[WarmSandbox], None],
-                 idle_s: float = 600.0, max_age_s: float = 900.0) -> None:
+                 idle_s: float = 600.0, max_age_s: float = 900.0, max_size: int = 8,
+                 burst_window_s: float = 30.0) -> None:
         self.size = size
+        self.max_size = max(size, max_size)
+        self.burst_window_s = burst_window_s
         self._boot = boot
         self._discard = discard
         self.idle_s = idle_s
         self.max_age_s = max_age_s
         self._ready: dict[PoolKey, list[WarmSandbox]] = {}
         self._wanted: dict[PoolKey, float] = {}  # key → last time a create asked for it
+        self._asks: dict[PoolKey, deque[float]] = {}  # key → when creates asked, last burst_window_s
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -80,9 +87,21 @@ class WarmPool:
         """A create asked for ``key``: keep a pool of it (from now on, or for longer)."""
         if not self.enabled:
             return
+        now = time.monotonic()
         with self._cond:
-            self._wanted[key] = time.monotonic()
+            self._wanted[key] = now
+            self._asks.setdefault(key, deque()).append(now)
             self._cond.notify_all()
+
+    def target(self, key: PoolKey) -> int:
+        """How many of ``key`` to keep booted: ``size``, or the recent burst's size (at most
+        ``max_size``). Called under the lock."""
+        asks = self._asks.get(key)
+        if asks is None:
+            return self.size
+        while asks and time.monotonic() - asks[0] > self.burst_window_s:
+            asks.popleft()
+        return min(self.max_size, max(self.size, len(asks)))
 
     def claim(self, key: PoolKey) -> WarmSandbox | None:
         """A booted sandbox of ``key``, removed from the pool (so never handed out twice), or None."""
@@ -128,11 +147,12 @@ class WarmPool:
         drop: list[WarmSandbox] = []
         for key in [k for k, t in self._wanted.items() if now - t > self.idle_s]:
             del self._wanted[key]
+            self._asks.pop(key, None)
         for key in list(self._ready):
             keep = [s for s in self._ready[key] if key in self._wanted and now - s.booted_at < self.max_age_s]
             drop += [s for s in self._ready[key] if s not in keep]
             self._ready[key] = keep
-        short = [k for k in self._wanted if len(self._ready.get(k, [])) < self.size]
+        short = [k for k in self._wanted if len(self._ready.get(k, [])) < self.target(k)]
         return (short[0] if short else None), drop
 
     def _fill_forever(self) -> None:

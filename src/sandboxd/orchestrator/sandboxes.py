@@ -157,7 +157,8 @@ class Orchestrator:
         self._sandbox_teardowns: dict[str, Teardown] = {}  # sandbox id → its undo steps (lifecycle.py)
         settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.logs = LogStore(settings.data_dir / "logs")
-        self.pool = WarmPool(settings.warm_pool_size, self._boot_warm, self._discard_warm)
+        self.pool = WarmPool(settings.warm_pool_size, self._boot_warm, self._discard_warm,
+                             max_size=settings.warm_pool_max)
 
     # -- queries -------------------------------------------------------------------------------
 
