@@ -8,7 +8,9 @@ Prints one table, medians and p95 with each median's ratio to raw runsc's:
 - create, warm: the same on a server whose pool is full (waited for before each create): the
   claim of a booted sandbox (record, envd /init with token and env vars, route);
 - create, warm back to back: creates in a row without waiting, so the pool (size 2) drains and
-  later creates may find it empty (what a burst sees);
+  later creates may find it empty;
+- create, 8 in flight: a first burst of 8 at once (the pool holds 2: the rest boot cold), then,
+  once the pool has grown to the burst's size (it keeps what recent bursts asked for), a next one;
 - ``commands.run("true")``, small ``files.write``/``files.read``: round trips through proxy and envd.
 
 Usage: benchmarks/run [N]   (N runs each, default 20; needs root, like the server)
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -55,6 +58,20 @@ def bench_creates(n: int, before_each: Callable[[], None] = lambda: None) -> tup
         sbx.kill()
         kills.append(time.perf_counter() - t0)
     return creates, kills
+
+
+def bench_burst(k: int) -> list[float]:
+    """``k`` creates at once (threads): each one's wall time; then all killed."""
+    from e2b import Sandbox
+
+    def one(_: int) -> tuple[Sandbox, float]:
+        t0 = time.perf_counter()
+        return Sandbox.create(timeout=120), time.perf_counter() - t0
+
+    with ThreadPoolExecutor(k) as pool:
+        done = list(pool.map(one, range(k)))
+        list(pool.map(lambda d: d[0].kill(), done))
+    return [took for _, took in done]
 
 
 def bench_round_trips(n: int) -> dict[str, list[float]]:
@@ -135,6 +152,7 @@ def row(name: str, values: list[float], floor: float | None) -> str:
 
 
 POOL_SIZE = 2
+BURST = 8  # creates in flight at once (the issue's "8 in flight"); the pool grows to it (warm_pool_max)
 
 
 def main() -> None:
@@ -153,6 +171,9 @@ def main() -> None:
           sdk_pointed_at(server)):
         warm, _ = bench_creates(n, pool_refilled(server, POOL_SIZE))
         burst, _ = bench_creates(n)
+        first_burst = bench_burst(BURST)  # the pool holds POOL_SIZE: most of these boot cold
+        pool_refilled(server, BURST, timeout_s=300)()  # the pool grows to the burst's size
+        next_burst = bench_burst(BURST)
     version = subprocess.run(["runsc", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     floor = statistics.median(raw)
     print(f"\nsandboxd benchmarks — gVisor ({version}, {platform}), base template, {n} runs each\n")
@@ -162,6 +183,8 @@ def main() -> None:
     print(row("SDK Sandbox.create(), cold (no pool)", cold, floor))
     print(row(f"SDK Sandbox.create(), warm (pool {POOL_SIZE})", warm, floor))
     print(row("SDK Sandbox.create(), warm back to back", burst, floor))
+    print(row(f"SDK create, {BURST} in flight, first burst", first_burst, floor))
+    print(row(f"SDK create, {BURST} in flight, next burst", next_burst, floor))
     print(row("SDK sandbox.kill()", kills, None))
     print(row('SDK commands.run("true")', trips["run"], None))
     print(row("SDK files.write (14 bytes)", trips["write"], None))
