@@ -158,16 +158,50 @@ def node(ctx: click.Context, host: str | None, port: int | None, data_dir: Path 
     import uvicorn
 
     from sandboxd.cluster.apps import build_node_app
-    from sandboxd.cluster.auth import ClusterConfigError
+    from sandboxd.cluster.auth import ClusterConfigError, load_secret
+    from sandboxd.cluster.builds import fetch_base
+    from sandboxd.cluster.membership import node_id_of
+    from sandboxd.store.nodes_db import Nodes
 
     settings = _cluster_settings(data_dir, host, port)
-    ensure_base_template(settings, Database(settings.db_url))
+    db = Database(settings.db_url)
     try:
+        secret = load_secret(settings)
+        fetch_base(TemplateStore(settings.templates_dir), Nodes(db), node_id_of(settings), secret)
+        ensure_base_template(settings, db)  # verifies the fetched build, or builds it: the first node
         app = build_node_app(settings)
     except ClusterConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_keep_alive=KEEP_ALIVE_S,
                 log_level="info", access_log=False)
+
+
+@node.command("list")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def node_list(data_dir: Path | None) -> None:
+    """Every node of the cluster: state, address, free vCPUs/memory, sandboxes, last heartbeat."""
+    from sandboxd.store.nodes_db import Nodes
+
+    click.echo(f"{'NODE':<22}{'STATE':<10}{'ADDRESS':<28}{'FREE VCPUS':<12}{'FREE MB':<14}{'SANDBOXES':<11}HEARTBEAT")
+    for n in Nodes(Database(_settings(data_dir).db_url)).all():
+        click.echo(f"{n.node_id[:21]:<22}{n.state:<10}{(n.address or '-')[:27]:<28}{f'{n.free_vcpus}/{n.vcpus}':<12}"
+                   f"{f'{n.free_memory_mb}/{n.memory_mb}':<14}{n.sandboxes:<11}{n.heartbeat_at:%Y-%m-%d %H:%M:%S}")
+
+
+@node.command("drain")
+@click.argument("node_id")
+@click.option("--undo", is_flag=True, help="Take new sandboxes again.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def node_drain(node_id: str, undo: bool, data_dir: Path | None) -> None:
+    """Place no new sandboxes on NODE_ID (its running ones run on until they end; it stays
+    draining across restarts until `--undo`)."""
+    from sandboxd.store.nodes_db import ACTIVE, DRAINING, Nodes
+
+    nodes = Nodes(Database(_settings(data_dir).db_url))
+    if not nodes.set_state(node_id, ACTIVE if undo else DRAINING):
+        raise click.ClickException(f"no node {node_id!r} (sandboxd node list)")
+    row = nodes.get(node_id)
+    click.echo(f"{node_id}: {ACTIVE if undo else DRAINING} ({row.sandboxes if row else 0} sandboxes on it)")
 
 
 @main.group()

@@ -29,7 +29,7 @@ def cluster(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     logs = tmp_path_factory.mktemp("cluster")
     c = None
     try:
-        with running_cluster(data_dir, logs, apis=2, nodes=3) as c:
+        with running_cluster(data_dir, logs, apis=2, nodes=3, own_templates=(3,)) as c:
             yield c
     finally:
         if c is not None:
@@ -70,6 +70,59 @@ def test_the_sdk_drives_sandboxes_through_either_api_replica(cluster: Cluster) -
             assert Sandbox.kill(sbx.sandbox_id, **_opts(cluster, b if i % 2 else a))
     db = cluster.db()
     assert all(db.get_sandbox(s.sandbox_id) is None for s in made)
+
+
+def test_a_node_fetches_a_build_by_id_and_verifies_it(cluster: Cluster) -> None:
+    """node3 started with an empty template store: it took ``base`` from another node, checked
+    against the checksum the building node recorded, and runs sandboxes of it."""
+    from sandboxd.templates.store import TemplateStore
+
+    node3 = cluster.nodes[2]
+    db = cluster.db()
+    base = db.find_template("base")
+    assert base is not None
+    own = node3.settings.templates_dir
+    assert not own.is_symlink() and TemplateStore(own).verify(base.build_id)
+    assert f"build {base.build_id} fetched from node" in node3.log() and "verified" in node3.log()
+    assert Nodes(db).checksum(base.build_id) is not None
+    nodes = Nodes(db)
+    for n in cluster.nodes[:2]:
+        nodes.set_state(n.name, DRAINING)
+    try:
+        sbx = Sandbox.create(timeout=60, **_opts(cluster, cluster.apis[0]))
+        assert _node_of(cluster, sbx.sandbox_id) is node3
+        assert sbx.commands.run("cat /etc/debian_version").exit_code == 0
+        sbx.kill()
+    finally:
+        for n in cluster.nodes[:2]:
+            nodes.set_state(n.name, ACTIVE)
+
+
+def test_sandboxd_node_drain(cluster: Cluster) -> None:
+    """A drained node gets no new sandboxes (its running ones run on); ``--undo`` takes it back."""
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("sandboxd"))
+    env = {**cluster.apis[0].env}
+    api = cluster.apis[1]
+    before = Sandbox.create(timeout=120, **_opts(cluster, api))
+    drained = _node_of(cluster, before.sandbox_id)
+    out = subprocess.run([exe, "node", "drain", drained.name], env=env, capture_output=True, text=True, check=True)
+    assert "draining" in out.stdout
+    listing = subprocess.run([exe, "node", "list"], env=env, capture_output=True, text=True, check=True).stdout
+    assert drained.name in listing and "draining" in listing
+    try:
+        made = [Sandbox.create(timeout=60, **_opts(cluster, api)) for _ in range(3)]
+        assert all(_node_of(cluster, s.sandbox_id) is not drained for s in made)
+        assert before.commands.run("echo runs on").stdout == "runs on\n"
+        for s in made:
+            s.kill()
+    finally:
+        subprocess.run([exe, "node", "drain", "--undo", drained.name], env=env, capture_output=True, check=True)
+        before.kill()
+    row = Nodes(cluster.db()).get(drained.name)
+    assert row is not None and row.state == ACTIVE
 
 
 def test_node_traffic_needs_the_cluster_secret(cluster: Cluster) -> None:

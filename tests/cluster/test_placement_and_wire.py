@@ -66,3 +66,37 @@ def test_an_error_crosses_the_wire_with_its_code_and_retry_hints() -> None:
     again = error_of(503, error_json(exc), {"retry-after": "10", "content-type": "application/json"})
     assert (again.status, again.message, again.error_code, again.final) == (503, exc.message, "building", True)
     assert again.headers == {"retry-after": "10"}
+
+
+def test_a_fetched_build_is_published_only_with_the_recorded_checksum(tmp_path) -> None:
+    """The checksum comes from the cluster's record, not the sender: a copy whose rootfs differs
+    (or whose meta.json names another build) is removed and refused."""
+    import json
+
+    from sandboxd.templates.store import BuildError, TemplateStore, build_id_of, tree_checksum
+
+    store = TemplateStore(tmp_path / "templates")
+    inputs = {"name": "t", "format": "x", "recipe": "r"}
+    build_id = build_id_of(inputs)
+
+    def unpacked(content: str, claimed: str | None = None) -> tuple[str, object]:
+        tmp = store.root / ".tmp" / f"{build_id}-fetch-{content}"
+        (tmp / "rootfs").mkdir(parents=True)
+        (tmp / "rootfs" / "f").write_text(content)
+        sha = tree_checksum(tmp / "rootfs")["sha256"]
+        meta = {"build_id": build_id, "inputs": inputs, "rootfs": {"sha256": claimed or sha}}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        return sha, tmp
+
+    good_sha, _ = unpacked("good")
+    remove = store.root / ".tmp" / f"{build_id}-fetch-good"
+    import shutil
+
+    shutil.rmtree(remove)
+    _, bad = unpacked("evil")  # self-consistent, but not what the cluster recorded
+    with pytest.raises(BuildError, match="checksum"):
+        store.publish_fetched(build_id, bad, good_sha, print)  # type: ignore[arg-type]
+    assert not bad.exists() and not store.exists(build_id)  # type: ignore[attr-defined]
+    _, good = unpacked("good")
+    store.publish_fetched(build_id, good, good_sha, print)  # type: ignore[arg-type]
+    assert store.verify(build_id)

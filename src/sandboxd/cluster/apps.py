@@ -25,6 +25,7 @@ from sandboxd.api.secrets import router as secrets_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.cluster.auth import RequireSecret, load_secret
+from sandboxd.cluster.builds import BuildFetcher
 from sandboxd.cluster.membership import Sweeper, agent_for
 from sandboxd.cluster.node_api import node_api
 from sandboxd.cluster.node_client import NodeClients
@@ -100,6 +101,7 @@ def build_node_app(settings: Settings) -> ASGIApp:
     orch = make_orchestrator(settings)
     samples = MetricSamples(settings.data_dir / "metrics")
     agent = agent_for(orch, settings.node_address or f"http://{settings.host}:{settings.port}")
+    orch.fetch_build = BuildFetcher(orch.templates, agent.nodes, agent.node_id, secret)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -83,13 +83,16 @@ class NodeAgent:
     tears down what the node runs whose records were deleted while it was cut off."""
 
     def __init__(self, nodes: Nodes, node_id: str, address: str, capacity: Capacity,
-                 usage: Callable[[], Usage], forget_missing: Callable[[], object]) -> None:
+                 usage: Callable[[], Usage], forget_missing: Callable[[], object],
+                 checksums: Callable[[set[str]], dict[str, str]] | None = None) -> None:
         self.nodes = nodes
         self.node_id = node_id
         self.address = address
         self.capacity = capacity
         self._usage = usage
         self._forget_missing = forget_missing
+        self._checksums = checksums
+        self._recorded: set[str] = set()  # builds whose checksum this agent saw recorded
 
     def register(self) -> None:
         self.nodes.register(self.node_id, self.address, self.capacity.vcpus, self.capacity.memory_mb, self._usage())
@@ -105,6 +108,9 @@ class NodeAgent:
                         "declared gone" if state == GONE else "removed")
             self._forget_missing()
             self.register()
+        if self._checksums is not None and (new := self._checksums(self._recorded)):
+            self.nodes.record_checksums(self.node_id, new)  # builds made here: others fetch them verified
+            self._recorded |= set(new)
 
     async def run(self, interval_s: float) -> None:
         """Heartbeat until cancelled; a database that does not answer is retried, not fatal."""
@@ -161,4 +167,7 @@ def agent_for(orch: Orchestrator, address: str = "") -> NodeAgent:
     def usage() -> Usage:
         return usage_of(capacity, orch.db.list_sandboxes(), orch.templates.list())
 
-    return NodeAgent(Nodes(orch.db), node_id, address, capacity, usage, orch.forget_missing)
+    from sandboxd.cluster.builds import checksums_of
+
+    return NodeAgent(Nodes(orch.db), node_id, address, capacity, usage, orch.forget_missing,
+                     lambda skip: checksums_of(orch.templates, skip))

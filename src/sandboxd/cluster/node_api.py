@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from sandboxd.cluster.membership import NodeAgent, capacity_of, usage_of
@@ -97,6 +97,21 @@ def set_timeout(sandbox_id: str, body: TimeoutBody, request: Request) -> JSONRes
 def update_network(sandbox_id: str, body: NetworkBody, request: Request) -> JSONResponse:
     policy = EgressPolicy.from_json(body.egress, body.allow_internet_access)
     return _found(_orch(request).update_network(sandbox_id, policy))
+
+
+@router.get("/builds/{build_id}")
+def build(build_id: str, request: Request) -> Response:
+    """A build this node holds, as a tar (another node fetches it: cluster/builds.py)."""
+    from sandboxd.cluster.builds import tar_stream
+
+    store = _orch(request).templates
+    try:
+        held = store.exists(build_id)
+    except ValueError:
+        held = False
+    if not held:
+        return JSONResponse({"code": 404, "message": f"build {build_id} is not on this node"}, status_code=404)
+    return StreamingResponse(tar_stream(store, build_id), media_type="application/x-tar")
 
 
 def node_api(orch: Orchestrator, agent: NodeAgent, lifespan: Any = None) -> FastAPI:

@@ -159,6 +159,8 @@ class Orchestrator:
         self.logs = LogStore(settings.data_dir / "logs")
         self.pool = WarmPool(settings.warm_pool_size, self._boot_warm, self._discard_warm,
                              max_size=settings.warm_pool_max)
+        #: a cluster node fetches a build it lacks from another node (cluster/builds.py); None: alone
+        self.fetch_build: Callable[[str], bool] | None = None
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -229,7 +231,7 @@ class Orchestrator:
             raise SandboxError(500, f"template '{req.template}': {exc}") from exc
         if req.volume_mounts and backend.name != "gvisor":
             raise SandboxError(501, f"volumeMounts: {backend.name} sandboxes cannot mount volumes yet (gVisor ones can)")
-        if not self.templates.exists(build_id):
+        if not self.templates.exists(build_id) and not (self.fetch_build and self.fetch_build(build_id)):
             raise SandboxError(500, f"template '{req.template}' points at build {build_id}, "
                                     "which is not in the template store; rebuild it")
         if req.seed is None and self._poolable(req):

@@ -39,6 +39,17 @@ class NodeRow(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class BuildChecksumRow(Base):
+    """The rootfs checksum of a template build, recorded by the node that built (and verified) it:
+    a node fetching the build from another checks what it got against this, not the sender's word."""
+
+    __tablename__ = "build_checksums"
+    build_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    recorded_by: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 @dataclass(frozen=True)
 class Usage:
     """What a node reports on each heartbeat."""
@@ -120,6 +131,26 @@ class Nodes:
         """Nodes new sandboxes may be placed on."""
         with self.db.session() as s:
             return list(s.scalars(select(NodeRow).where(NodeRow.state == ACTIVE).order_by(NodeRow.node_id)))
+
+    def record_checksums(self, node_id: str, checksums: dict[str, str]) -> None:
+        """Record builds' rootfs checksums; one already recorded is kept (the first word stands:
+        a build id names its bytes, so a second, different checksum would be a corrupt copy)."""
+        with self.db.session() as s:
+            known = set(s.scalars(select(BuildChecksumRow.build_id)
+                                  .where(BuildChecksumRow.build_id.in_(list(checksums)))))
+            for build_id, sha in checksums.items():
+                if build_id not in known:
+                    s.add(BuildChecksumRow(build_id=build_id, sha256=sha, recorded_by=node_id))
+
+    def checksum(self, build_id: str) -> str | None:
+        with self.db.session() as s:
+            row = s.get(BuildChecksumRow, build_id)
+            return row.sha256 if row else None
+
+    def holders(self, build_id: str) -> list[NodeRow]:
+        """Nodes, not gone, that reported holding the build (freshest heartbeat first)."""
+        return sorted((n for n in self.all() if n.state != GONE and build_id in (n.builds or [])),
+                      key=lambda n: n.heartbeat_at, reverse=True)
 
     def remove(self, node_id: str) -> bool:
         with self.db.session() as s:

@@ -255,6 +255,33 @@ class TemplateStore:
                 self._quarantine(build_id, log)
             return self._build_locked(build_id, inputs, builder, log, extra_meta or {})
 
+    def publish_fetched(self, build_id: str, tmp: Path, expected_sha256: str, log: LogFn) -> Build:
+        """Publish a build another node sent (cluster/builds.py), unpacked into ``tmp`` (a dir in
+        this store's ``.tmp``): only if its meta.json is the build ``build_id`` names and its rootfs
+        has the checksum the cluster recorded when it was built (``expected_sha256``, not the
+        sender's word). Anything else is removed and refused."""
+        try:
+            meta = json.loads((tmp / "meta.json").read_text())
+            why = None
+            if meta.get("build_id") != build_id or build_id_of(meta.get("inputs", {})) != build_id:
+                why = "its meta.json names another build"
+            elif (actual := tree_checksum(tmp / "rootfs")["sha256"]) != expected_sha256:
+                why = f"its rootfs checksum {actual[:12]}… is not the recorded {expected_sha256[:12]}…"
+            elif meta.get("rootfs", {}).get("sha256") != expected_sha256:
+                why = "its meta.json records another checksum"
+        except (OSError, ValueError) as exc:
+            why = f"unreadable: {exc}"
+        if why is not None:
+            remove_tree(tmp)
+            raise BuildError(f"fetched build {build_id} refused: {why}")
+        if not (tmp / "build.log").exists():
+            (tmp / "build.log").write_text(f"build {build_id} fetched from another node (its log is there)\n")
+        with self._lock(build_id):
+            if self.exists(build_id):
+                remove_tree(tmp)
+                return self.get(build_id)
+            return self._publish(build_id, tmp, log)
+
     def remove(self, build_id: str) -> bool:
         """Delete a build (garbage collection; the caller makes sure no sandbox uses it). It is
         first renamed out of the way, so it is never visible half-deleted."""

@@ -182,11 +182,13 @@ def kill_all(cluster: Cluster) -> None:
 
 @contextlib.contextmanager
 def running_cluster(shared_data_dir: Path, log_dir: Path, apis: int = 2, nodes: int = 3,
-                    **overrides: Any) -> Iterator[Cluster]:
+                    own_templates: tuple[int, ...] = (), **overrides: Any) -> Iterator[Cluster]:
     """PostgreSQL, ``nodes`` nodes (each in its namespace) and ``apis`` API replicas, started;
-    ``overrides`` are settings for every process (``node_timeout_s``...). All stopped and removed
-    on exit, and the sandboxes of nodes still running killed first (a node killed by the test is
-    started once more to reconcile, then stopped)."""
+    ``overrides`` are settings for every process (``node_timeout_s``...). Nodes share the test
+    template store, but those numbered in ``own_templates`` (1-based) start with an empty one of
+    their own, after the others: they fetch ``base`` from them. All stopped and removed on exit,
+    and the sandboxes of nodes still running killed first (a node killed by the test is started
+    once more to reconcile, then stopped)."""
     exe = str(Path(sys.executable).with_name("sandboxd"))
     with test_network() as net, running_postgres(networks=(net.cidr,)) as pg:
         url = pg.create_database("sandboxd")
@@ -203,6 +205,9 @@ def running_cluster(shared_data_dir: Path, log_dir: Path, apis: int = 2, nodes: 
             prefix, cidr = unique_network()
             data_dir = run_dir(shared_data_dir)
             dirs.append(data_dir)
+            if i in own_templates:
+                (data_dir / "templates").unlink()
+                (data_dir / "templates").mkdir()
             node_url = pg.url("sandboxd", net.host_address)
             settings = Settings.from_env({}, **{**common, "database_url": node_url, "data_dir": data_dir,
                                                 "host": address, "port": NODE_PORT, "net_prefix": prefix,
@@ -219,10 +224,17 @@ def running_cluster(shared_data_dir: Path, log_dir: Path, apis: int = 2, nodes: 
                                   f"http://127.0.0.1:{settings.port}"))
         cluster = Cluster(pg, url, api_key, api_procs, node_procs, net, secret_file)
         try:
-            for p in node_procs:
+            first = [p for i, p in enumerate(node_procs, 1) if i not in own_templates]
+            for p in first:
                 p.start()
-            for p in node_procs:
+            for p in first:
                 wait_node(cluster, p)
+            if own_templates:
+                time.sleep(2.5)  # a heartbeat: the first nodes' builds and checksums are recorded
+            for p in node_procs:
+                if p not in first:
+                    p.start()
+                    wait_node(cluster, p)
             for p in api_procs:
                 p.start()
             for p in api_procs:
