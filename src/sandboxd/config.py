@@ -70,6 +70,9 @@ class Settings:
     #: The key secrets are sealed with (32 bytes; made on first use). Default ``<data dir>/secrets.key``:
     #: point it outside the data dir so a copy of the database and the key never travel together.
     secrets_key_file: Path | None = None
+    #: CA certificates (PEM) the egress proxy trusts, besides the system's, for the upstreams of
+    #: hosts whose requests ``network.rules`` transform (re-read when the file changes).
+    egress_upstream_ca: Path | None = None
     #: How often every running sandbox's CPU, memory and disk use is sampled (E2B: every 5 s).
     metrics_interval_s: float = 5.0
     database_url: str | None = field(default=None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import Sandbox
+from e2b import Sandbox, Secret
 
 from sandboxd.store.db import Database
 
@@ -35,7 +35,11 @@ pytestmark = pytest.mark.slow
     ({"iam": {"tokens": {"aws": {"audience": "sts", "token_type": "JWT-SVID"}}}}, 501, "iam.tokens"),
     ({"volumeMounts": [{"name": "v", "path": "/data"}]}, 404, "volumeMounts[0].name"),  # no such volume
     ({"network": {"egressProxy": {"address": "proxy.example:1080"}}}, 501, "network.egressProxy"),
-    ({"network": {"rules": {"api.example.com": [{"transform": {"headers": {"A": "b"}}}]}}}, 501, "network.rules"),
+    ({"network": {"rules": {"api.example.com": [{"transform": {"body": "b"}}]}}}, 400,
+     "network.rules['api.example.com'][0].transform.body"),
+    ({"network": {"rules": {"api.example.com": [{"transform": {"headers": {"A": "${e2b.secrets.no-such-one}"}}}]}}},
+     400, "network.rules['api.example.com'][0].transform.headers['A']"),
+    ({"network": {"rules": {"10.0.0.1": []}}}, 400, "network.rules['10.0.0.1']"),
 ])
 def test_create_options_are_honoured_or_named(sdk_env: Server, body: dict, status: int, field: str) -> None:
     with sdk_env.api() as api:
@@ -47,9 +51,10 @@ def test_create_options_are_honoured_or_named(sdk_env: Server, body: dict, statu
 
 
 def test_sdk_surfaces_the_named_option(sdk_env: Server) -> None:
-    with pytest.raises(Exception, match=r"network\.rules"):
+    with pytest.raises(Exception, match=r"network\.rules"):  # a secret that does not exist
         Sandbox.create(network={"allow_out": ["api.example.com"], "deny_out": ["0.0.0.0/0"],
-                                "rules": {"api.example.com": [{"transform": {"headers": {"X-A": "b"}}}]}})
+                                "rules": {"api.example.com": [{"transform": {"headers": {
+                                    "X-A": Secret.fill("no-such-secret-here")}}}]}})
 
 
 def test_network_update_body_is_checked(sdk_env: Server, sandbox: Sandbox) -> None:

@@ -100,7 +100,7 @@ class FakeSlots:
     def slot(self, index: int) -> NetworkSlot:
         return NetworkSlot(index, f"f-{index}", f"f-{index}-g", f"127.77.0.{index}", "127.77.1.1", f"f-{index}-h")
 
-    def acquire(self, policy: object = None) -> NetworkSlot:
+    def acquire(self, policy: object = None, ca: object = None) -> NetworkSlot:
         if "network" in self.fail:
             raise self.fail["network"]
         index = min(set(range(1, 200)) - self.taken)
@@ -213,7 +213,7 @@ def test_recovery_rebuilds_the_teardown_of_what_cannot_be_kept(node: Node) -> No
     node.orch.slots.setup_host = lambda: None  # type: ignore[attr-defined]
     node.orch.slots.existing = lambda: sorted(node.slots.taken)  # type: ignore[attr-defined]
     node.orch.slots.cleanup_stale = lambda keep: []  # type: ignore[attr-defined]
-    node.orch.slots.set_egress = lambda slot, policy: None  # type: ignore[attr-defined]
+    node.orch.slots.set_egress = lambda slot, policy, ca=None: None  # type: ignore[attr-defined]
     restarted = Orchestrator(node.orch.settings, node.db, node.orch.templates, node.orch.backends, node.orch.slots)
     report = restarted.recover()
     assert report.reattached == [kept] and report.removed == [lost] and report.stale_dirs == ["stray"]

@@ -39,7 +39,7 @@ class NetworkConfig(_Strict):
     maskRequestHost: str | None = Field(default=None, min_length=1, max_length=253)
     httpsPorts: list[int] | None = None
     egressProxy: dict[str, Any] | None = None  # 501: see unsupported_options
-    rules: dict[str, list[dict[str, Any]]] | None = None  # 501: see unsupported_options
+    rules: Any = None  # checked by EgressPolicy.parse (400s naming the key)
 
 
 class NetworkUpdate(_Strict):
@@ -50,7 +50,7 @@ class NetworkUpdate(_Strict):
     dnsServers: list[str] | None = None
     allow_internet_access: bool | None = None
     egressProxy: dict[str, Any] | None = None
-    rules: dict[str, list[dict[str, Any]]] | None = None
+    rules: Any = None
 
 
 class NewSandbox(_Strict):
@@ -90,11 +90,8 @@ def unsupported_options(body: NewSandbox | NetworkUpdate) -> str | None:
             return "mcp: MCP gateways in sandboxes are not implemented"
         if body.iam and body.iam.get("tokens"):
             return "iam.tokens: workload identity tokens are not implemented"
-    if net is not None:
-        if net.egressProxy is not None:
-            return f"{prefix}egressProxy: tunnelling egress through a SOCKS5 proxy is not implemented"
-        if net.rules:
-            return f"{prefix}rules: per-domain request transforms are not implemented"
+    if net is not None and net.egressProxy is not None:
+        return f"{prefix}egressProxy: tunnelling egress through a SOCKS5 proxy is not implemented"
     return None
 
 

@@ -128,8 +128,9 @@ def _create_request(body: NewSandbox, request: Request, secure: bool, default_ti
     net = body.network
     allow_internet = body.allow_internet_access is not False
     egress = None
-    if net is not None and (net.allowOut is not None or net.denyOut is not None or net.dnsServers is not None):
-        egress = _policy(allow_internet, net.allowOut, net.denyOut, net.dnsServers, "network")
+    if net is not None and (net.allowOut is not None or net.denyOut is not None or net.dnsServers is not None
+                            or net.rules is not None):
+        egress = _policy(request, allow_internet, net.allowOut, net.denyOut, net.dnsServers, "network", net.rules)
     https_ports = tuple(net.httpsPorts or ()) if net else ()
     for i, port in enumerate(https_ports):
         if not 0 < port < 65536:
@@ -171,12 +172,15 @@ def _volume_mounts(request: Request, asked: list[VolumeMount]) -> tuple[dict[str
 _MASK_HOST = re.compile(r"[A-Za-z0-9.${}_-]{1,253}(:[0-9${}A-Z]{1,12})?")
 
 
-def _policy(allow_internet: bool, allow_out: list[str] | None, deny_out: list[str] | None,
-            dns_servers: list[str] | None, prefix: str) -> EgressPolicy:
+def _policy(request: Request, allow_internet: bool, allow_out: list[str] | None, deny_out: list[str] | None,
+            dns_servers: list[str] | None, prefix: str, rules: Any) -> EgressPolicy:
+    """The body's egress rules, checked; a transform's ``${e2b.secrets.<name>}`` must name a secret."""
+    secrets = request.app.state.secrets
     try:
-        return EgressPolicy.parse(allow_internet, allow_out, deny_out, dns_servers, prefix)
+        return EgressPolicy.parse(allow_internet, allow_out, deny_out, dns_servers, prefix, rules,
+                                  lambda name: secrets.find(name) is not None)
     except PolicyError as exc:
-        raise ApiError(400, str(exc)) from exc
+        raise ApiError(exc.status, str(exc)) from exc
 
 
 def _quotas(request: Request) -> Quotas:
@@ -216,7 +220,8 @@ def update_network(sandbox_id: str, body: NetworkUpdate, request: Request) -> Re
     it to every public address again)."""
     if (unsupported := unsupported_options(body)) is not None:
         raise ApiError(501, f"sandboxd does not support {unsupported}")
-    policy = _policy(body.allow_internet_access is not False, body.allowOut, body.denyOut, body.dnsServers, "")
+    policy = _policy(request, body.allow_internet_access is not False, body.allowOut, body.denyOut, body.dnsServers,
+                     "", body.rules)
     row = _orchestrator(request).update_network(sandbox_id, policy)
     if row is None:
         raise ApiError(404, f"sandbox '{sandbox_id}' not found")

@@ -102,6 +102,9 @@ def build_node_app(settings: Settings) -> ASGIApp:
     samples = MetricSamples(settings.data_dir / "metrics")
     agent = agent_for(orch, settings.node_address or f"http://{settings.host}:{settings.port}")
     orch.fetch_build = BuildFetcher(orch.templates, agent.nodes, agent.node_id, secret)
+    # the node's egress proxy fills network.rules' secrets: the API's key file must be the node's too
+    secrets = Secrets(orch.db, settings.secrets_key_file or settings.data_dir / "secrets.key")
+    orch.slots.egress_proxy.configure(secrets.value, settings.egress_upstream_ca)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -7,12 +7,21 @@ a name in ``allow_out`` needs ``deny_out`` to hold all traffic (else the name ad
 user is told so) and is matched against the TLS SNI or HTTP Host of the connection, never against
 DNS answers (which the sandbox controls). Whatever the rules say, private, link-local, loopback and
 other non-public ranges stay unreachable (:data:`DENIED_RANGES`).
+
+``rules`` (E2B's ``network.rules``): per-host request transforms, ``{host: [{"transform":
+{"headers": {name: value}}}]}``. They grant nothing (the host must be allowed as well); the egress
+proxy terminates TLS for a matching host only, with the sandbox's own CA, sets the headers, and
+re-originates TLS to the destination, verifying its certificate for that host. A value may hold
+``${e2b.secrets.<name>}`` placeholders (the SDK's ``Secret.fill``): the proxy puts the secret's
+current value in per request, so the value never enters the sandbox. Plain HTTP is never
+transformed: the sandbox chooses the address, and only a verified certificate proves the host.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,15 +36,51 @@ MAX_DNS_SERVERS = 10
 MAX_RULES = 1000
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^(\*\.)?({_LABEL}\.)*{_LABEL}$")
+#: A header name (RFC 9110 token) and the placeholders a transform's value may hold
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+PLACEHOLDER = re.compile(r"\$\{e2b\.([a-z]+)\.([^}]*)\}")
+MAX_HEADER_VALUE = 8192
+#: Headers that frame or route the request: a transform setting one would break the stream or
+#: send it elsewhere than the certificate was checked for
+FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te",
+                             "trailer", "keep-alive", "proxy-connection", "expect"})
 
 
 class PolicyError(ValueError):
     """An egress rule the server will not take; ``field`` names the offending one (E2B's field
-    path, e.g. ``network.allowOut[2]``)."""
+    path, e.g. ``network.allowOut[2]``); ``status`` 400, or 501 for what sandboxd lacks."""
 
-    def __init__(self, field_name: str, message: str) -> None:
+    def __init__(self, field_name: str, message: str, status: int = 400) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.status = status
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """The rules of one ``rules`` key: the host (exact, or ``*.suffix``) and each rule's headers,
+    in order (a later rule's header replaces an earlier one of the same name)."""
+
+    host: str
+    transforms: tuple[tuple[tuple[str, str], ...], ...]
+
+    def headers(self) -> dict[str, tuple[str, str]]:
+        """lower-cased name → (name, value) after every transform, in order."""
+        out: dict[str, tuple[str, str]] = {}
+        for transform in self.transforms:
+            for name, value in transform:
+                out[name.lower()] = (name, value)
+        return out
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"transform": {"headers": dict(t)}} if t else {} for t in self.transforms]
+
+
+def secret_names(value: str) -> Iterator[str]:
+    """The secrets a header value's placeholders name (``${e2b.secrets.<name>}``)."""
+    for m in PLACEHOLDER.finditer(value):
+        if m[1] == "secrets":
+            yield m[2]
 
 
 @dataclass(frozen=True)
@@ -46,6 +91,33 @@ class EgressPolicy:
     allow_domains: tuple[str, ...] = ()
     deny_cidrs: tuple[str, ...] = ()
     dns_servers: tuple[str, ...] = field(default=DEFAULT_DNS)
+    rules: tuple[HostRule, ...] = ()
+
+    @property
+    def needs_proxy(self) -> bool:
+        """Whether the slot's egress proxy has work: names to allow, or requests to transform."""
+        return bool(self.allow_domains or self.rules)
+
+    def allows_address(self, address: str) -> bool:
+        """Whether the address rules alone let a connection to ``address`` through (names aside;
+        the private ranges are checked apart)."""
+        ip = ipaddress.IPv4Address(address)
+        if any(ip in ipaddress.IPv4Network(c) for c in self.effective_allow):
+            return True
+        return not any(ip in ipaddress.IPv4Network(c) for c in self.deny_cidrs)
+
+    def rule_for(self, host: str) -> HostRule | None:
+        """E2B's match: an exact key first, else the longest ``*.`` key whose suffix the host
+        ends with (below it, at any depth: never the apex); rule sets are not merged."""
+        host = host.lower().rstrip(".")
+        wild: HostRule | None = None
+        for rule in self.rules:
+            if rule.host == host:
+                return rule
+            if (rule.host.startswith("*.") and host.endswith(rule.host[1:])
+                    and (wild is None or len(rule.host) > len(wild.host))):
+                wild = rule
+        return wild
 
     @property
     def denies_all(self) -> bool:
@@ -75,8 +147,11 @@ class EgressPolicy:
         return False
 
     def to_json(self) -> dict[str, Any]:
-        return {"allowOut": [*self.allow_cidrs, *self.allow_domains], "denyOut": list(self.deny_cidrs),
-                "dnsServers": list(self.dns_servers)}
+        out: dict[str, Any] = {"allowOut": [*self.allow_cidrs, *self.allow_domains], "denyOut": list(self.deny_cidrs),
+                               "dnsServers": list(self.dns_servers)}
+        if self.rules:
+            out["rules"] = {r.host: r.to_json() for r in self.rules}
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, allow_internet: bool = True) -> EgressPolicy:
@@ -88,14 +163,17 @@ class EgressPolicy:
         return cls(allow_cidrs=tuple(a for a in allow if _is_address(a)),
                    allow_domains=tuple(a for a in allow if not _is_address(a)),
                    deny_cidrs=tuple(data.get("denyOut") or ()),
-                   dns_servers=tuple(data.get("dnsServers", DEFAULT_DNS)))
+                   dns_servers=tuple(data.get("dnsServers", DEFAULT_DNS)),
+                   rules=_rules(data.get("rules"), "rules", lambda _: True))
 
     @classmethod
     def parse(cls, allow_internet: bool, allow_out: list[str] | None, deny_out: list[str] | None,
-              dns_servers: list[str] | None, prefix: str = "network") -> EgressPolicy:
+              dns_servers: list[str] | None, prefix: str = "network", rules: Any = None,
+              secret_exists: Callable[[str], bool] = lambda _: False) -> EgressPolicy:
         """Check and normalise the rules of a create (or update) body; raise :class:`PolicyError`
-        naming the first bad field."""
+        naming the first bad field. ``secret_exists`` tells whether a placeholder's secret does."""
         prefix = f"{prefix}." if prefix else ""
+        host_rules = _rules(rules, f"{prefix}rules", secret_exists)
         allow_cidrs: list[str] = []
         allow_domains: list[str] = []
         for i, raw in enumerate(_bounded(allow_out, f"{prefix}allowOut")):
@@ -122,7 +200,69 @@ class EgressPolicy:
                               "(all other traffic denied); without it every destination is allowed already")
         dns = DEFAULT_DNS if dns_servers is None else tuple(_dns(dns_servers, f"{prefix}dnsServers"))
         return cls(tuple(dict.fromkeys(allow_cidrs)), tuple(dict.fromkeys(allow_domains)),
-                   tuple(dict.fromkeys(deny)), dns)
+                   tuple(dict.fromkeys(deny)), dns, host_rules)
+
+
+def _rules(raw: Any, where: str, secret_exists: Callable[[str], bool]) -> tuple[HostRule, ...]:
+    """``rules`` in E2B's shape, ``{host: [{"transform": {"headers": {name: value}}}]}``, and
+    nothing else (an unknown key is a 400 naming it)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise PolicyError(where, "an object of host name → list of rules")
+    if len(raw) > MAX_RULES:
+        raise PolicyError(where, f"at most {MAX_RULES} hosts")
+    out: dict[str, HostRule] = {}
+    for key, items in raw.items():
+        at = f"{where}[{key!r}]"
+        if not isinstance(key, str) or _is_address(key.strip()):
+            raise PolicyError(at, "a key is a host name ('api.example.com' or '*.example.com'): transforms "
+                                  "apply to HTTPS requests, matched by the name the certificate is checked for")
+        host = _domain(key, at)
+        if host in out:
+            raise PolicyError(at, f"{host!r} is given twice (keys are compared lower-cased)")
+        if not isinstance(items, list):
+            raise PolicyError(at, "a list of rules")
+        transforms = tuple(_transform(item, f"{at}[{i}]", secret_exists) for i, item in enumerate(items))
+        out[host] = HostRule(host, transforms)
+    return tuple(out.values())
+
+
+def _transform(item: Any, where: str, secret_exists: Callable[[str], bool]) -> tuple[tuple[str, str], ...]:
+    if not isinstance(item, dict):
+        raise PolicyError(where, "a rule is an object with 'transform'")
+    for key in item:
+        if key != "transform":
+            raise PolicyError(f"{where}.{key}", "unknown key (a rule has 'transform' only)")
+    transform = item.get("transform")
+    if transform is None:
+        return ()
+    if not isinstance(transform, dict):
+        raise PolicyError(f"{where}.transform", "an object with 'headers'")
+    for key in transform:
+        if key != "headers":
+            raise PolicyError(f"{where}.transform.{key}", "unknown key (a transform has 'headers' only)")
+    headers = transform.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise PolicyError(f"{where}.transform.headers", "an object of header name → value")
+    out = []
+    for name, value in headers.items():
+        at = f"{where}.transform.headers[{name!r}]"
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise PolicyError(at, "not a valid HTTP header name")
+        if name.lower() in FRAMING_HEADERS:
+            raise PolicyError(at, f"{name} frames or routes the request and cannot be set by a transform")
+        if not isinstance(value, str) or len(value) > MAX_HEADER_VALUE or re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+            raise PolicyError(at, f"a string of at most {MAX_HEADER_VALUE} characters without control characters")
+        for m in PLACEHOLDER.finditer(value):
+            if m[1] == "identity":
+                raise PolicyError(at, f"{m[0]}: workload identity tokens (iam) are not implemented", 501)
+            if m[1] != "secrets":
+                raise PolicyError(at, f"{m[0]}: unknown placeholder (use ${{e2b.secrets.<name>}})")
+            if not secret_exists(m[2]):
+                raise PolicyError(at, f"{m[0]}: no secret named {m[2]!r} (Secret.create it first)")
+        out.append((name, value))
+    return tuple(out)
 
 
 #: No egress at all (``allow_internet_access=False``), and the default of a bare slot

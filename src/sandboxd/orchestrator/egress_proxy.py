@@ -7,8 +7,11 @@ The slot's nftables redirect such connections to a listener this proxy holds *in
 namespace (on the gateway address), so the kernel's conntrack there knows where each was going
 (``SO_ORIGINAL_DST``). An allowed connection is dialled from the slot namespace as well, so it
 leaves by the slot's own path and the host's rules (private ranges and the host itself denied)
-apply to it as to any packet of the sandbox. Nothing is decrypted: the bytes read to find the
-name are passed on unchanged, then both directions are copied as they come.
+apply to it as to any packet of the sandbox. Nothing is decrypted — except TLS to a host the
+sandbox's ``network.rules`` transform (:mod:`egress_transform`) — the bytes read to find the name
+are passed on unchanged, then both directions are copied as they come. With rules, connections
+on ports 80 and 443 come here even when their address is allowed, so a rule applies whatever
+the address rules say; rules never let through what the address and name rules deny.
 
 One asyncio loop in a thread of its own serves every slot; :meth:`EgressProxy.apply` is called
 (from any thread) whenever a slot is made or its rules change, and closes the connections the
@@ -25,12 +28,17 @@ import logging
 import os
 import re
 import socket
+import ssl
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from sandboxd.orchestrator.egress import DENIED_RANGES, EgressPolicy
+from sandboxd.orchestrator.egress import DENIED_RANGES, NO_EGRESS, EgressPolicy, HostRule
+from sandboxd.orchestrator.egress_ca import SandboxCA
+from sandboxd.orchestrator.egress_transform import MissingSecret, TlsServerStream, fill, relay
 
 log = logging.getLogger("sandboxd.egress")
 
@@ -166,7 +174,8 @@ def _sni_of_hello(body: bytes) -> str | None:
 
 @dataclass
 class _Connection:
-    name: str
+    name: str | None
+    address: str
     writers: tuple[asyncio.StreamWriter, asyncio.StreamWriter]
 
 
@@ -174,8 +183,12 @@ class _Connection:
 class _Slot:
     netns_path: str
     policy: EgressPolicy
+    ca: SandboxCA | None = None
     server: asyncio.base_events.Server | None = None
     connections: set[int] = field(default_factory=set)
+
+    def allows(self, address: str, name: str | None) -> bool:
+        return self.policy.allows_address(address) or (name is not None and self.policy.allows_host(name))
 
 
 class EgressProxy:
@@ -187,6 +200,14 @@ class EgressProxy:
         self._slots: dict[str, _Slot] = {}
         self._open: dict[int, _Connection] = {}
         self._lock = threading.Lock()
+        self._secret_value: Callable[[str], str | None] = lambda _: None
+        self._upstream_ca: Path | None = None
+        self._upstream_ctx: tuple[object, ssl.SSLContext] | None = None
+
+    def configure(self, secret_value: Callable[[str], str | None], upstream_ca: Path | None) -> None:
+        """Where placeholders' secrets come from, and CAs (PEM) trusted for upstream certificates
+        besides the system's (read again when the file changes)."""
+        self._secret_value, self._upstream_ca = secret_value, upstream_ca
 
     def _start(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -196,11 +217,13 @@ class EgressProxy:
             self._loop = loop
         return self._loop
 
-    def apply(self, netns: str, netns_path: str, policy: EgressPolicy, listen: tuple[str, int]) -> None:
-        """Serve ``netns`` with ``policy`` (or stop serving it if the policy names no host)."""
+    def apply(self, netns: str, netns_path: str, policy: EgressPolicy, listen: tuple[str, int],
+              ca: SandboxCA | None = None) -> None:
+        """Serve ``netns`` with ``policy`` and the sandbox's CA (or stop serving it if the policy
+        names no host and transforms nothing)."""
         with self._lock:
             slot = self._slots.get(netns)
-            if not policy.allow_domains:
+            if not policy.needs_proxy:
                 if slot is not None:
                     self._close_locked(netns)
                 return
@@ -208,7 +231,7 @@ class EgressProxy:
             if slot is None:
                 assert self._sockets is not None
                 listener = self._sockets.socket(netns_path, listen)
-                slot = self._slots[netns] = _Slot(netns_path, policy)
+                slot = self._slots[netns] = _Slot(netns_path, policy, ca)
                 try:
                     slot.server = asyncio.run_coroutine_threadsafe(
                         asyncio.start_server(lambda r, w: self._handle(slot, r, w), sock=listener), loop).result(10)
@@ -217,7 +240,7 @@ class EgressProxy:
                     del self._slots[netns]
                     raise
             else:
-                slot.policy = policy
+                slot.policy, slot.ca = policy, ca
                 loop.call_soon_threadsafe(self._recheck, slot)
 
     def close(self, netns: str) -> None:
@@ -231,7 +254,7 @@ class EgressProxy:
         slot = self._slots.pop(netns, None)
         if slot is None or self._loop is None:
             return
-        slot.policy = EgressPolicy()  # names nothing: every connection goes
+        slot.policy = NO_EGRESS  # allows nothing: every connection goes
 
         def stop() -> None:
             if slot.server is not None:
@@ -244,25 +267,27 @@ class EgressProxy:
         """Close the slot's connections whose name its rules no longer allow (loop thread)."""
         for key in list(slot.connections):
             conn = self._open.get(key)
-            if conn is not None and not slot.policy.allows_host(conn.name):
+            if conn is not None and not slot.allows(conn.address, conn.name):
                 for writer in conn.writers:
                     writer.transport.abort()
 
     async def _handle(self, slot: _Slot, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._serve(slot, reader, writer)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ConnectionError) as exc:
             log.debug("egress connection ended: %r", exc)
         finally:
             writer.transport.abort()
 
     async def _serve(self, slot: _Slot, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         dest_ip, dest_port = original_destination(writer.get_extra_info("socket"))
-        data, name = await asyncio.wait_for(_read_name(reader), HELLO_TIMEOUT_S)
-        if not isinstance(name, str) or not slot.policy.allows_host(name) or _private(dest_ip):
+        data, found = await asyncio.wait_for(_read_name(reader), HELLO_TIMEOUT_S)
+        name = found if isinstance(found, str) else None
+        if _private(dest_ip) or not slot.allows(dest_ip, name):
             log.info("egress from %s to %s:%d refused: %s", slot.netns_path, dest_ip, dest_port,
-                     f"{name!r} is not allowed" if isinstance(name, str) else "it names no host")
+                     f"{name!r} is not allowed" if name is not None else "it names no host")
             return
+        rule = slot.policy.rule_for(name) if name is not None and data[:1] == b"\x16" else None
         loop = asyncio.get_running_loop()
         assert self._sockets is not None
         upstream = await loop.run_in_executor(None, self._sockets.socket, slot.netns_path)
@@ -271,9 +296,12 @@ class EgressProxy:
         except BaseException:
             upstream.close()
             raise
+        if rule is not None and name is not None and slot.ca is not None:
+            await self._intercept(slot, reader, writer, data, name, upstream, dest_ip)
+            return
         up_reader, up_writer = await asyncio.open_connection(sock=upstream)
         key = id(writer)
-        self._open[key] = _Connection(name, (writer, up_writer))
+        self._open[key] = _Connection(name, dest_ip, (writer, up_writer))
         slot.connections.add(key)
         try:
             up_writer.write(data)
@@ -282,6 +310,69 @@ class EgressProxy:
             slot.connections.discard(key)
             self._open.pop(key, None)
             up_writer.transport.abort()
+
+    def _upstream_context(self) -> ssl.SSLContext:
+        """Verifies an upstream's certificate for the host: the system's CAs and the configured ones."""
+        stamp: object = None
+        if self._upstream_ca is not None:
+            with contextlib.suppress(OSError):
+                st = self._upstream_ca.stat()
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._upstream_ctx is None or self._upstream_ctx[0] != stamp:
+            ctx = ssl.create_default_context()
+            if stamp is not None and self._upstream_ca is not None:
+                ctx.load_verify_locations(cafile=str(self._upstream_ca))
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._upstream_ctx = (stamp, ctx)
+        return self._upstream_ctx[1]
+
+    async def _intercept(self, slot: _Slot, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         hello: bytes, name: str, upstream: socket.socket, dest_ip: str) -> None:
+        """TLS to a host with a rule: ours toward the sandbox, a verified one to the upstream,
+        every request given the rule's headers (see :mod:`egress_transform`)."""
+        loop = asyncio.get_running_loop()
+        assert slot.ca is not None
+        ca = slot.ca
+        server_ctx = await loop.run_in_executor(None, ca.server_context, name)
+        client = TlsServerStream(reader, writer, server_ctx, hello)
+        await asyncio.wait_for(client.handshake(), HELLO_TIMEOUT_S)
+        try:
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(
+                sock=upstream, ssl=self._upstream_context(), server_hostname=name), CONNECT_TIMEOUT_S)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            upstream.close()
+            log.info("egress from %s to %s refused: its certificate does not verify: %s", slot.netns_path, name, exc)
+            await client.write(_bad_gateway(f"sandboxd egress proxy: the certificate of {name} did not verify "
+                                            f"({exc}); no request was sent"))
+            return
+
+        async def headers_for() -> dict[str, tuple[str, str]] | None:
+            rule: HostRule | None = slot.policy.rule_for(name)
+            if rule is None:
+                return None
+            return await loop.run_in_executor(None, fill, rule, self._secret_value)
+
+        key = id(writer)
+        self._open[key] = _Connection(name, dest_ip, (writer, up_writer))
+        slot.connections.add(key)
+        try:
+            await relay(client, up_reader, up_writer, headers_for)
+        except MissingSecret as exc:
+            log.warning("egress from %s to %s: secret %r of its rule is gone or unreadable: request not sent",
+                        slot.netns_path, name, str(exc))
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await client.write(_bad_gateway(f"sandboxd egress proxy: the secret {str(exc)!r} a network rule "
+                                                f"for {name} names does not exist or cannot be read; no request was sent"))
+        finally:
+            slot.connections.discard(key)
+            self._open.pop(key, None)
+            up_writer.transport.abort()
+
+
+def _bad_gateway(message: str) -> bytes:
+    body = (message + "\n").encode()
+    return (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
 
 async def _read_name(reader: asyncio.StreamReader) -> tuple[bytes, str | object | None]:

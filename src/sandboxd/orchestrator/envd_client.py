@@ -97,6 +97,28 @@ def init_envd(address: str, access_token: str | None, env_vars: dict[str, str], 
         raise EnvdNotReady(f"envd /init answered {r.status_code}: {r.text[:500]}")
 
 
+def trust_ca(address: str, access_token: str, pem: bytes, bundle: str, alone: str) -> None:
+    """Add a CA certificate to the sandbox's system bundle (``bundle``, made if the template has
+    none; kept as it is if the CA is in it already) and write it alone to ``alone``, as root."""
+    headers = {"X-Access-Token": access_token}
+    url = f"{envd_url(address)}/files"
+    try:
+        r = _client().get(url, params={"path": bundle, "username": "root"}, headers=headers, timeout=10.0)
+        if r.status_code not in (200, 404):
+            raise EnvdNotReady(f"envd GET {bundle} answered {r.status_code}: {r.text[:300]}")
+        current = r.content if r.status_code == 200 else b""
+        writes = [(alone, pem)]
+        if pem not in current:
+            writes.append((bundle, current + (b"" if not current or current.endswith(b"\n") else b"\n") + pem))
+        for path, body in writes:
+            r = _client().post(url, params={"path": path, "username": "root"}, content=body,
+                               headers={**headers, "Content-Type": "application/octet-stream"}, timeout=10.0)
+            if r.status_code != 200:
+                raise EnvdNotReady(f"envd POST {path} answered {r.status_code}: {r.text[:300]}")
+    except httpx.HTTPError as exc:
+        raise EnvdNotReady(f"envd could not be given the egress CA: {exc}") from exc
+
+
 def fetch_metrics(address: str, access_token: str) -> dict[str, Any]:
     """envd's ``GET /metrics`` (CPU, memory and disk of the sandbox as it sees them)."""
     try:

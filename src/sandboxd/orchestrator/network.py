@@ -33,6 +33,7 @@ from pathlib import Path
 
 from sandboxd.errors import StartError
 from sandboxd.orchestrator.egress import DENIED_RANGES, NO_EGRESS, EgressPolicy
+from sandboxd.orchestrator.egress_ca import SandboxCA
 from sandboxd.orchestrator.egress_proxy import EgressProxy
 
 GUEST_ADDRESS = "169.254.0.21"
@@ -112,14 +113,19 @@ def egress_nft(policy: EgressPolicy) -> str:
     """The slot's ``sbx_egress`` table, replaced whole (one nft transaction) at each change, so
     a running sandbox's rules change at once. Judged on every packet the guest sends, not only
     on new connections: a connection the new rules deny stops, it is not grandfathered. With
-    names allowed, new TCP connections the addresses alone would deny go to the egress proxy."""
+    names allowed, new TCP connections the addresses alone would deny go to the egress proxy;
+    with request transforms (``rules``), every new one on ports 80 and 443 as well."""
     denied = 'iifname "gl" ct direction original ip daddr @deny'
     redirect = ""
-    if policy.allow_domains:
-        private = ", ".join(DENIED_RANGES)
-        redirect = (f"  chain by_name {{ type nat hook prerouting priority dstnat; iifname \"gl\" meta l4proto tcp "
-                    f"ip daddr != {{ {private} }} ip daddr != @allow ip daddr @deny "
-                    f"redirect to :{EGRESS_PROXY_PORT}; }}\n")
+    if policy.needs_proxy:
+        public = f'iifname "gl" meta l4proto tcp ip daddr != {{ {", ".join(DENIED_RANGES)} }}'
+        to_proxy = f"redirect to :{EGRESS_PROXY_PORT};"
+        redirect = "  chain by_name { type nat hook prerouting priority dstnat;\n"
+        if policy.allow_domains:
+            redirect += f"    {public} ip daddr != @allow ip daddr @deny {to_proxy}\n"
+        if policy.rules:
+            redirect += f"    {public} tcp dport {{ 80, 443 }} {to_proxy}\n"
+        redirect += "  }\n"
     return ("table ip sbx_egress {}\ndelete table ip sbx_egress\ntable ip sbx_egress {\n"
             + _set("allow", policy.effective_allow) + _set("deny", policy.deny_cidrs)
             + "  chain forward { type filter hook forward priority filter + 1; policy accept;\n"
@@ -184,26 +190,26 @@ class SlotPool:
                            host_address=str(block + 2), host_side_address=str(block + 1),
                            host_veth=f"{self.prefix}-{index}-h")
 
-    def acquire(self, policy: EgressPolicy = NO_EGRESS) -> NetworkSlot:
+    def acquire(self, policy: EgressPolicy = NO_EGRESS, ca: SandboxCA | None = None) -> NetworkSlot:
         """Create the lowest free slot; on failure remove exactly what this call made and raise
         :class:`NetworkError` (never anything another process made under the same names, e.g. a
         leftover host veth, which :meth:`cleanup_stale` removes)."""
-        return self._build(self.slot(self._reserve()), policy)
+        return self._build(self.slot(self._reserve()), policy, ca)
 
-    def recreate(self, index: int, policy: EgressPolicy = NO_EGRESS) -> NetworkSlot:
+    def recreate(self, index: int, policy: EgressPolicy = NO_EGRESS, ca: SandboxCA | None = None) -> NetworkSlot:
         """Make slot ``index`` again (a paused sandbox keeps its index, but not its namespaces
         across a reboot of the host); a slot that exists is left as it is."""
         with self._lock:
             self._reserved.add(index)
         if index in self.existing():
             return self.slot(index)
-        return self._build(self.slot(index), policy)
+        return self._build(self.slot(index), policy, ca)
 
-    def _build(self, slot: NetworkSlot, policy: EgressPolicy) -> NetworkSlot:
+    def _build(self, slot: NetworkSlot, policy: EgressPolicy, ca: SandboxCA | None = None) -> NetworkSlot:
         """Create a reserved slot, or undo what was made of it and give the reservation up."""
         try:
             with contextlib.ExitStack() as undo:
-                self._create(slot, undo.callback, policy)
+                self._create(slot, undo.callback, policy, ca)
                 undo.pop_all()
         except BaseException:
             with self._lock:
@@ -220,15 +226,16 @@ class SlotPool:
         with self._lock:
             self._reserved.discard(slot.index)
 
-    def set_egress(self, slot: NetworkSlot, policy: EgressPolicy) -> None:
+    def set_egress(self, slot: NetworkSlot, policy: EgressPolicy, ca: SandboxCA | None = None) -> None:
         """Replace the slot's egress rules in one transaction (a running sandbox's too), and the
-        names its egress proxy lets through."""
+        names and transforms of its egress proxy (``ca``: the sandbox's, for transforms). The
+        proxy is given them first, so no connection reaches it under rules it does not know."""
+        self._serve_names(slot, policy, ca)
         _run("ip", "netns", "exec", slot.netns, "nft", "-f", "-", stdin=egress_nft(policy))
-        self._serve_names(slot, policy)
 
-    def _serve_names(self, slot: NetworkSlot, policy: EgressPolicy) -> None:
+    def _serve_names(self, slot: NetworkSlot, policy: EgressPolicy, ca: SandboxCA | None = None) -> None:
         try:
-            self.egress_proxy.apply(slot.netns, slot.netns_path, policy, (GATEWAY_ADDRESS, EGRESS_PROXY_PORT))
+            self.egress_proxy.apply(slot.netns, slot.netns_path, policy, (GATEWAY_ADDRESS, EGRESS_PROXY_PORT), ca)
         except OSError as exc:
             raise NetworkError(f"egress proxy in {slot.netns}: {exc}") from exc
 
@@ -277,7 +284,8 @@ class SlotPool:
         names = os.listdir(SYS_NET) if SYS_NET.is_dir() else []
         return [int(m[1]) for n in names if (m := pattern.match(n))]
 
-    def _create(self, s: NetworkSlot, on_undo: Callable[..., object], policy: EgressPolicy) -> None:
+    def _create(self, s: NetworkSlot, on_undo: Callable[..., object], policy: EgressPolicy,
+                ca: SandboxCA | None = None) -> None:
         """Build the slot; register the undo of each step right after it succeeded, so a failure
         (e.g. a name clash with an interface someone else made) removes only what this call made."""
         for ns in (s.netns, s.guest_netns):
@@ -297,7 +305,7 @@ class SlotPool:
             f"route add default via {GATEWAY_ADDRESS}\n"))
         _run("ip", "netns", "exec", s.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         _run("ip", "netns", "exec", s.netns, "nft", "-f", "-", stdin=_slot_nft(s) + egress_nft(policy))
-        self._serve_names(s, policy)
+        self._serve_names(s, policy, ca)
         on_undo(self.egress_proxy.close, s.netns)
 
 

@@ -95,7 +95,7 @@ def _keep_paused(orch: Orchestrator, backend: Backend, row: SandboxRow, states: 
         return False
     if row.slot_index not in slots_present:
         try:
-            orch.slots.recreate(row.slot_index, egress_of(row))
+            orch.slots.recreate(row.slot_index, egress_of(row), orch.egress_ca(row.sandbox_id))
         except NetworkError as exc:
             log.warning("paused sandbox %s: its network slot cannot be made again: %s", row.sandbox_id, exc)
             return False
@@ -115,7 +115,7 @@ def _reapply_egress(orch: Orchestrator, row: SandboxRow) -> bool:
     slot may hold rules an earlier version of sandboxd wrote); False, and the sandbox is not
     kept, if they cannot be: it would run with rules other than its own."""
     try:
-        orch.slots.set_egress(orch.slots.slot(row.slot_index), egress_of(row))
+        orch.slots.set_egress(orch.slots.slot(row.slot_index), egress_of(row), orch.egress_ca(row.sandbox_id))
     except NetworkError as exc:
         log.warning("sandbox %s: its egress rules cannot be applied again (%s): removing it", row.sandbox_id, exc)
         return False

@@ -34,6 +34,7 @@ from sandboxd.orchestrator.backends import Backend, Backends
 from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
 from sandboxd.orchestrator.disk import copy_image
 from sandboxd.orchestrator.egress import NO_EGRESS, OPEN_EGRESS, EgressPolicy
+from sandboxd.orchestrator.egress_ca import GUEST_BUNDLE, GUEST_CA, TRUST_ENV, TRUSTED_MARK, SandboxCA
 from sandboxd.orchestrator.envd_client import (
     EnvdNotReady,
     envd_answers,
@@ -41,6 +42,7 @@ from sandboxd.orchestrator.envd_client import (
     run_process,
     start_logged,
     sync_guest,
+    trust_ca,
     wait_healthy,
 )
 from sandboxd.orchestrator.lifecycle import BOOT_STEPS, SandboxState, Teardown
@@ -200,6 +202,22 @@ class Orchestrator:
     def sandbox_dir(self, sandbox_id: str) -> Path:
         return self.settings.sandboxes_dir / sandbox_id
 
+    def egress_ca(self, sandbox_id: str) -> SandboxCA | None:
+        """The sandbox's egress CA (for ``network.rules``), if it was ever given one."""
+        return SandboxCA.load(self.sandbox_dir(sandbox_id))
+
+    def _trust_egress_ca(self, sandbox_id: str, address: str, token: str, config: RuntimeConfig) -> None:
+        """The sandbox's CA into its trust store and the trust variables into envd's environment
+        (once per sandbox: the marker says it was done; a disk-only resume keeps the files and
+        gets the variables from :meth:`_personalize`)."""
+        sdir = self.sandbox_dir(sandbox_id)
+        ca = SandboxCA.load(sdir)
+        if ca is None or (sdir / TRUSTED_MARK).exists():
+            return
+        trust_ca(address, token, ca.pem, GUEST_BUNDLE, GUEST_CA)
+        init_envd(address, token, TRUST_ENV, config.user, config.workdir)
+        (sdir / TRUSTED_MARK).touch()
+
     # -- create --------------------------------------------------------------------------------
 
     def create(self, req: CreateRequest) -> SandboxRow:
@@ -295,7 +313,9 @@ class Orchestrator:
             if req.seed is not None:
                 seed = req.seed
                 self._step("snapshot", lambda: copy_image(seed.disk_image, sdir / DISK_IMAGE))
-            slot = self._step("network", lambda: self.slots.acquire(req.egress_policy))
+            policy = req.egress_policy
+            ca = SandboxCA.ensure(sdir, sandbox_id) if policy.rules else None
+            slot = self._step("network", lambda: self.slots.acquire(policy, ca))
             self._undo_network(teardown, slot.index)
             record = self._add_record(sandbox_id, req, template_id, alias, build_id, backend, res, slot, token)
             self._undo_record(teardown)
@@ -438,8 +458,10 @@ class Orchestrator:
                      env_vars: dict[str, str]) -> None:
         """envd gets its configuration (the request's env vars over the template's), then the
         template's start command runs and its ready command passes, if it has them."""
-        env = {**config.env, **env_vars}
+        trusts = (self.sandbox_dir(sandbox_id) / TRUSTED_MARK).exists()
+        env = {**config.env, **(TRUST_ENV if trusts else {}), **env_vars}
         init_envd(slot.host_address, token, env, config.user, config.workdir)
+        self._trust_egress_ca(sandbox_id, slot.host_address, token, config)
         if config.start_cmd:
             start_logged(slot.host_address, token, config.user, config.start_cmd, env, config.workdir,
                          self.logs.output_sink(sandbox_id),
@@ -680,8 +702,20 @@ class Orchestrator:
             row = self.db.get_sandbox(sandbox_id)
             if row is None or row.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
                 return None
+            sdir = self.sandbox_dir(sandbox_id)
+            if policy.rules and not (sdir / TRUSTED_MARK).exists():
+                if row.state != SandboxState.RUNNING:
+                    raise SandboxError(409, "network.rules: this paused sandbox does not trust an egress CA yet; "
+                                            "resume it (connect) and update its network then")
+                SandboxCA.ensure(sdir, sandbox_id)
+                config = RuntimeConfig.of(self.templates.get(row.build_id))
+                try:
+                    self._trust_egress_ca(sandbox_id, row.host_address, row.envd_access_token, config)
+                except EnvdNotReady as exc:
+                    raise SandboxError(502, f"network.rules: the sandbox could not be made to trust its egress "
+                                            f"CA: {exc}") from exc
             try:
-                self.slots.set_egress(self.slots.slot(row.slot_index), policy)
+                self.slots.set_egress(self.slots.slot(row.slot_index), policy, self.egress_ca(sandbox_id))
             except NetworkError as exc:
                 raise SandboxError(500, f"the network rules could not be changed: {exc}") from exc
             row = self.db.update_sandbox(sandbox_id, egress=policy.to_json(),

@@ -14,20 +14,27 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import json
 import random
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 #: A server answering GET with ``<its address> <Host header> <TLS server name or ->``, over HTTP
-#: on :8080 and, given a certificate, over HTTPS on :8443 (both on every address of the namespace).
+#: on :8080 and, given a certificate, over HTTPS on :8443 (both on every address of the namespace);
+#: each request's headers are appended to a log (a JSON line), never sent back.
 _SERVER = r"""
-import http.server, socketserver, ssl, sys, threading
+import http.server, json, socketserver, ssl, sys, threading
+LOG = open(sys.argv[1], "a", buffering=1)
+LOCK = threading.Lock()
 class H(http.server.BaseHTTPRequestHandler):
     def setup(self):
         if hasattr(self.request, "do_handshake"):  # TLS: in this connection's thread, not the accept loop
@@ -35,6 +42,9 @@ class H(http.server.BaseHTTPRequestHandler):
         super().setup()
     def do_GET(self):
         sni = getattr(self.connection, "sni", "-")
+        with LOCK:
+            LOG.write(json.dumps({"address": self.connection.getsockname()[0], "sni": sni, "path": self.path,
+                                  "headers": [[k, v] for k, v in self.headers.items()]}) + "\n")
         body = f"{self.connection.getsockname()[0]} {self.headers.get('Host')} {sni}\n".encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
@@ -43,8 +53,8 @@ class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
 plain = S(("0.0.0.0", 8080), H)
 threading.Thread(target=plain.serve_forever, daemon=True).start()
-if len(sys.argv) > 2:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+if len(sys.argv) > 3:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2], sys.argv[3])
     def sni_cb(sock, name, _ctx): sock.sni = name or "-"
     ctx.sni_callback = sni_cb
     class T(S):
@@ -73,6 +83,19 @@ class FakeInternet:
     hosts: list[str]  # addresses the namespace answers on, first 198.51.100.x, then 203.0.113.x
     dns: str | None = None  # a DNS server there (dnsmasq, on an address of its own), if names were given
     names: dict[str, str] = field(default_factory=dict)
+    log: Path | None = None  # where the server appends each request it got
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request the server got so far: address, sni, path and headers (name → value,
+        names lower-cased; a repeated name keeps its last value)."""
+        if self.log is None or not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            entry = json.loads(line)
+            entry["headers"] = {k.lower(): v for k, v in entry["headers"]}
+            out.append(entry)
+        return out
 
 
 #: Held while one run picks and configures its addresses, so another never picks the same ones.
@@ -147,6 +170,7 @@ def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | 
     ns, veth = f"tinet{tag}", f"tin{tag}-h"
     procs: list[subprocess.Popen[bytes]] = []
     routes: list[str] = []
+    log = Path(tempfile.mkdtemp(prefix="fake-internet-")) / "requests.jsonl"
     _sh("ip", "netns", "add", ns)
     try:
         _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -166,14 +190,14 @@ def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | 
         _sh("ip", "-n", ns, "link", "set", "eth0", "up")
         _sh("ip", "-n", ns, "link", "set", "lo", "up")
         _sh("ip", "-n", ns, "route", "add", "default", "via", host_side)
-        argv = ["ip", "netns", "exec", ns, sys.executable, "-c", _SERVER]
+        argv = ["ip", "netns", "exec", ns, sys.executable, "-c", _SERVER, str(log)]
         if tls:
             argv += [str(tls[0]), str(tls[1])]
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_port(ns, first, 8080, procs[-1])
         if tls:
             _wait_port(ns, first, 8443, procs[-1])
-        net = FakeInternet(ns, host_side, [first, second])
+        net = FakeInternet(ns, host_side, [first, second], log=log)
         if names:
             records = {n: (net.hosts[int(a)] if a.isdigit() and len(a) == 1 else a) for n, a in names.items()}
             args = [f"--address=/{n}/{a}" for n, a in records.items()]
@@ -187,6 +211,7 @@ def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | 
         for proc in procs:
             proc.kill()
             proc.wait()
+        shutil.rmtree(log.parent, ignore_errors=True)
         for address in routes:
             subprocess.run(["ip", "route", "del", f"{address}/32", "dev", veth], capture_output=True)
         subprocess.run(["ip", "link", "del", veth], capture_output=True)

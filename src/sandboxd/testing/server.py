@@ -140,6 +140,8 @@ def running_server(shared_data_dir: Path, log_path: Path, **overrides: Any) -> I
     pool = int(os.environ.get("SANDBOXD_TEST_WARM_POOL_SIZE", "0"))
     settings = Settings.from_env({}, **{"data_dir": data_dir, "port": free_port(), "net_prefix": prefix,
                                         "net_cidr": cidr, "warm_pool_size": pool, "builtin_templates": "",
+                                        # the egress tests' fake internet puts its test CA here
+                                        "egress_upstream_ca": data_dir / "egress-upstream-ca.pem",
                                         **overrides})
     key = Database(settings.db_url).create_api_key("tests")
     proc = spawn(settings, log_path)
