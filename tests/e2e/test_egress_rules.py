@@ -12,7 +12,9 @@ addresses only; the upstream logs every request's headers on the host side.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 from e2b import AsyncSandbox, AsyncSecret, Sandbox, Secret
 
 from sandboxd.testing.fake_internet import FakeInternet, fake_internet
+from sandboxd.testing.server import running_server, sdk_pointed_at, spawn, stop, wait_listening
 from sandboxd.tls import ensure_server_cert
 
 from .conftest import Server
@@ -173,3 +176,58 @@ def test_rules_with_the_async_sdk_and_rules_added_later(sdk_env: Server, wild_in
             await AsyncSecret.destroy(name)
 
     asyncio.run(main())
+
+
+def test_rules_in_an_open_sandbox_across_pauses(sdk_env: Server, wild_internet: FakeInternet) -> None:
+    """Without deny_out every address is allowed; a rule still applies (its host's HTTPS on port
+    443 goes through the egress proxy), other hosts' TLS is passed through untouched; the trust
+    and the rule hold after a pause with memory and after one that keeps the disk alone."""
+    net = wild_internet
+    sbx = Sandbox.create(timeout=180, network={"rules": {"api.wild.test": [
+        {"transform": {"headers": {"X-Open": "1"}}}]}})
+    try:
+        def get(*urls: str) -> list[str]:
+            sbx.commands.run(f"echo nameserver {net.dns} > /etc/resolv.conf", user="root")
+            return _get(sbx, *urls)
+
+        second = net.hosts[1]
+        out = get("https://api.wild.test/open", "https://other.wild.test/open")
+        assert out[0] == f"200 {second} api.wild.test api.wild.test", out
+        assert "CERTIFICATE_VERIFY_FAILED" in out[1], out  # no rule: the fake's own certificate reaches it
+        assert _seen(net, "api.wild.test")[-1]["x-open"] == "1"
+        for mode in ("full", "filesystem"):
+            sbx.pause(mode=mode)
+            sbx = Sandbox.connect(sbx.sandbox_id)
+            assert get(f"https://api.wild.test/{mode}")[0].startswith("200 "), mode
+            last = [r for r in net.requests() if r["path"] == f"/{mode}"]
+            assert last[-1]["headers"]["x-open"] == "1", mode
+    finally:
+        sbx.kill()
+
+
+def test_rules_survive_a_server_killed_with_kill_9(data_dir: Path, tmp_path: Path) -> None:
+    """The sandbox keeps trusting the CA it was given: a restarted server signs with the same one
+    (kept in the sandbox's dir) and fills the secret again."""
+    tls = ensure_server_cert(tmp_path / "tls", "wild.test")
+    assert tls.ca is not None
+    with running_server(data_dir, tmp_path / "server.log", warm_pool_size=0) as server:
+        assert server.settings.egress_upstream_ca is not None
+        shutil.copy(tls.ca, server.settings.egress_upstream_ca)
+        with fake_internet(names={"api.wild.test": "1"}, tls=(tls.cert, tls.key)) as net, sdk_pointed_at(server):
+            name, value = f"restart-key-{uuid.uuid4().hex[:6]}", f"sk-{uuid.uuid4().hex}"
+            Secret.create(name, value)
+            sbx = Sandbox.create(timeout=300, network=_network(net, {"api.wild.test": [
+                {"transform": {"headers": {"X-Key": Secret.fill(name)}}}]}))
+            sbx.commands.run(f"echo nameserver {net.dns} > /etc/resolv.conf", user="root")
+            assert _get(sbx, "https://api.wild.test:8443/before")[0].startswith("200 ")
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+            restarted = spawn(server.settings, server.log_path)
+            try:
+                wait_listening(server.url, restarted, server.log_path)
+                again = Sandbox.connect(sbx.sandbox_id)
+                assert _get(again, "https://api.wild.test:8443/after")[0].startswith("200 ")
+                assert [r["headers"]["x-key"] for r in net.requests()] == [value, value]
+            finally:
+                Sandbox.kill(sbx.sandbox_id)
+                stop(restarted)

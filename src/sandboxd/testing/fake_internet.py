@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 #: A server answering GET with ``<its address> <Host header> <TLS server name or ->``, over HTTP
-#: on :8080 and, given a certificate, over HTTPS on :8443 (both on every address of the namespace);
+#: on :8080 and, given a certificate, over HTTPS on :8443 and :443 (all on every address of the namespace);
 #: each request's headers are appended to a log (a JSON line), never sent back.
 _SERVER = r"""
 import http.server, json, socketserver, ssl, sys, threading
@@ -64,6 +64,7 @@ if len(sys.argv) > 3:
             tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             tls.sni = getattr(tls, "sni", "-")
             return tls, addr
+    threading.Thread(target=T(("0.0.0.0", 443), H).serve_forever, daemon=True).start()
     T(("0.0.0.0", 8443), H).serve_forever()
 else:
     threading.Event().wait()
@@ -165,7 +166,7 @@ def _wait_dns(server: str, name: str, proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None) -> Iterator[FakeInternet]:
     """``names``: DNS records (name → one of the hosts, by index "0"/"1" or an address) served by
-    dnsmasq in the namespace; ``tls``: (certificate, key) for the HTTPS server on :8443."""
+    dnsmasq in the namespace; ``tls``: (certificate, key) for the HTTPS servers on :8443 and :443."""
     tag = secrets.token_hex(3)
     ns, veth = f"tinet{tag}", f"tin{tag}-h"
     procs: list[subprocess.Popen[bytes]] = []
@@ -197,6 +198,7 @@ def fake_internet(names: dict[str, str] | None = None, tls: tuple[Path, Path] | 
         _wait_port(ns, first, 8080, procs[-1])
         if tls:
             _wait_port(ns, first, 8443, procs[-1])
+            _wait_port(ns, first, 443, procs[-1])
         net = FakeInternet(ns, host_side, [first, second], log=log)
         if names:
             records = {n: (net.hosts[int(a)] if a.isdigit() and len(a) == 1 else a) for n, a in names.items()}
