@@ -361,15 +361,27 @@ def _oci_config(merged: str, spec: dict[str, Any], plan: dict[str, Any]) -> dict
 
 def _drop_mount_points(upper: str, missing: list[str]) -> None:
     """Remove what runsc made in the upper for its mounts (empty files and directories the image
-    did not have), deepest first; anything the step put there itself stays."""
-    for path in sorted(missing, key=lambda p: p.count("/"), reverse=True):
-        p = os.path.join(upper, path.lstrip("/"))
-        with contextlib.suppress(OSError):
-            st = os.lstat(p)
-            if stat.S_ISDIR(st.st_mode):
-                os.rmdir(p)  # only if empty
-            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                os.unlink(p)
+    did not have), deepest first; anything the step put there itself stays. In a child chrooted
+    into the upper: a step that swapped a parent for a symlink (``/etc -> /somewhere``) must not
+    point these removals at the host."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            _enter(upper)
+            for path in sorted(missing, key=lambda p: p.count("/"), reverse=True):
+                with contextlib.suppress(OSError):
+                    st = os.lstat(path)
+                    if stat.S_ISDIR(st.st_mode):
+                        os.rmdir(path)  # only if empty
+                    elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                        os.unlink(path)
+        except OSError:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise OSError("could not tidy the step's mount points")
 
 
 def cgroup_dirs(cid: str) -> list[Path]:
