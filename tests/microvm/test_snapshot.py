@@ -43,7 +43,7 @@ def test_sandboxes_start_from_a_booted_template_snapshot(
         tmp_path: Path) -> None:
     # the template VM: booted once, envd up, then frozen (memory + its disk state)
     template_vm = vms(tiny_build, sandbox_dir=tmp_path / "template-vm")
-    wait_health(template_vm)
+    wait_health(template_vm, timeout=300)  # a cold boot under TCG on a loaded host: well over a minute
     snap = runtime.snapshot(template_vm.id, tmp_path / "template-snapshot")
     provider.save_state(template_vm.spec.sandbox_dir, tmp_path / "template-snapshot" / "cow")
     runtime.stop(template_vm.id)
@@ -52,9 +52,10 @@ def test_sandboxes_start_from_a_booted_template_snapshot(
     started = []
     for i in range(2):
         sdir = tmp_path / f"from-snapshot-{i}"
-        export = provider.prepare_from(tiny_build.build_id, tmp_path / "template-snapshot" / "cow", sdir)
+        provider.seed(tiny_build.build_id, tmp_path / "template-snapshot" / "cow", sdir)
+        export = provider.prepare(tiny_build.build_id, sdir)
         vm = vms(tiny_build, sandbox_dir=sdir, export=export, snapshot=snap.path)
-        ready = vm.start_seconds + wait_health(vm, timeout=20)
+        ready = vm.start_seconds + wait_health(vm, timeout=120)
         print(f"sandbox {i} from template snapshot: envd answers {ready:.2f} s after spawn")
         started.append(vm)
     for vm in started:

@@ -33,7 +33,7 @@ FORK_DEFAULT_TIMEOUT_S = 15  # E2B's SandboxForkRequest default
 
 class SnapshotBody(_Strict):
     name: str | None = Field(default=None, min_length=1, max_length=200)
-    memory: bool | None = None  # explicit true: refused (the filesystem alone is captured)
+    memory: bool | None = None  # None: memory where the runtime keeps it (microVM); true on gVisor: 501
 
 
 class ForkBody(_Strict):

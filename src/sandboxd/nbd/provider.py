@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd.errors import RootfsGuardError
-from sandboxd.nbd.cow import CowDevice
+from sandboxd.nbd.cow import BITMAP_NAME, CowDevice
 from sandboxd.nbd.exports import ExportEvent, ExportState
 from sandboxd.nbd.thread import NbdServerThread
 from sandboxd.templates.ext4 import DEFAULT_FREE_MB, Ext4Image, ext4_image
@@ -79,21 +79,20 @@ class NbdRootfsProvider:
                             "base_sha256": image.sha256, "block_size": self.block_size})
         return state.socket_path
 
-    def prepare_from(self, build_id: str, state_dir: Path, sandbox_dir: Path) -> Path:
-        """Like :meth:`prepare`, but the new device starts with the COW state saved in
-        ``state_dir`` (a booted template's disk at snapshot time) instead of the bare image."""
+    def seed(self, build_id: str, state_dir: Path, sandbox_dir: Path) -> None:
+        """Start a new sandbox's device with the COW state saved in ``state_dir`` (by
+        :meth:`save_state`: a snapshot's, a fork parent's) instead of the bare image; its export
+        is made by :meth:`prepare` as for any sandbox."""
         image = self.image(build_id)
         cow = Path(sandbox_dir).resolve() / COW_DIR
-        if not (cow / "dirty.bitmap").exists():
-            src = CowDevice(image.path, state_dir, base_id=image.sha256, block_size=self.block_size)
-            try:
-                src.clone_state(cow)
-            finally:
-                src.close()
-        return self.prepare_image(image, sandbox_dir)
+        if (cow / BITMAP_NAME).exists():
+            raise RootfsGuardError(f"{sandbox_dir} already has disk state; it is not seeded over")
+        with CowDevice(image.path, state_dir, base_id=image.sha256, block_size=self.block_size) as src:
+            src.clone_state(cow)
 
     def save_state(self, sandbox_dir: Path, dest_dir: Path) -> None:
-        """Copy a running sandbox's disk state (its dirty blocks) to ``dest_dir``."""
+        """Copy a running sandbox's disk state (its dirty blocks) to ``dest_dir``; consistent
+        when its VM is stopped (every write it was told of is in the device)."""
         self.nbd.clone_state(str(Path(sandbox_dir).resolve()), dest_dir)
 
     def release(self, sandbox_dir: Path) -> None:

@@ -11,6 +11,7 @@ never mixes them up: each backend hands its own runtime only its own provider's 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from sandboxd.nbd.provider import COW_DIR
 from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
+from sandboxd.orchestrator.disk import MOUNT_NAME as DISK_MOUNT
+from sandboxd.orchestrator.disk import copy_image, frozen
 from sandboxd.orchestrator.rootfs import is_mounted, mount_overlay, unmount_overlay
 from sandboxd.runtimes.base import Runtime, RuntimeSpec
 from sandboxd.runtimes.gvisor import GVisorRuntime
@@ -29,6 +32,8 @@ if TYPE_CHECKING:  # the microVM stack is imported only where a server makes it
 
 log = logging.getLogger("sandboxd.orchestrator")
 SNAPSHOT_DIR = "snapshot"
+#: in a captured dir (a snapshot's, a fork's): the memory and device state, when kept
+MEMORY_DIR = "memory"
 
 
 class Backend(Protocol):
@@ -68,6 +73,18 @@ class Backend(Protocol):
     def has_disk(self, sandbox_dir: Path) -> bool:
         """Are the sandbox's written files still there (what a disk-only resume boots over)?"""
 
+    @property
+    def captures_memory(self) -> bool:
+        """Can :meth:`capture` keep the sandbox's memory and processes?"""
+
+    def capture(self, sandbox_id: str, sandbox_dir: Path, dest: Path, memory: bool) -> None:
+        """Copy a running sandbox's disk (with ``memory``, its memory and processes too) into the
+        new dir ``dest``, consistent; the sandbox stops for the copy alone and then runs on."""
+
+    def seed(self, build_id: str, captured: Path, sandbox_dir: Path) -> None:
+        """Give a new sandbox's dir its own copy of what :meth:`capture` wrote: its disk (and its
+        memory, as a sandbox paused with it: :meth:`resume_with_memory` starts it)."""
+
 
 class GVisorBackend:
     """Pause with memory = ``runsc pause`` in place (memory stays in RAM: a host reboot loses it,
@@ -104,6 +121,24 @@ class GVisorBackend:
 
     def has_disk(self, sandbox_dir: Path) -> bool:
         return (sandbox_dir / DISK_IMAGE).is_file()
+
+    #: ``runsc checkpoint`` cannot save a sandbox whose processes wait on a socket (envd's)
+    captures_memory = False
+
+    def capture(self, sandbox_id: str, sandbox_dir: Path, dest: Path, memory: bool) -> None:
+        """``runsc pause``, ``fsfreeze`` of the sandbox's mounted disk, a sparse copy of its image."""
+        if memory:
+            raise ValueError("gVisor sandboxes are captured without their memory")
+        dest.mkdir(parents=True, exist_ok=True)
+        self.runtime.freeze(sandbox_id)
+        try:
+            with frozen(sandbox_dir / DISK_MOUNT):
+                copy_image(sandbox_dir / DISK_IMAGE, dest / DISK_IMAGE)
+        finally:
+            self.runtime.thaw(sandbox_id)
+
+    def seed(self, build_id: str, captured: Path, sandbox_dir: Path) -> None:
+        copy_image(captured / DISK_IMAGE, sandbox_dir / DISK_IMAGE)
 
 
 class MicroVMBackend:
@@ -142,6 +177,29 @@ class MicroVMBackend:
 
     def has_disk(self, sandbox_dir: Path) -> bool:
         return (sandbox_dir / COW_DIR).is_dir()
+
+    captures_memory = True
+
+    def capture(self, sandbox_id: str, sandbox_dir: Path, dest: Path, memory: bool) -> None:
+        """With ``memory``: QEMU stops, its memory and devices go to ``dest/memory`` (the disk
+        flushed first), the copy-on-write state is copied to ``dest/cow``, and it goes on; else
+        QEMU stops (drained, flushed) for the copy of the disk state alone."""
+        dest.mkdir(parents=True, exist_ok=True)
+        if memory:
+            self.runtime.snapshot(sandbox_id, dest / MEMORY_DIR, resume=True,
+                                  while_stopped=lambda: self.provider.save_state(sandbox_dir, dest / COW_DIR))
+        else:
+            with self.runtime.stopped(sandbox_id):
+                self.provider.save_state(sandbox_dir, dest / COW_DIR)
+
+    def seed(self, build_id: str, captured: Path, sandbox_dir: Path) -> None:
+        """The disk state cloned (dirty blocks only); the memory hard-linked as a paused sandbox's
+        ``snapshot/`` (never written through: a later snapshot writes a new file)."""
+        self.provider.seed(build_id, captured / COW_DIR, sandbox_dir)
+        if (captured / MEMORY_DIR).is_dir():
+            (sandbox_dir / SNAPSHOT_DIR).mkdir()
+            for f in (captured / MEMORY_DIR).iterdir():
+                os.link(f, sandbox_dir / SNAPSHOT_DIR / f.name)
 
     def reattach_rootfs(self, build_id: str, sandbox_dir: Path) -> bool:
         """QEMU waits ~30 s for its NBD server to come back: export the same device again."""

@@ -76,10 +76,11 @@ def sync_guest(address: str, access_token: str, timeout_s: float = 60) -> None:
 
 
 def init_envd(address: str, access_token: str | None, env_vars: dict[str, str], user: str = DEFAULT_USER,
-              workdir: str = DEFAULT_WORKDIR) -> None:
+              workdir: str = DEFAULT_WORKDIR, current_token: str | None = None) -> None:
     """``POST /init``: the access token, the sandbox's env vars, its default user and workdir
     (E2B's ``user`` and ``/home/user`` unless the template says otherwise), and the host clock
-    (a restored or long-booting guest may be behind)."""
+    (a restored or long-booting guest may be behind). ``current_token``: the one envd holds, if
+    not ``access_token`` (a sandbox restored from another's memory gets its own token)."""
     body = {
         **({"accessToken": access_token} if access_token else {}),  # none: E2B's v1 ``secure: false``
         "envVars": env_vars,
@@ -87,10 +88,11 @@ def init_envd(address: str, access_token: str | None, env_vars: dict[str, str], 
         "defaultWorkdir": workdir,
         "timestamp": datetime.now(UTC).isoformat(),
     }
+    # the token header lets a later /init (after a resume: clock sync; a restore: a new token) through
+    held = access_token if current_token is None else current_token
     try:
-        # the token header lets a later /init (after a resume: clock sync) through
-        r = _client().post(f"{envd_url(address)}/init", json=body, headers={"X-Access-Token": access_token or ""},
-                       timeout=10.0)
+        r = _client().post(f"{envd_url(address)}/init", json=body, headers={"X-Access-Token": held or ""},
+                           timeout=10.0)
     except httpx.HTTPError as exc:
         raise EnvdNotReady(f"envd /init failed: {exc}") from exc
     if r.status_code != 204:

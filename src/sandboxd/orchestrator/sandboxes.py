@@ -31,8 +31,6 @@ from sandboxd.envd.contract import envd_argv, envd_env
 from sandboxd.errors import StartError
 from sandboxd.observability import events
 from sandboxd.orchestrator.backends import Backend, Backends
-from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
-from sandboxd.orchestrator.disk import copy_image
 from sandboxd.orchestrator.egress import NO_EGRESS, OPEN_EGRESS, EgressPolicy
 from sandboxd.orchestrator.egress_ca import GUEST_BUNDLE, GUEST_CA, TRUST_ENV, TRUSTED_MARK, SandboxCA
 from sandboxd.orchestrator.envd_client import (
@@ -100,15 +98,19 @@ class Resources:
 
 @dataclass(frozen=True)
 class Seed:
-    """Start from a captured filesystem (a snapshot, a fork's parent) instead of a template alone:
-    its disk image is copied as the new sandbox's own disk, over the build it was taken on."""
+    """Start from a captured sandbox (a snapshot, a fork's parent) instead of a template alone:
+    what its backend captured (``Backend.capture``) is copied as the new sandbox's own disk, over
+    the build it was taken on; with ``memory``, its memory is restored instead of a boot, and the
+    envd in it holds ``envd_token`` (the captured sandbox's) until its ``/init`` gives a new one."""
 
-    disk_image: Path
+    captured: Path
     template_id: str
     alias: str
     build_id: str
     runtime: str
     resources: Resources
+    memory: bool = False
+    envd_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,9 @@ class Orchestrator:
             backend = self.backends.get(runtime)
         except KeyError as exc:
             raise SandboxError(500, f"template '{req.template}': {exc}") from exc
+        if req.seed is not None and req.seed.memory and req.seed.envd_token and not req.secure:
+            raise SandboxError(400, "secure: false: this snapshot keeps the memory of a sandbox whose envd has an "
+                                    "access token, and a sandbox restored from it keeps needing one")
         if req.volume_mounts and backend.name != "gvisor":
             raise SandboxError(501, f"volumeMounts: {backend.name} sandboxes cannot mount volumes yet (gVisor ones can)")
         if not self.templates.exists(build_id) and not (self.fetch_build and self.fetch_build(build_id)):
@@ -310,16 +315,19 @@ class Orchestrator:
         try:
             sdir.mkdir(parents=True)
             self._undo_dir(teardown)
-            if req.seed is not None:
-                seed = req.seed
-                self._step("snapshot", lambda: copy_image(seed.disk_image, sdir / DISK_IMAGE))
+            seed = req.seed
+            if seed is not None:
+                self._step("snapshot", lambda: backend.seed(build_id, seed.captured, sdir))
             policy = req.egress_policy
             ca = SandboxCA.ensure(sdir, sandbox_id) if policy.rules else None
             slot = self._step("network", lambda: self.slots.acquire(policy, ca))
             self._undo_network(teardown, slot.index)
             record = self._add_record(sandbox_id, req, template_id, alias, build_id, backend, res, slot, token)
             self._undo_record(teardown)
-            self._boot(backend, record, slot, teardown)
+            if seed is not None and seed.memory:
+                self._restore(backend, record, slot, teardown, seed.envd_token)
+            else:
+                self._boot(backend, record, slot, teardown)
             row = self.db.update_sandbox(sandbox_id, state=SandboxState.RUNNING)
             assert row is not None
         except BaseException:
@@ -443,6 +451,30 @@ class Orchestrator:
                                                              row.env_vars), sdir)
         except BaseException:
             self._undo_boot(teardown, backend)  # also a rootfs that failed halfway
+            teardown.run(*BOOT_STEPS)
+            raise
+
+    def _restore(self, backend: Backend, row: SandboxRow, slot: NetworkSlot, teardown: Teardown,
+                 envd_token: str) -> None:
+        """A new sandbox from captured memory (seeded as if paused with it): its processes go on
+        where the captured sandbox's were, over its own copy of the disk, in its own slot; envd
+        answers and its ``/init`` (authorized by the token the memory holds) gives it this
+        sandbox's token and env vars. The template's start command is not run again: it runs."""
+        sdir = self.sandbox_dir(row.sandbox_id)
+        try:
+            self._undo_boot(teardown, backend)
+            self._step("restore", lambda: backend.resume_with_memory(
+                row.sandbox_id, lambda rootfs: self._spec(row, slot, rootfs), row.build_id, sdir), sdir)
+            backend.drop_memory(row.sandbox_id, sdir)  # restored: the copy of the memory is not needed
+            self._step("envd", lambda: wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s), sdir)
+            config = RuntimeConfig.of(self.templates.get(row.build_id))
+            self._step("envd", lambda: init_envd(slot.host_address, row.envd_access_token,
+                                                 {**config.env, **row.env_vars}, config.user, config.workdir,
+                                                 current_token=envd_token), sdir)
+            self._step("envd", lambda: self._trust_egress_ca(row.sandbox_id, slot.host_address,
+                                                             row.envd_access_token, config), sdir)
+        except BaseException:
+            self._undo_boot(teardown, backend)
             teardown.run(*BOOT_STEPS)
             raise
 

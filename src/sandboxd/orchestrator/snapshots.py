@@ -1,32 +1,32 @@
-"""Snapshots and forks: a running sandbox's filesystem, captured without stopping it for long.
+"""Snapshots and forks: a running sandbox captured without stopping it for long.
 
-A gVisor sandbox keeps everything it wrote on its own disk image (see disk.py), over its
-template's read-only build. Capturing it = ``sync`` in the guest (file data gVisor still caches),
-``runsc pause``, ``fsfreeze`` of the mounted image, a sparse copy of it, and both undone: the
-sandbox is stopped for the copy alone and then runs on unchanged. A snapshot is that copy under
-``<data dir>/snapshots/<id>/disk.img`` plus a record of the build and resources it needs; every
-sandbox created from it gets its own copy, so it starts with the snapshot's files and its writes
-stay its own, and deleting the snapshot takes nothing from them. A fork is a snapshot nobody sees:
-taken once, ``count`` sandboxes created from it, then removed.
+What is captured is each backend's business (``Backend.capture``): a gVisor sandbox's disk image
+(``sync`` in the guest, ``runsc pause``, ``fsfreeze``, a sparse copy, all undone), a microVM's
+copy-on-write disk state and, unless asked for the filesystem alone, its memory and devices
+(QEMU stopped, its state migrated to a file, the disk state copied while it is stopped, then it
+goes on). A snapshot is that capture under ``<data dir>/snapshots/<id>/`` plus a record of the
+build and resources it needs; every sandbox created from it gets its own copy of the disk (and
+its own slot and envd token), so it starts with the snapshot's files and its writes stay its
+own, and deleting the snapshot takes nothing from them. A fork is a snapshot nobody sees: taken
+once, ``count`` sandboxes created from it, then removed.
 
-What is captured is the filesystem. Memory and processes are not: ``runsc checkpoint`` cannot
-save a sandbox whose processes wait on a socket (envd always does), so sandboxes made from a
-snapshot boot fresh over its files (E2B's ``memory: false`` snapshot). Asking for memory
-explicitly is refused; so are microVM sandboxes, whose disks are not captured yet.
+With memory (microVMs), a sandbox made from it goes on where the captured one was: its processes
+run, its envd is told its new token by the old one's (kept in ``guest.json``, 0600). Without
+(gVisor: ``runsc checkpoint`` cannot save a sandbox whose processes wait on a socket, as envd's
+always do; or ``mode="filesystem"``) it boots fresh over the files (E2B's ``memory: false``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from sandboxd.orchestrator.disk import IMAGE_NAME as DISK_IMAGE
-from sandboxd.orchestrator.disk import MOUNT_NAME as DISK_MOUNT
-from sandboxd.orchestrator.disk import DiskError, copy_image, frozen
 from sandboxd.orchestrator.egress import EgressPolicy
 from sandboxd.orchestrator.envd_client import EnvdNotReady, sync_guest
 from sandboxd.orchestrator.sandboxes import CreateRequest, Orchestrator, Resources, SandboxError, Seed
@@ -37,7 +37,8 @@ from sandboxd.templates.store import remove_tree
 
 log = logging.getLogger("sandboxd.snapshots")
 
-CAPTURABLE_RUNTIMES = ("gvisor",)
+#: in a capture that kept memory: the envd access token that memory holds
+GUEST_FILE = "guest.json"
 #: E2B's template alias rule: lowercase letters, digits, dashes and underscores
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
 _FORK_PARALLEL = 2
@@ -54,24 +55,20 @@ class SnapshotService:
         for leftover in self.root.glob(".*"):  # a capture or fork cut short by a crash
             remove_tree(leftover)
 
-    def disk_of(self, snapshot_id: str) -> Path:
-        return self.root / snapshot_id / DISK_IMAGE
+    def captured(self, snapshot_id: str) -> Path:
+        return self.root / snapshot_id
 
     # -- taking ------------------------------------------------------------------------------
 
     def take(self, sandbox_id: str, name: str | None, memory: bool | None) -> SnapshotRow:
         """Snapshot a running sandbox (it runs on); under ``name``, an existing snapshot of that
-        name gets the new contents."""
-        if memory:
-            raise SandboxError(501, "memory: sandboxd snapshots keep the filesystem alone (gVisor cannot "
-                                    "checkpoint envd's sockets); take it with mode='filesystem'")
+        name gets the new contents. ``memory``: None = whatever its runtime can keep."""
         alias = self._check_name(name) if name else None
         existing = self.records.find(alias) if alias else None
         snapshot_id = existing.snapshot_id if existing else new_id()
         scratch = self.root / f".take-{secrets.token_hex(6)}"
-        scratch.mkdir()
         try:
-            row = self.capture(sandbox_id, scratch / DISK_IMAGE, "snapshotted")
+            row = self.capture(sandbox_id, scratch, "snapshotted", memory)
             final = self.root / snapshot_id
             if final.exists():
                 old = self.root / f".old-{secrets.token_hex(6)}"
@@ -99,38 +96,37 @@ class SnapshotService:
             raise SandboxError(409, f"Invalid name: {alias!r} is a template's name; snapshots need their own")
         return alias
 
-    def capture(self, sandbox_id: str, dest: Path, verb: str) -> SandboxRow:
-        """Copy a running sandbox's disk to ``dest``, consistent, the sandbox stopped only for the
-        copy. 404 unknown, 409 paused (E2B: resume it first), 501 a runtime that cannot, 503 if
-        its envd does not answer (its cached writes could not be flushed)."""
+    def capture(self, sandbox_id: str, dest: Path, verb: str, memory: bool | None) -> SandboxRow:
+        """Capture a running sandbox into the new dir ``dest``, consistent, the sandbox stopped
+        only for the copy; with memory if ``memory`` (None: if its runtime can). 404 unknown,
+        409 paused (E2B: resume it first), 501 memory asked of a runtime that cannot keep it,
+        503 if its envd does not answer (its cached writes could not be flushed)."""
         with self.orch.hold(sandbox_id):
             row = self.orch.db.get_sandbox(sandbox_id)
             if row is None or row.state not in ("running", "paused"):
                 raise SandboxError(404, f"sandbox '{sandbox_id}' not found")
             if row.state == "paused":
                 raise SandboxError(409, f"Sandbox '{sandbox_id}' is paused and cannot be {verb}; resume it first")
-            if row.runtime not in CAPTURABLE_RUNTIMES:
-                raise SandboxError(501, f"sandbox '{sandbox_id}' runs on {row.runtime}: sandboxd can snapshot and "
-                                        f"fork {', '.join(CAPTURABLE_RUNTIMES)} sandboxes only")
+            backend = self.orch.backends.get(row.runtime)
+            if memory and not backend.captures_memory:
+                raise SandboxError(501, f"memory: sandboxd snapshots of {row.runtime} sandboxes keep the filesystem "
+                                        "alone (gVisor cannot checkpoint envd's sockets); take it with "
+                                        "mode='filesystem'")
+            keep_memory = backend.captures_memory if memory is None else memory
             try:
                 sync_guest(row.host_address, row.envd_access_token, timeout_s=30)
             except EnvdNotReady as exc:
                 raise SandboxError(503, f"sandbox '{sandbox_id}' is not responding, so its files cannot be "
                                         f"captured consistently: {exc}") from exc
-            runtime = self.orch.backends.get(row.runtime).runtime
-            sdir = self.orch.sandbox_dir(sandbox_id)
             try:
-                runtime.freeze(sandbox_id)  # type: ignore[attr-defined]  # gVisor's: CAPTURABLE_RUNTIMES
-            except RuntimeError as exc:
-                raise SandboxError(500, f"sandbox '{sandbox_id}' could not be stopped for the copy: {exc}") from exc
-            try:
-                with frozen(sdir / DISK_MOUNT):
-                    copy_image(sdir / DISK_IMAGE, dest)
-            except (DiskError, OSError) as exc:
-                raise SandboxError(500, f"capturing the files of sandbox '{sandbox_id}' failed (it runs on): "
-                                        f"{exc}") from exc
-            finally:
-                runtime.thaw(sandbox_id)  # type: ignore[attr-defined]
+                backend.capture(sandbox_id, self.orch.sandbox_dir(sandbox_id), dest, keep_memory)
+            except Exception as exc:  # any layer's failure (QMP, NBD, fsfreeze, cp): the sandbox runs on
+                log.warning("capturing sandbox %s failed", sandbox_id, exc_info=True)
+                raise SandboxError(500, f"capturing sandbox '{sandbox_id}' failed (it runs on): {exc}") from exc
+            if keep_memory:
+                guest = dest / GUEST_FILE
+                with open(os.open(guest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                    json.dump({"envd_access_token": row.envd_access_token}, f)
         return row
 
     # -- using -------------------------------------------------------------------------------
@@ -145,9 +141,19 @@ class SnapshotService:
         snap = self.find(ref)
         if snap is None:
             return None
-        return Seed(disk_image=self.disk_of(snap.snapshot_id), template_id=snap.snapshot_id,
-                    alias=snap.name or snap.snapshot_id, build_id=snap.build_id, runtime=snap.runtime,
-                    resources=Resources(snap.cpu_count, snap.memory_mb, snap.disk_size_mb))
+        return self._seed(self.captured(snap.snapshot_id), snap.snapshot_id, snap.name or snap.snapshot_id,
+                          snap.build_id, snap.runtime, Resources(snap.cpu_count, snap.memory_mb, snap.disk_size_mb))
+
+    @staticmethod
+    def _seed(captured: Path, template_id: str, alias: str, build_id: str, runtime: str,
+              resources: Resources) -> Seed:
+        try:
+            guest = json.loads((captured / GUEST_FILE).read_text())
+        except FileNotFoundError:
+            guest = None
+        return Seed(captured=captured, template_id=template_id, alias=alias, build_id=build_id, runtime=runtime,
+                    resources=resources, memory=guest is not None,
+                    envd_token=guest["envd_access_token"] if guest else "")
 
     def env_of(self, ref: str) -> dict[str, str]:
         """The env vars the snapshotted sandbox was created with (a sandbox from it gets them too)."""
@@ -164,15 +170,14 @@ class SnapshotService:
         return True
 
     def fork(self, sandbox_id: str, count: int, timeout_s: int) -> list[SandboxRow | SandboxError]:
-        """``count`` new sandboxes with the parent's files, its env vars, metadata and network; the
-        parent runs on. Each fork succeeds or fails on its own."""
+        """``count`` new sandboxes with the parent's files (and its memory and processes, where
+        its runtime keeps them), its env vars, metadata and network; the parent runs on. Each fork
+        succeeds or fails on its own."""
         scratch = self.root / f".fork-{secrets.token_hex(6)}"
-        scratch.mkdir()
         try:
-            parent = self.capture(sandbox_id, scratch / DISK_IMAGE, "forked")
-            seed = Seed(disk_image=scratch / DISK_IMAGE, template_id=parent.template_id,
-                        alias=parent.alias or parent.template_id, build_id=parent.build_id, runtime=parent.runtime,
-                        resources=Resources(parent.cpu_count, parent.memory_mb, parent.disk_size_mb))
+            parent = self.capture(sandbox_id, scratch, "forked", None)
+            seed = self._seed(scratch, parent.template_id, parent.alias or parent.template_id, parent.build_id,
+                              parent.runtime, Resources(parent.cpu_count, parent.memory_mb, parent.disk_size_mb))
             req = CreateRequest(template=parent.alias or parent.template_id, timeout_s=timeout_s,
                                 metadata=dict(parent.metadata_ or {}), env_vars=dict(parent.env_vars or {}),
                                 allow_internet_access=parent.allow_internet_access,

@@ -33,7 +33,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -229,25 +229,46 @@ class MicroVMRuntime:
 
     # -- snapshots -----------------------------------------------------------------------------
 
-    def snapshot(self, sandbox_id: str, snapshot_dir: Path, resume: bool = False) -> Snapshot:
+    def snapshot(self, sandbox_id: str, snapshot_dir: Path, resume: bool = False,
+                 while_stopped: Callable[[], None] | None = None) -> Snapshot:
         """Pause the VM and write its state to ``snapshot_dir/memory.bin`` (+ ``vm.json``).
 
         The VM stays paused unless ``resume``; its disk writes are flushed to the export first
-        (QEMU drains and flushes block devices when migration completes)."""
+        (QEMU drains and flushes block devices when migration completes). ``while_stopped`` runs
+        after that, before the VM goes on: a copy of its disk then matches the memory saved.
+        A failed snapshot (or ``while_stopped``) leaves the VM running, as it was."""
         snapshot_dir = Path(snapshot_dir)
         snapshot_dir.mkdir(parents=True, exist_ok=True)
         target = snapshot_dir / MEMORY_FILE
+        target.unlink(missing_ok=True)  # a new file: a restored copy may share the old one's inode
         started = time.monotonic()
         with self.qmp(sandbox_id) as qmp:
             qmp.execute("stop")
-            qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-            qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(target))}")
-            self._wait_migration(qmp)
-            if resume:
-                qmp.execute("cont")
+            done = False
+            try:
+                qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+                qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(target))}")
+                self._wait_migration(qmp)
+                if while_stopped is not None:
+                    while_stopped()
+                done = True
+            finally:
+                if resume or not done:  # a failed snapshot leaves the VM running, as it was
+                    qmp.execute("cont")
         seconds = time.monotonic() - started
         (snapshot_dir / VM_FILE).write_text(json.dumps(self._state(sandbox_id)["vm"], indent=1))
         return Snapshot(path=snapshot_dir, seconds=seconds, bytes=target.stat().st_size)
+
+    @contextlib.contextmanager
+    def stopped(self, sandbox_id: str) -> Iterator[None]:
+        """The VM's CPUs stopped (QEMU drains and flushes its disk first), then going on again:
+        a copy of its disk made meanwhile is consistent."""
+        with self.qmp(sandbox_id) as qmp:
+            qmp.execute("stop")
+            try:
+                yield
+            finally:
+                qmp.execute("cont")
 
     def pause(self, sandbox_id: str, snapshot_dir: Path) -> Snapshot:
         """Snapshot, then stop the VM (the sandbox's export stays allocated for :meth:`restore`)."""
