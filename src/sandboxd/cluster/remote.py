@@ -59,10 +59,9 @@ class ClusterOrchestrator:
                            found.build_id if found else None, self.settings.placement_choices,
                            self.settings.node_timeout_s)
         if not candidates:
-            exc = SandboxError(503, f"no node has room for a sandbox of {need.cpu_count} vCPUs and "
+            raise SandboxError(503, f"no node has room for a sandbox of {need.cpu_count} vCPUs and "
                                     f"{need.memory_mb} MiB right now; try again later",
                                headers={"Retry-After": str(FULL_RETRY_AFTER_S)})
-            raise exc
         refusals: list[str] = []
         for node in candidates[:MAX_TRIES]:
             client = self.clients.get(node.node_id, node.address)
@@ -70,11 +69,13 @@ class ClusterOrchestrator:
                 sandbox_id = client.create(req)
             except NodeUnreachable as exc:
                 refusals.append(exc.message)
+                log.warning("create passed on: %s", exc.message)
                 continue
             except SandboxError as exc:
                 if exc.error_code != "node_full":
                     raise
                 refusals.append(exc.message)
+                log.info("create passed on: %s", exc.message)
                 continue
             row = self.db.get_sandbox(sandbox_id)
             if row is None:  # killed (or its node given up) between its start and this read
