@@ -253,7 +253,9 @@ class Orchestrator:
             raise SandboxError(400, "secure: false: this snapshot keeps the memory of a sandbox whose envd has an "
                                     "access token, and a sandbox restored from it keeps needing one")
         if req.volume_mounts and backend.name != "gvisor":
-            raise SandboxError(501, f"volumeMounts: {backend.name} sandboxes cannot mount volumes yet (gVisor ones can)")
+            raise SandboxError(501, f"volumeMounts: {backend.name} sandboxes cannot mount volumes yet (gVisor ones can): "
+                                    "the guest kernel has no 9p, and virtiofs (which it has) is not wired up; "
+                                    "a VM with either could not be paused or snapshotted with its memory")
         if not self.templates.exists(build_id) and not (self.fetch_build and self.fetch_build(build_id)):
             raise SandboxError(500, f"template '{req.template}' points at build {build_id}, "
                                     "which is not in the template store; rebuild it")
