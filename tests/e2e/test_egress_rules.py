@@ -231,3 +231,40 @@ def test_rules_survive_a_server_killed_with_kill_9(data_dir: Path, tmp_path: Pat
             finally:
                 Sandbox.kill(sbx.sandbox_id)
                 stop(restarted)
+
+
+#: On one kept-alive connection: two GETs, a POST with a Content-Length body, a chunked POST;
+#: prints each status and the SHA-256 of the bodies sent
+_KEEPALIVE = r"""
+import hashlib, http.client, os, sys
+conn = http.client.HTTPSConnection(sys.argv[1], int(sys.argv[2]), timeout=30)
+big, parts = os.urandom(1 << 20), [os.urandom(70000), b"x" * 5, os.urandom(3)]
+for method, body, extra in (("GET", None, {}), ("GET", None, {}), ("POST", big, {}),
+                            ("POST", iter(parts), {"Transfer-Encoding": "chunked"})):
+    conn.request(method, f"/{method.lower()}", body=body, headers=extra, encode_chunked=bool(extra))
+    r = conn.getresponse(); r.read()
+    print(r.status)
+print(hashlib.sha256(big).hexdigest(), hashlib.sha256(b"".join(parts)).hexdigest())
+"""
+
+
+def test_transforms_on_a_kept_alive_connection_with_bodies(sdk_env: Server, wild_internet: FakeInternet) -> None:
+    """Every request of one connection gets the headers; bodies (by length, chunked, 1 MiB) reach
+    the upstream byte for byte."""
+    net = wild_internet
+    sbx = Sandbox.create(timeout=120, network=_network(net, {"api.wild.test": [
+        {"transform": {"headers": {"X-Each": "yes"}}}]}))
+    try:
+        sbx.commands.run(f"echo nameserver {net.dns} > /etc/resolv.conf", user="root")
+        sbx.files.write("/tmp/keepalive.py", _KEEPALIVE)
+        out = sbx.commands.run("python3 /tmp/keepalive.py api.wild.test 8443", timeout=90).stdout.split("\n")
+        assert out[:4] == ["200"] * 4, out
+        big_sha, chunked_sha = out[4].split()
+        got = [r for r in net.requests() if r["sni"] == "api.wild.test"]
+        assert [r["path"] for r in got] == ["/get", "/get", "/post", "/post"]
+        assert len({r["peer"] for r in got}) == 1  # one connection upstream too
+        assert all(r["headers"]["x-each"] == "yes" for r in got)
+        assert (got[2]["body_len"], got[2]["body_sha256"]) == (1 << 20, big_sha)
+        assert (got[3]["body_len"], got[3]["body_sha256"]) == (70008, chunked_sha)
+    finally:
+        sbx.kill()

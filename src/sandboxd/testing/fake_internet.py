@@ -28,23 +28,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: A server answering GET with ``<its address> <Host header> <TLS server name or ->``, over HTTP
-#: on :8080 and, given a certificate, over HTTPS on :8443 and :443 (all on every address of the namespace);
-#: each request's headers are appended to a log (a JSON line), never sent back.
+#: An HTTP/1.1 server (connections kept alive) answering GET and POST with ``<its address> <Host
+#: header> <TLS server name or ->``, over HTTP on :8080 and, given a certificate, over HTTPS on
+#: :8443 and :443 (all on every address of the namespace); each request's headers (and a POST's
+#: body length and SHA-256) are appended to a log (a JSON line), never sent back.
 _SERVER = r"""
-import http.server, json, socketserver, ssl, sys, threading
+import hashlib, http.server, json, socketserver, ssl, sys, threading
 LOG = open(sys.argv[1], "a", buffering=1)
 LOCK = threading.Lock()
 class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
     def setup(self):
         if hasattr(self.request, "do_handshake"):  # TLS: in this connection's thread, not the accept loop
             self.request.do_handshake()
         super().setup()
-    def do_GET(self):
+    def _body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            out = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                out += self.rfile.read(size); self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b""): pass
+            return out
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+    def do_POST(self):
+        self.do_GET(self._body())
+    def do_GET(self, posted=None):
         sni = getattr(self.connection, "sni", "-")
+        entry = {"address": self.connection.getsockname()[0], "sni": sni, "path": self.path, "peer": self.client_address[1],
+                 "headers": [[k, v] for k, v in self.headers.items()]}
+        if posted is not None:
+            entry.update(body_len=len(posted), body_sha256=hashlib.sha256(posted).hexdigest())
         with LOCK:
-            LOG.write(json.dumps({"address": self.connection.getsockname()[0], "sni": sni, "path": self.path,
-                                  "headers": [[k, v] for k, v in self.headers.items()]}) + "\n")
+            LOG.write(json.dumps(entry) + "\n")
         body = f"{self.connection.getsockname()[0]} {self.headers.get('Host')} {sni}\n".encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
