@@ -14,6 +14,7 @@ import httpx
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
+from e2e.hostcheck import CLEAN, traces  # tests/ is on sys.path (rootdir packages)
 
 from sandboxd.store.nodes_db import ACTIVE, DRAINING, GONE, Nodes
 from sandboxd.testing.cluster import Cluster, Proc, running_cluster, wait_api, wait_node
@@ -187,9 +188,11 @@ def test_kill_9_of_a_node(cluster: Cluster) -> None:
     finally:
         for s in others:
             s.kill()
+    assert traces(victim.settings, sbx.sandbox_id, row.slot_index)["container"]  # left running by the crash
     victim.start()  # comes back: recovery finds no record of its sandbox and removes it
     wait_node(cluster, victim)
     assert not sandbox_dir.exists()
+    assert traces(victim.settings, sbx.sandbox_id, row.slot_index) == CLEAN  # no netns, mount, process left
     node = Nodes(cluster.db()).get(victim.name)
     assert node is not None and node.state == ACTIVE
 
