@@ -71,6 +71,14 @@ def test_the_sdk_drives_sandboxes_through_either_api_replica(cluster: Cluster) -
             assert Sandbox.kill(sbx.sandbox_id, **_opts(cluster, b if i % 2 else a))
     db = cluster.db()
     assert all(db.get_sandbox(s.sandbox_id) is None for s in made)
+    # logs stay on the node that ran the sandbox; either replica reads them, also after the kill
+    for api in (a, b):
+        res = httpx.get(f"{api.url}/v2/sandboxes/{made[0].sandbox_id}/logs", headers={"X-API-Key": cluster.api_key})
+        messages = [e["message"] for e in res.json()["logs"]]
+        assert res.status_code == 200 and any(m.startswith("Sandbox created") for m in messages), messages
+        assert "Sandbox killed" in messages
+    res = httpx.get(f"{a.url}/v2/sandboxes/nosuchsandbox/logs", headers={"X-API-Key": cluster.api_key})
+    assert res.status_code == 404 and res.json()["code"] == 404
 
 
 def test_a_node_fetches_a_build_by_id_and_verifies_it(cluster: Cluster) -> None:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from sandboxd.api.auth import require_api_key
 from sandboxd.api.errors import ApiError, install_error_handlers
+from sandboxd.api.logs import router as logs_router
 from sandboxd.api.quotas import Quotas
 from sandboxd.api.sandboxes import router as sandboxes_router
 from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
@@ -43,8 +44,6 @@ SWEEP_INTERVAL_S = 1.0
 
 #: routes ``serve`` has that a cluster does not serve yet: (method, path, why)
 NOT_IN_CLUSTER: tuple[tuple[str, str, str], ...] = (
-    ("GET", "/sandboxes/{sandbox_id}/logs", "sandbox logs"),
-    ("GET", "/v2/sandboxes/{sandbox_id}/logs", "sandbox logs"),
     ("POST", "/sandboxes/{sandbox_id}/snapshots", "snapshots"),
     ("GET", "/snapshots", "snapshots"),
     ("POST", "/sandboxes/{sandbox_id}/fork", "forks"),
@@ -147,6 +146,7 @@ def build_api_app(settings: Settings) -> ASGIApp:
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)
     api.include_router(secrets_router)
+    api.include_router(logs_router)  # the node's log store, through RemoteLogs
     api.include_router(_not_in_cluster_router())  # before templates_list: /templates/aliases/{alias}
     api.include_router(templates_list_router)
 

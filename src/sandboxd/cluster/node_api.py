@@ -99,6 +99,15 @@ def update_network(sandbox_id: str, body: NetworkBody, request: Request) -> JSON
     return _found(_orch(request).update_network(sandbox_id, policy))
 
 
+@router.get("/sandboxes/{sandbox_id}/logs")
+def logs(sandbox_id: str, request: Request) -> JSONResponse:
+    """The sandbox's log entries as stored here (also after it was killed, while kept)."""
+    entries = _orch(request).logs.entries(sandbox_id)
+    if entries is None:
+        return JSONResponse({"code": 404, "message": "no logs of this sandbox on this node"}, status_code=404)
+    return JSONResponse({"lines": [e.to_line() for e in entries]})
+
+
 @router.get("/builds/{build_id}")
 def build(build_id: str, request: Request) -> Response:
     """A build this node holds, as a tar (another node fetches it: cluster/builds.py)."""

@@ -81,6 +81,10 @@ class NodeClient:
     def set_timeout(self, sandbox_id: str, timeout_s: int) -> bool:
         return self._call("POST", f"/sandboxes/{sandbox_id}/timeout", {"timeout": timeout_s}) is not None
 
+    def log_lines(self, sandbox_id: str) -> list[str] | None:
+        data = self._call("GET", f"/sandboxes/{sandbox_id}/logs")
+        return None if data is None else [str(line) for line in data.get("lines", [])]
+
     def update_network(self, sandbox_id: str, policy: EgressPolicy) -> bool:
         body = {"egress": policy.to_json(), "allow_internet_access": not policy.denies_all}
         return self._call("PUT", f"/sandboxes/{sandbox_id}/network", body) is not None

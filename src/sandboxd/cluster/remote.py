@@ -14,6 +14,7 @@ from sandboxd.cluster.node_client import NodeClient, NodeClients, NodeUnreachabl
 from sandboxd.cluster.placement import order
 from sandboxd.config import Settings
 from sandboxd.orchestrator.egress import EgressPolicy
+from sandboxd.orchestrator.logs import LogEntry
 from sandboxd.orchestrator.sandboxes import CreateRequest, Resources, SandboxError, resources_of
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.store.db import Database, SandboxRow
@@ -35,6 +36,29 @@ class NoPool:
         return 0
 
 
+class RemoteLogs:
+    """The log store's ``entries`` over the nodes: the node the sandbox's record names, or, for a
+    sandbox already killed (no record), every node that is not gone (its node keeps its logs)."""
+
+    def __init__(self, orch: ClusterOrchestrator) -> None:
+        self._orch = orch
+
+    def entries(self, sandbox_id: str) -> list[LogEntry] | None:
+        client = self._orch.client_of(sandbox_id)
+        if client is not None:
+            clients = [client]
+        else:
+            clients = [self._orch.clients.get(n.node_id, n.address) for n in self._orch.nodes.all() if n.state != GONE]
+        for c in clients:
+            try:
+                lines = c.log_lines(sandbox_id)
+            except NodeUnreachable:
+                continue
+            if lines is not None:
+                return [LogEntry.from_line(line) for line in lines]
+        return None
+
+
 class ClusterOrchestrator:
     """What the API routes call in cluster mode (see module doc)."""
 
@@ -44,6 +68,7 @@ class ClusterOrchestrator:
         self.nodes = Nodes(db)
         self.clients = clients
         self.pool = NoPool()
+        self.logs = RemoteLogs(self)
 
     # -- placing a create ----------------------------------------------------------------------
 
@@ -86,7 +111,7 @@ class ClusterOrchestrator:
 
     # -- calls naming a sandbox ----------------------------------------------------------------
 
-    def _client_of(self, sandbox_id: str) -> NodeClient | None:
+    def client_of(self, sandbox_id: str) -> NodeClient | None:
         """The client of the node that holds the sandbox; None: no such sandbox (anymore)."""
         row = self.db.get_sandbox(sandbox_id)
         if row is None or row.node_id is None:
@@ -97,15 +122,15 @@ class ClusterOrchestrator:
         return self.clients.get(node.node_id, node.address)
 
     def kill(self, sandbox_id: str, wait: bool = False, reason: str = "api") -> bool:
-        client = self._client_of(sandbox_id)
+        client = self.client_of(sandbox_id)
         return client is not None and client.kill(sandbox_id)
 
     def pause(self, sandbox_id: str, memory: bool = True, strict: bool = False) -> bool | None:
-        client = self._client_of(sandbox_id)
+        client = self.client_of(sandbox_id)
         return None if client is None else client.pause(sandbox_id, memory, strict)
 
     def resume(self, sandbox_id: str, timeout_s: int | None, memory: bool = True) -> SandboxRow | None:
-        client = self._client_of(sandbox_id)
+        client = self.client_of(sandbox_id)
         if client is None or not client.resume(sandbox_id, timeout_s, memory):
             return None
         return self.db.get_sandbox(sandbox_id)
@@ -114,17 +139,17 @@ class ClusterOrchestrator:
         row = self.db.get_sandbox(sandbox_id)
         if row is None or row.state != "running":
             return None  # a paused one: the route resumes it (resume goes to its node)
-        client = self._client_of(sandbox_id)
+        client = self.client_of(sandbox_id)
         if client is None or not client.connect(sandbox_id, timeout_s):
             return None
         return self.db.get_sandbox(sandbox_id)
 
     def set_timeout(self, sandbox_id: str, timeout_s: int) -> bool:
-        client = self._client_of(sandbox_id)
+        client = self.client_of(sandbox_id)
         return client is not None and client.set_timeout(sandbox_id, timeout_s)
 
     def update_network(self, sandbox_id: str, policy: EgressPolicy) -> SandboxRow | None:
-        client = self._client_of(sandbox_id)
+        client = self.client_of(sandbox_id)
         if client is None or not client.update_network(sandbox_id, policy):
             return None
         return self.db.get_sandbox(sandbox_id)
