@@ -60,6 +60,9 @@ def test_the_sdk_drives_sandboxes_through_either_api_replica(cluster: Cluster) -
             assert again.commands.run(f"echo {i} $((40+2))").stdout == f"{i} 42\n"
             again.files.write("/tmp/f.txt", f"file {i}")
             assert sbx.files.read("/tmp/f.txt") == f"file {i}"
+            if i == 0:  # sampled by its node, read through the other replica
+                samples = again.get_metrics()
+                assert samples and samples[0].cpu_count >= 1 and samples[0].mem_total > 0
         for api in (a, b):
             listed = {s.sandbox_id for s in Sandbox.list(**_opts(cluster, api)).next_items()}
             assert {s.sandbox_id for s in made} <= listed

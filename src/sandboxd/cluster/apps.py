@@ -31,7 +31,7 @@ from sandboxd.cluster.membership import Sweeper, agent_for
 from sandboxd.cluster.node_api import node_api
 from sandboxd.cluster.node_client import NodeClients
 from sandboxd.cluster.proxy import ClusterProxy
-from sandboxd.cluster.remote import ClusterOrchestrator
+from sandboxd.cluster.remote import ClusterOrchestrator, RemoteSamples
 from sandboxd.config import Settings
 from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.volumes import Volumes
@@ -110,7 +110,7 @@ def build_node_app(settings: Settings) -> ASGIApp:
         async with node_running(settings, orch, samples, agent):
             yield
 
-    app = node_api(orch, agent, lifespan)
+    app = node_api(orch, agent, samples, lifespan)
     return RequireSecret(SandboxProxy(app, orch.upstream, orch.find_signed, orch.find_by_token, orch.wake), secret)
 
 
@@ -138,7 +138,7 @@ def build_api_app(settings: Settings) -> ASGIApp:
     api.state.db = db
     api.state.orchestrator = orch
     api.state.quotas = Quotas(db)
-    api.state.metric_samples = MetricSamples(settings.data_dir / "metrics")  # none taken here: [] until nodes serve them
+    api.state.metric_samples = RemoteSamples(orch)  # sampled by each node, read from it
     api.state.snapshots = NoSnapshots()
     api.state.volumes = Volumes(db, settings.data_dir)
     api.state.secrets = Secrets(db, settings.secrets_key_file or settings.data_dir / "secrets.key")

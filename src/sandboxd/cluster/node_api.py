@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from sandboxd.cluster.membership import NodeAgent, capacity_of, usage_of
 from sandboxd.cluster.wire import error_json, request_of
 from sandboxd.orchestrator.egress import EgressPolicy
+from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import Orchestrator, SandboxError
 
 PREFIX = "/internal/v1"
@@ -108,6 +109,20 @@ def logs(sandbox_id: str, request: Request) -> JSONResponse:
     return JSONResponse({"lines": [e.to_line() for e in entries]})
 
 
+@router.get("/sandboxes/{sandbox_id}/metrics")
+def metrics(sandbox_id: str, request: Request, start: int | None = None, end: int | None = None,
+            latest: bool = False) -> dict[str, Any]:
+    """The sandbox's sampled series (``latest``: its newest sample); a running sandbox not
+    sampled yet is sampled now, as ``serve``'s route does."""
+    orch, samples = _orch(request), request.app.state.samples
+    row = orch.db.get_sandbox(sandbox_id)
+    if row is not None and not samples.series(sandbox_id) and (upstream := orch.upstream(sandbox_id)) is not None:
+        samples.sample_one(row, upstream.address)
+    if latest:
+        return {"latest": samples.latest(sandbox_id)}
+    return {"series": samples.series(sandbox_id, start, end)}
+
+
 @router.get("/builds/{build_id}")
 def build(build_id: str, request: Request) -> Response:
     """A build this node holds, as a tar (another node fetches it: cluster/builds.py)."""
@@ -123,11 +138,12 @@ def build(build_id: str, request: Request) -> Response:
     return StreamingResponse(tar_stream(store, build_id), media_type="application/x-tar")
 
 
-def node_api(orch: Orchestrator, agent: NodeAgent, lifespan: Any = None) -> FastAPI:
+def node_api(orch: Orchestrator, agent: NodeAgent, samples: MetricSamples, lifespan: Any = None) -> FastAPI:
     """The internal API app."""
     app = FastAPI(title="sandboxd node", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.orchestrator = orch
     app.state.agent = agent
+    app.state.samples = samples
 
     @app.exception_handler(SandboxError)
     async def _sandbox_error(_: Request, exc: SandboxError) -> JSONResponse:

@@ -85,6 +85,12 @@ class NodeClient:
         data = self._call("GET", f"/sandboxes/{sandbox_id}/logs")
         return None if data is None else [str(line) for line in data.get("lines", [])]
 
+    def metrics(self, sandbox_id: str, start: int | None = None, end: int | None = None,
+                latest: bool = False) -> dict[str, Any] | None:
+        params = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+        query = "&".join(f"{k}={v}" for k, v in params.items()) + ("&latest=true" if latest else "")
+        return self._call("GET", f"/sandboxes/{sandbox_id}/metrics?{query.lstrip('&')}")
+
     def update_network(self, sandbox_id: str, policy: EgressPolicy) -> bool:
         body = {"egress": policy.to_json(), "allow_internet_access": not policy.denies_all}
         return self._call("PUT", f"/sandboxes/{sandbox_id}/network", body) is not None

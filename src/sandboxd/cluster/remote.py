@@ -9,6 +9,7 @@ Records are read from the shared database (unscoped: every node's).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sandboxd.cluster.node_client import NodeClient, NodeClients, NodeUnreachable
 from sandboxd.cluster.placement import order
@@ -56,6 +57,31 @@ class RemoteLogs:
                 continue
             if lines is not None:
                 return [LogEntry.from_line(line) for line in lines]
+        return None
+
+
+class RemoteSamples:
+    """The metric samples' ``series``/``latest`` over the nodes: each node samples its own
+    sandboxes (its lifespan's sampler) and serves them; a sandbox whose node is not known (killed,
+    node gone) has none here."""
+
+    def __init__(self, orch: ClusterOrchestrator) -> None:
+        self._orch = orch
+
+    def series(self, sandbox_id: str, start: int | None = None, end: int | None = None) -> list[dict[str, Any]] | None:
+        client = self._orch.client_of(sandbox_id)
+        data = client.metrics(sandbox_id, start, end) if client is not None else None
+        return None if data is None else data.get("series")
+
+    def latest(self, sandbox_id: str) -> dict[str, Any] | None:
+        client = self._orch.client_of(sandbox_id)
+        data = client.metrics(sandbox_id, latest=True) if client is not None else None
+        return None if data is None else data.get("latest")
+
+    @staticmethod
+    def sample_one(_row: SandboxRow, _address: str) -> None:
+        """Never called: the API replica has no route to a sandbox (``upstream`` is None); the
+        node samples on demand."""
         return None
 
 
