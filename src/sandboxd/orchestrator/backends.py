@@ -122,7 +122,7 @@ class GVisorBackend:
     def has_disk(self, sandbox_dir: Path) -> bool:
         return (sandbox_dir / DISK_IMAGE).is_file()
 
-    #: ``runsc checkpoint`` cannot save a sandbox whose processes wait on a socket (envd's)
+    #: a sandbox restored by ``runsc restore`` gets its processes back but no traffic (gvisor.py)
     captures_memory = False
 
     def capture(self, sandbox_id: str, sandbox_dir: Path, dest: Path, memory: bool) -> None:

@@ -12,8 +12,8 @@ once, ``count`` sandboxes created from it, then removed.
 
 With memory (microVMs), a sandbox made from it goes on where the captured one was: its processes
 run, its envd is told its new token by the old one's (kept in ``guest.json``, 0600). Without
-(gVisor: ``runsc checkpoint`` cannot save a sandbox whose processes wait on a socket, as envd's
-always do; or ``mode="filesystem"``) it boots fresh over the files (E2B's ``memory: false``).
+(gVisor: a ``runsc checkpoint``/``restore`` of a sandbox brings its processes back but not its
+network, see runtimes/gvisor.py; or ``mode="filesystem"``) it boots fresh over the files (E2B's ``memory: false``).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class SnapshotService:
             backend = self.orch.backends.get(row.runtime)
             if memory and not backend.captures_memory:
                 raise SandboxError(501, f"memory: sandboxd snapshots of {row.runtime} sandboxes keep the filesystem "
-                                        "alone (gVisor cannot checkpoint envd's sockets); take it with "
+                                        "alone (a gVisor sandbox restored from a checkpoint is unreachable); take it with "
                                         "mode='filesystem'")
             keep_memory = backend.captures_memory if memory is None else memory
             try:

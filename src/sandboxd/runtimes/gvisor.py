@@ -15,9 +15,11 @@ How runsc is run on this kind of host (measured, see architecture.md):
   sandbox's own disk on the host, where its size limit holds and its files outlive the runsc
   sandbox. gVisor's in-sandbox overlay would keep them in an unlinked file that dies with it,
   and this release kills the sandbox when that file cannot grow;
-- ``runsc checkpoint`` cannot save a sandbox whose processes wait on a TCP socket (envd always
-  does: "endpoint still has waiters upon save") and kills it trying, so pausing with memory is
-  ``runsc pause`` (tasks stopped in place, memory kept in RAM), which takes ~30 ms each way.
+- ``runsc checkpoint`` of a sandbox has been seen to fail with envd waiting on its socket
+  ("endpoint still has waiters upon save"), and when it does succeed (measured: 0.5 s, 6.5 MB,
+  ``runsc restore`` 0.7 s, processes, ``/dev/shm`` and envd's listening socket all back) the
+  restored sandbox answers no packet from its slot; so pausing with memory is ``runsc pause``
+  (tasks stopped in place, memory kept in RAM), which takes ~30 ms each way.
 """
 
 from __future__ import annotations
