@@ -207,3 +207,24 @@ def test_async_microvm_snapshot_and_fork(vm_env: Server, vm_template: str) -> No
                     await s.kill()
 
     asyncio.run(main())
+
+
+def test_a_sandbox_from_a_snapshot_pauses_and_resumes_without_touching_the_snapshot(
+        vm_env: Server, vm_template: str) -> None:
+    source = Sandbox.create(template=vm_template, timeout=300, request_timeout=SLOW)
+    made: list[Sandbox] = []
+    try:
+        source.commands.run("echo snapshot > /dev/shm/m")
+        snap = source.create_snapshot(request_timeout=SLOW)
+        a = Sandbox.create(snap.snapshot_id, timeout=180, request_timeout=SLOW)
+        made.append(a)
+        a.commands.run("echo a > /dev/shm/m")
+        assert a.pause(request_timeout=SLOW) is True  # its memory written anew, never through the snapshot's
+        a = Sandbox.connect(a.sandbox_id, timeout=180, request_timeout=SLOW)
+        assert a.commands.run("cat /dev/shm/m").stdout == "a\n"
+        made.append(Sandbox.create(snap.snapshot_id, timeout=180, request_timeout=SLOW))
+        assert made[-1].commands.run("cat /dev/shm/m").stdout == "snapshot\n"  # the snapshot as it was taken
+        assert Sandbox.delete_snapshot(snap.snapshot_id) is True
+    finally:
+        for s in (source, *made):
+            s.kill()
