@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import os
 import struct
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from sandboxd.envd.contract import DEFAULT_USER, DEFAULT_WORKDIR, ENVD_PORT
+from sandboxd.envd.contract import DEFAULT_USER, DEFAULT_WORKDIR, ENVD_PORT, python_argv
 from sandboxd.errors import StartError
 
 
@@ -161,8 +162,29 @@ def run_process(address: str, access_token: str, user: str, command: str, env: d
 
     ``wait=False`` returns once the process started (closing the stream leaves it running, which
     is how a template's start command keeps going); ``wait=True`` returns its exit code and output."""
-    request = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", command], "envs": env, "cwd": cwd},
-               "stdin": False}
+    return _run(address, access_token, user, ["/bin/bash", "-l", "-c", command], env, cwd, wait, timeout_s)
+
+
+#: run by the bundle's python as root in a guest restored from another's memory: host randomness
+#: into the kernel's input pool, then RNDRESEEDCRNG, so its random numbers are no longer the source's
+_RESEED = ("import base64, fcntl, os, sys\n"
+           "fd = os.open('/dev/urandom', os.O_WRONLY)\n"
+           "os.write(fd, base64.b64decode(sys.argv[1]))\n"
+           "fcntl.ioctl(fd, 0x5207)\n")
+
+
+def reseed_rng(address: str, access_token: str) -> None:
+    """Make a restored guest's kernel RNG its own (forks of one memory would draw the same numbers
+    until its next scheduled reseed)."""
+    seed = base64.b64encode(os.urandom(64)).decode()
+    code, output = _run(address, access_token, "root", python_argv("-c", _RESEED, seed), {}, "/", True, 30)
+    if code != 0:
+        raise EnvdNotReady(f"reseeding the guest's RNG failed (exit {code}): {output[-500:]}")
+
+
+def _run(address: str, access_token: str, user: str, argv: list[str], env: dict[str, str], cwd: str,
+         wait: bool, timeout_s: float) -> tuple[int | None, str]:
+    request = {"process": {"cmd": argv[0], "args": argv[1:], "envs": env, "cwd": cwd}, "stdin": False}
     headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
                "X-Access-Token": access_token,
                "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),

@@ -37,6 +37,7 @@ from sandboxd.orchestrator.envd_client import (
     EnvdNotReady,
     envd_answers,
     init_envd,
+    reseed_rng,
     run_process,
     start_logged,
     sync_guest,
@@ -461,7 +462,8 @@ class Orchestrator:
         """A new sandbox from captured memory (seeded as if paused with it): its processes go on
         where the captured sandbox's were, over its own copy of the disk, in its own slot; envd
         answers and its ``/init`` (authorized by the token the memory holds) gives it this
-        sandbox's token and env vars. The template's start command is not run again: it runs."""
+        sandbox's token and env vars, and its kernel RNG is reseeded from the host's. The
+        template's start command is not run again: it runs."""
         sdir = self.sandbox_dir(row.sandbox_id)
         try:
             self._undo_boot(teardown, backend)
@@ -475,6 +477,7 @@ class Orchestrator:
                                                  current_token=envd_token), sdir)
             self._step("envd", lambda: self._trust_egress_ca(row.sandbox_id, slot.host_address,
                                                              row.envd_access_token, config), sdir)
+            self._step("envd", lambda: reseed_rng(slot.host_address, row.envd_access_token), sdir)
         except BaseException:
             self._undo_boot(teardown, backend)
             teardown.run(*BOOT_STEPS)
