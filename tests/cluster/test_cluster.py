@@ -248,3 +248,62 @@ def _lists(cluster: Cluster, api: Proc, sandbox_id: str) -> bool:
         return sandbox_id in {s.sandbox_id for s in Sandbox.list(**_opts(cluster, api)).next_items()}
     except SandboxException:
         return False
+
+
+_WS_SERVER = r"""
+import base64, hashlib, socket, threading
+def ws(conn):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(4096)
+    lines = head.decode().split("\r\n")
+    fields = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}
+    accept = base64.b64encode(hashlib.sha1((fields["sec-websocket-key"]
+                              + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+    conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+    text = ("token=" + fields.get("e2b-traffic-access-token", "")).encode()
+    conn.sendall(bytes([0x81, len(text)]) + text)
+    conn.recv(1024)
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 8001)); srv.listen()
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=ws, args=(conn,), daemon=True).start()
+"""
+
+
+def test_a_websocket_to_a_private_sandbox_through_an_api_replica(cluster: Cluster) -> None:
+    """``allowPublicTraffic: false``: the token reaches the node (which checks it) and not the
+    sandbox; without it, or with a wrong one, the handshake is refused."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    a, b = cluster.apis
+    sbx = Sandbox.create(timeout=120, network={"allow_public_traffic": False}, **_opts(cluster, a))
+    try:
+        token = sbx.traffic_access_token
+        assert token
+        sbx.files.write("/tmp/ws.py", _WS_SERVER)
+        sbx.commands.run("python3 /tmp/ws.py", background=True)
+        naming = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8001"}
+        for api in (a, b):
+            url = api.url.replace("http", "ws", 1) + "/"
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with connect(url, additional_headers={**naming, "e2b-traffic-access-token": token},
+                                 open_timeout=5) as ws:
+                        assert ws.recv(timeout=5) == "token="  # checked by the node, never passed on
+                    break
+                except (OSError, TimeoutError, InvalidStatus):  # the server in the sandbox is starting
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+            for wrong in ({}, {"e2b-traffic-access-token": "x" * len(token)}):
+                with pytest.raises(InvalidStatus) as refused, \
+                        connect(url, additional_headers={**naming, **wrong}, open_timeout=5):
+                    pass
+                assert refused.value.response.status_code == 403
+    finally:
+        sbx.kill()

@@ -162,8 +162,10 @@ class ClusterProxy:
         path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         query = scope.get("query_string", b"").decode("latin-1")
         scheme = "wss" if parts.scheme == "https" else "ws"
+        # the node's proxy checks the traffic token: it must reach the node (and goes no further)
         await relay_websocket({**scope, "headers": headers}, receive, send,
-                              f"{scheme}://{parts.netloc}{path}" + (f"?{query}" if query else ""))
+                              f"{scheme}://{parts.netloc}{path}" + (f"?{query}" if query else ""),
+                              keep_traffic_token=True)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_wrapper(message: dict[str, object]) -> None:

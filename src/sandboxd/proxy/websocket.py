@@ -19,17 +19,22 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 log = logging.getLogger("sandboxd.proxy")
 
-_SKIP_HEADERS = {b"host", b"e2b-traffic-access-token", b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version",
+#: the handshake's own headers (the client library makes its own) and what the sandbox must not see
+_SKIP_HEADERS = {b"host", b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version",
                  b"sec-websocket-extensions", b"sec-websocket-protocol", b"content-length"}
+TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
 
 
 async def relay_websocket(scope: dict[str, Any], receive: Any, send: Any, url: str,
-                          dial: tuple[str, int] | None = None) -> None:
+                          dial: tuple[str, int] | None = None, keep_traffic_token: bool = False) -> None:
     """Proxy one websocket connection to ``url`` (``ws://address:port/path?query``). With
     ``dial``, the connection goes there and ``url``'s host is only the handshake's Host (a
     sandbox's ``maskRequestHost``); a ``wss`` URL is TLS to the sandbox, unverified (its
-    ``httpsPorts`` serve their own, often self-signed, certificates)."""
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.lower() not in _SKIP_HEADERS]
+    ``httpsPorts`` serve their own, often self-signed, certificates). The traffic token is
+    dropped (a sandbox never sees it) unless ``keep_traffic_token``: the cluster proxy relays to
+    the node, whose own proxy checks it."""
+    skip = _SKIP_HEADERS if keep_traffic_token else _SKIP_HEADERS | {TRAFFIC_TOKEN_HEADER}
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.lower() not in skip]
     subprotocols = scope.get("subprotocols") or None
     where: dict[str, Any] = {"host": dial[0], "port": dial[1]} if dial else {}
     if url.startswith("wss://"):
