@@ -307,3 +307,64 @@ def test_a_websocket_to_a_private_sandbox_through_an_api_replica(cluster: Cluste
                 assert refused.value.response.status_code == 403
     finally:
         sbx.kill()
+
+
+def _snapshot_ids(cluster: Cluster, api: Proc, **query: str) -> list[str]:
+    paginator = Sandbox.list_snapshots(**query, **_opts(cluster, api))
+    ids: list[str] = []
+    while paginator.has_next:
+        ids += [s.snapshot_id for s in paginator.next_items()]
+    return ids
+
+
+def test_snapshots_and_forks_through_either_api_replica(cluster: Cluster) -> None:
+    """A snapshot is taken on the sandbox's node and recorded with it; listed and deleted through
+    either replica; sandboxes from it are placed on that node (its capture is there), forks too."""
+    from sandboxd.store.snapshots_db import Snapshots
+
+    a, b = cluster.apis
+    source = Sandbox.create(envs={"FROM": "source"}, timeout=180, **_opts(cluster, a))
+    made: list[Sandbox] = []
+    try:
+        holder = _node_of(cluster, source.sandbox_id)
+        source.files.write("/home/user/state.txt", "v1")
+        snap = Sandbox.create_snapshot(source.sandbox_id, **_opts(cluster, b))
+        snapshot_id = snap.snapshot_id.removesuffix(":default")
+        record = Snapshots(cluster.db()).find(snapshot_id)
+        assert record is not None and record.node_id == holder.name
+        captured = holder.settings.data_dir / "snapshots" / snapshot_id
+        assert captured.is_dir()
+        source.files.write("/home/user/state.txt", "v2")  # after the snapshot: not in it
+        for api in (a, b):
+            assert snap.snapshot_id in _snapshot_ids(cluster, api)
+            assert _snapshot_ids(cluster, api, sandbox_id=source.sandbox_id) == [snap.snapshot_id]
+
+        for api in (a, b, a):  # never by chance: three creates, each on the holder
+            s = Sandbox.create(snap.snapshot_id, timeout=120, **_opts(cluster, api))
+            made.append(s)
+            assert _node_of(cluster, s.sandbox_id) is holder
+            assert s.files.read("/home/user/state.txt") == "v1"
+            assert s.commands.run("echo $FROM").stdout == "source\n"
+        made[0].files.write("/home/user/state.txt", "mine")
+        assert made[1].files.read("/home/user/state.txt") == "v1"
+
+        forks = Sandbox.connect(source.sandbox_id, **_opts(cluster, b)).fork(count=2, timeout=120)
+        assert all(isinstance(f, Sandbox) for f in forks), forks
+        made += forks
+        for f in forks:
+            assert _node_of(cluster, f.sandbox_id) is holder
+            again = Sandbox.connect(f.sandbox_id, **_opts(cluster, a))
+            assert again.files.read("/home/user/state.txt") == "v2"
+        with pytest.raises(NotFoundException):
+            Sandbox.fork("nosuchsandbox", **_opts(cluster, a))
+
+        assert Sandbox.delete_snapshot(snap.snapshot_id, **_opts(cluster, a)) is True
+        assert Sandbox.delete_snapshot(snap.snapshot_id, **_opts(cluster, b)) is False
+        assert not captured.exists() and Snapshots(cluster.db()).find(snapshot_id) is None
+        assert snap.snapshot_id not in _snapshot_ids(cluster, b)
+        with pytest.raises(SandboxException, match="not found"):
+            Sandbox.create(snap.snapshot_id, timeout=60, **_opts(cluster, b))
+        assert made[0].files.read("/home/user/state.txt") == "mine"  # deleting it took nothing
+    finally:
+        for s in (source, *made):
+            s.kill()

@@ -49,8 +49,21 @@ def test_a_create_request_crosses_the_wire_whole() -> None:
                         allow_public_traffic=False, mask_request_host="h:${PORT}", https_ports=(8443,),
                         idempotency_key="k:1", owner="o")
     assert request_of(request_json(req)) == req
-    carried = set(request_json(req)) | {"seed", "volume_mounts"}  # those two: 501 in cluster mode
+    assert request_json(req)["snapshot"] is None
+    # seed crosses as the snapshot's id (the node seeds from its own capture); volume_mounts: a 501
+    carried = set(request_json(req)) - {"snapshot"} | {"seed", "volume_mounts"}
     assert carried == {f.name for f in dataclasses.fields(CreateRequest)}, "a new CreateRequest field must cross the wire"
+
+
+def test_a_create_from_a_snapshot_names_it_on_the_wire() -> None:
+    from pathlib import Path
+
+    from sandboxd.orchestrator.sandboxes import Resources, Seed
+
+    seed = Seed(captured=Path("sn1"), template_id="sn1", alias="named", build_id="b", runtime="gvisor",
+                resources=Resources(2, 512, 1024))
+    data = request_json(CreateRequest(template="named", timeout_s=60, seed=seed))
+    assert data["snapshot"] == "sn1" and request_of(data).seed is None  # the node makes its own Seed
 
 
 def test_what_a_cluster_cannot_do_yet_is_a_501_naming_it() -> None:

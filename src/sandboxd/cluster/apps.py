@@ -23,6 +23,7 @@ from sandboxd.api.quotas import Quotas
 from sandboxd.api.sandboxes import router as sandboxes_router
 from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
 from sandboxd.api.secrets import router as secrets_router
+from sandboxd.api.snapshots import router as snapshots_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.cluster.auth import RequireSecret, load_secret
@@ -32,6 +33,7 @@ from sandboxd.cluster.node_api import node_api
 from sandboxd.cluster.node_client import NodeClients
 from sandboxd.cluster.proxy import ClusterProxy
 from sandboxd.cluster.remote import ClusterOrchestrator, RemoteSamples
+from sandboxd.cluster.snapshots import ClusterSnapshots
 from sandboxd.config import Settings
 from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.volumes import Volumes
@@ -44,10 +46,6 @@ SWEEP_INTERVAL_S = 1.0
 
 #: routes ``serve`` has that a cluster does not serve yet: (method, path, why)
 NOT_IN_CLUSTER: tuple[tuple[str, str, str], ...] = (
-    ("POST", "/sandboxes/{sandbox_id}/snapshots", "snapshots"),
-    ("GET", "/snapshots", "snapshots"),
-    ("POST", "/sandboxes/{sandbox_id}/fork", "forks"),
-    ("DELETE", "/templates/{template_id}", "deleting templates and snapshots"),
     ("POST", "/volumes", "volumes"),
     ("GET", "/volumes", "volumes"),
     ("GET", "/volumes/{volume_id}", "volumes"),
@@ -77,18 +75,6 @@ def _not_in_cluster_router() -> APIRouter:
     for method, path, what in NOT_IN_CLUSTER:
         router.add_api_route(path, _not_in_cluster(method, path, what), methods=[method])
     return router
-
-
-class NoSnapshots:
-    """Snapshots are not in cluster mode yet: no templateID names one."""
-
-    @staticmethod
-    def seed_for(_ref: str) -> None:
-        return None
-
-    @staticmethod
-    def env_of(_ref: str) -> dict[str, str]:
-        return {}
 
 
 def build_node_app(settings: Settings) -> ASGIApp:
@@ -139,7 +125,7 @@ def build_api_app(settings: Settings) -> ASGIApp:
     api.state.orchestrator = orch
     api.state.quotas = Quotas(db)
     api.state.metric_samples = RemoteSamples(orch)  # sampled by each node, read from it
-    api.state.snapshots = NoSnapshots()
+    api.state.snapshots = ClusterSnapshots(orch)  # each on its node; records in PostgreSQL
     api.state.volumes = Volumes(db, settings.data_dir)
     api.state.secrets = Secrets(db, settings.secrets_key_file or settings.data_dir / "secrets.key")
     install_error_handlers(api)
@@ -149,6 +135,7 @@ def build_api_app(settings: Settings) -> ASGIApp:
     api.include_router(logs_router)  # the node's log store, through RemoteLogs
     api.include_router(_not_in_cluster_router())  # before templates_list: /templates/aliases/{alias}
     api.include_router(templates_list_router)
+    api.include_router(snapshots_router)  # after: DELETE /templates/tags is not DELETE /templates/{id}
 
     @api.get("/health")
     def health() -> dict[str, Any]:

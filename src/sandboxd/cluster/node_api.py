@@ -8,6 +8,7 @@ returned: the orchestrator wrote them to the shared database, where the API read
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -19,6 +20,8 @@ from sandboxd.cluster.wire import error_json, request_of
 from sandboxd.orchestrator.egress import EgressPolicy
 from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import Orchestrator, SandboxError
+from sandboxd.orchestrator.snapshots import SnapshotService
+from sandboxd.store.db import SandboxRow
 
 PREFIX = "/internal/v1"
 router = APIRouter(prefix=PREFIX)
@@ -34,6 +37,16 @@ class TimeoutBody(BaseModel):
     memory: bool = True
 
 
+class SnapshotBody(BaseModel):
+    name: str | None = None
+    memory: bool | None = None
+
+
+class ForkBody(BaseModel):
+    count: int
+    timeout: int
+
+
 class NetworkBody(BaseModel):
     egress: dict[str, Any] | None = None
     allow_internet_access: bool = True
@@ -41,6 +54,10 @@ class NetworkBody(BaseModel):
 
 def _orch(request: Request) -> Orchestrator:
     return request.app.state.orchestrator
+
+
+def _snapshots(request: Request) -> SnapshotService:
+    return request.app.state.snapshots
 
 
 def _found(ok: object) -> JSONResponse:
@@ -61,7 +78,12 @@ def create(body: dict[str, Any], request: Request) -> dict[str, str]:
     API placed by) refuses with 503, and the API tries another node."""
     orch = _orch(request)
     req = request_of(body)
-    need = orch.resources_for(req.template)
+    if (snapshot := body.get("snapshot")) is not None:  # its capture is here (the API placed it so)
+        seed = _snapshots(request).seed_for(str(snapshot))
+        if seed is None or not seed.captured.is_dir():
+            raise SandboxError(404, f"snapshot '{snapshot}' is not on node {orch.db.node_id}")
+        req = replace(req, seed=seed)
+    need = req.seed.resources if req.seed is not None else orch.resources_for(req.template)
     free = usage_of(capacity_of(orch.settings), orch.db.list_sandboxes(), [])
     if need.cpu_count > free.free_vcpus or need.memory_mb > free.free_memory_mb:
         raise SandboxError(503, f"node {orch.db.node_id} is full ({free.free_vcpus} vCPUs, "
@@ -98,6 +120,26 @@ def set_timeout(sandbox_id: str, body: TimeoutBody, request: Request) -> JSONRes
 def update_network(sandbox_id: str, body: NetworkBody, request: Request) -> JSONResponse:
     policy = EgressPolicy.from_json(body.egress, body.allow_internet_access)
     return _found(_orch(request).update_network(sandbox_id, policy))
+
+
+@router.post("/sandboxes/{sandbox_id}/snapshots")
+def snapshot(sandbox_id: str, body: SnapshotBody, request: Request) -> dict[str, str]:
+    """Capture the sandbox into this node's data dir; the record (with this node's id) is in the
+    shared database, where the API reads it."""
+    return {"snapshotID": _snapshots(request).take(sandbox_id, body.name, body.memory).snapshot_id}
+
+
+@router.post("/sandboxes/{sandbox_id}/fork")
+def fork(sandbox_id: str, body: ForkBody, request: Request) -> dict[str, list[dict[str, Any]]]:
+    """The forks start here, beside the capture they are seeded from (one capture for all)."""
+    results = _snapshots(request).fork(sandbox_id, body.count, body.timeout)
+    return {"results": [{"sandboxID": r.sandbox_id} if isinstance(r, SandboxRow) else {"error": error_json(r)}
+                        for r in results]}
+
+
+@router.delete("/snapshots/{snapshot_id}")
+def delete_snapshot(snapshot_id: str, request: Request) -> JSONResponse:
+    return _found(_snapshots(request).delete(snapshot_id))
 
 
 @router.get("/sandboxes/{sandbox_id}/logs")
@@ -142,6 +184,7 @@ def node_api(orch: Orchestrator, agent: NodeAgent, samples: MetricSamples, lifes
     """The internal API app."""
     app = FastAPI(title="sandboxd node", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.orchestrator = orch
+    app.state.snapshots = SnapshotService(orch)
     app.state.agent = agent
     app.state.samples = samples
 

@@ -42,12 +42,15 @@ class NodeClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, body: Any = None, timeout: float = CALL_TIMEOUT_S) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = CALL_TIMEOUT_S,
+              none_if_missing: bool = True) -> Any:
+        """The node's answer; None for a 404 (the sandbox is not there) unless ``none_if_missing``
+        is False (a create's 404 is an unknown template or snapshot: raised as the node said it)."""
         try:
             res = self._http.request(method, path, json=body, timeout=httpx.Timeout(timeout, connect=3.0))
         except httpx.TransportError as exc:
             raise NodeUnreachable(self.node_id, type(exc).__name__) from exc
-        if res.status_code == 404:
+        if res.status_code == 404 and none_if_missing:
             return None
         try:
             data = res.json()
@@ -58,7 +61,7 @@ class NodeClient:
         return data
 
     def create(self, req: CreateRequest) -> str:
-        data = self._call("POST", "/sandboxes", request_json(req), timeout=CREATE_TIMEOUT_S)
+        data = self._call("POST", "/sandboxes", request_json(req), timeout=CREATE_TIMEOUT_S, none_if_missing=False)
         if not data or "sandboxID" not in data:
             raise SandboxError(502, f"node {self.node_id} answered a create without a sandbox id")
         return str(data["sandboxID"])
@@ -90,6 +93,24 @@ class NodeClient:
         params = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
         query = "&".join(f"{k}={v}" for k, v in params.items()) + ("&latest=true" if latest else "")
         return self._call("GET", f"/sandboxes/{sandbox_id}/metrics?{query.lstrip('&')}")
+
+    def snapshot(self, sandbox_id: str, name: str | None, memory: bool | None) -> str | None:
+        """The new snapshot's id (None: no such sandbox on the node)."""
+        data = self._call("POST", f"/sandboxes/{sandbox_id}/snapshots", {"name": name, "memory": memory},
+                          timeout=CREATE_TIMEOUT_S)
+        return None if data is None else str(data["snapshotID"])
+
+    def fork(self, sandbox_id: str, count: int, timeout_s: int) -> list[str | SandboxError] | None:
+        """Per fork, its sandbox id or its error (None: no such sandbox on the node)."""
+        data = self._call("POST", f"/sandboxes/{sandbox_id}/fork", {"count": count, "timeout": timeout_s},
+                          timeout=CREATE_TIMEOUT_S * 2)
+        if data is None:
+            return None
+        return [str(r["sandboxID"]) if "sandboxID" in r else error_of(int(r["error"]["code"]), r["error"], {})
+                for r in data["results"]]
+
+    def delete_snapshot(self, snapshot_id: str) -> bool:
+        return self._call("DELETE", f"/snapshots/{snapshot_id}") is not None
 
     def update_network(self, sandbox_id: str, policy: EgressPolicy) -> bool:
         body = {"egress": policy.to_json(), "allow_internet_access": not policy.denies_all}

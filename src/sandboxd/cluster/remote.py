@@ -19,7 +19,8 @@ from sandboxd.orchestrator.logs import LogEntry
 from sandboxd.orchestrator.sandboxes import CreateRequest, Resources, SandboxError, resources_of
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.store.db import Database, SandboxRow
-from sandboxd.store.nodes_db import GONE, Nodes
+from sandboxd.store.nodes_db import GONE, NodeRow, Nodes
+from sandboxd.store.snapshots_db import Snapshots
 from sandboxd.store.templates_db import TemplateBuilds
 
 log = logging.getLogger("sandboxd.cluster")
@@ -104,11 +105,15 @@ class ClusterOrchestrator:
     def create(self, req: CreateRequest) -> SandboxRow:
         """On the best node with room; a node that is full or does not answer passes it on. All
         full: 503 with Retry-After, in E2B's error shape."""
-        need = self.resources_for(req.template)
-        found = TemplateBuilds(self.db).lookup(req.template)
-        candidates = order(self.nodes.active(), need.cpu_count, need.memory_mb,
-                           found.build_id if found else None, self.settings.placement_choices,
-                           self.settings.node_timeout_s)
+        if req.seed is not None:
+            need = req.seed.resources
+            candidates = [self._holder_of_snapshot(req.seed.template_id)]
+        else:
+            need = self.resources_for(req.template)
+            found = TemplateBuilds(self.db).lookup(req.template)
+            candidates = order(self.nodes.active(), need.cpu_count, need.memory_mb,
+                               found.build_id if found else None, self.settings.placement_choices,
+                               self.settings.node_timeout_s)
         if not candidates:
             raise SandboxError(503, f"no node has room for a sandbox of {need.cpu_count} vCPUs and "
                                     f"{need.memory_mb} MiB right now; try again later",
@@ -134,6 +139,16 @@ class ClusterOrchestrator:
             return row
         raise SandboxError(503, "no node could take the sandbox: " + "; ".join(refusals),
                            headers={"Retry-After": str(FULL_RETRY_AFTER_S)})
+
+    def _holder_of_snapshot(self, snapshot_id: str) -> NodeRow:
+        """The node whose data dir holds the snapshot: a sandbox from it can start there alone
+        (it refuses with node_full when it has no room: then 503, try again later)."""
+        snap = Snapshots(self.db).find(snapshot_id)
+        node = self.nodes.get(snap.node_id) if snap is not None and snap.node_id else None
+        if node is None or node.state == GONE:
+            raise SandboxError(503, f"snapshot '{snapshot_id}' is held by node {snap.node_id if snap else '?'}, "
+                                    "which is not in the cluster now")
+        return node
 
     # -- calls naming a sandbox ----------------------------------------------------------------
 

@@ -17,8 +17,6 @@ PASSED_HEADERS = ("retry-after", "should-retry")
 
 def unsupported_in_cluster(req: CreateRequest) -> str | None:
     """The option of ``req`` a cluster cannot honour yet (None: every one it asked for can)."""
-    if req.seed is not None:
-        return "templateID: creating from a snapshot is not supported in cluster mode yet"
     if req.volume_mounts:
         return "volumeMounts: volumes are not supported in cluster mode yet"
     return None
@@ -35,6 +33,8 @@ def request_json(req: CreateRequest) -> dict[str, Any]:
         "secure": req.secure, "allow_public_traffic": req.allow_public_traffic,
         "mask_request_host": req.mask_request_host, "https_ports": list(req.https_ports),
         "idempotency_key": req.idempotency_key, "owner": req.owner,
+        # a snapshot's capture is on one node: that node seeds the sandbox from its own copy
+        "snapshot": req.seed.template_id if req.seed is not None else None,
     }
 
 

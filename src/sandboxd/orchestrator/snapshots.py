@@ -80,7 +80,8 @@ class SnapshotService:
                 remove_tree(scratch)
         snap = self.records.put(snapshot_id=snapshot_id, name=alias, sandbox_id=sandbox_id, template_id=row.template_id,
                                 build_id=row.build_id, runtime=row.runtime, cpu_count=row.cpu_count,
-                                memory_mb=row.memory_mb, disk_size_mb=row.disk_size_mb, env_vars=dict(row.env_vars))
+                                memory_mb=row.memory_mb, disk_size_mb=row.disk_size_mb, env_vars=dict(row.env_vars),
+                                node_id=self.orch.db.node_id)
         log.info("sandbox %s: snapshot %s taken%s", sandbox_id, snapshot_id, f" as {alias}" if alias else "")
         self.orch.logs.event(sandbox_id, f"Snapshot {alias or snapshot_id} taken")
         return snap

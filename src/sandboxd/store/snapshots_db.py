@@ -26,6 +26,8 @@ class SnapshotRow(Base):
     memory_mb: Mapped[int] = mapped_column(Integer)
     disk_size_mb: Mapped[int] = mapped_column(Integer)
     env_vars: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    #: the node whose data dir holds the capture (cluster mode: sandboxes from it start there)
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
