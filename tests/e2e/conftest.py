@@ -13,7 +13,9 @@ import pytest
 
 from sandboxd.testing.server import Server, running_server, sdk_pointed_at
 
-__all__ = ["Server"]
+__all__ = ["SLOW", "Server"]
+#: seconds the SDK waits for a microVM create, connect, pause, fork or snapshot (minutes under TCG)
+SLOW = 600
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,17 @@ def sandbox(sdk_env: Server) -> Iterator[object]:
         yield sbx
     finally:
         sbx.kill()
+
+
+@pytest.fixture(scope="module")
+def vm_env(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server for one module of microVM tests: envd in a VM emulated by TCG on a loaded host can
+    take well over the default 30 s to answer after a boot (CPython's start, instruction by
+    instruction). Give its SDK calls that boot a ``request_timeout`` to match (``SLOW``)."""
+    log_path = tmp_path_factory.mktemp("vm-server") / "server.log"
+    try:
+        with running_server(data_dir, log_path, envd_ready_timeout_s=240.0) as srv, sdk_pointed_at(srv):
+            yield srv
+    finally:
+        if log_path.exists():
+            print(f"--- server log ({log_path}) tail ---\n{log_path.read_text(errors='replace')[-3000:]}")

@@ -10,26 +10,26 @@ from e2b import CommandExitException, Sandbox
 
 from sandboxd.store.db import Database
 
-from .conftest import Server
+from .conftest import SLOW, Server
 from .hostcheck import processes_mentioning
 
 pytestmark = [pytest.mark.slow, pytest.mark.microvm]
 
 
 @pytest.fixture(scope="module")
-def vm_template(sdk_env: Server) -> str:
-    db = Database(sdk_env.settings.db_url)
+def vm_template(vm_env: Server) -> str:
+    db = Database(vm_env.settings.db_url)
     base = db.find_template("base")
     assert base is not None
     db.set_template("base-vm", base.build_id, runtime="microvm")
     return "base-vm"
 
 
-def test_sdk_on_a_microvm(sdk_env: Server, vm_template: str) -> None:
-    a = Sandbox.create(template=vm_template, timeout=120)
-    b = Sandbox.create(template=vm_template, timeout=120)
+def test_sdk_on_a_microvm(vm_env: Server, vm_template: str) -> None:
+    a = Sandbox.create(template=vm_template, timeout=600, request_timeout=SLOW)
+    b = Sandbox.create(template=vm_template, timeout=600, request_timeout=SLOW)
     try:
-        row = Database(sdk_env.settings.db_url).get_sandbox(a.sandbox_id)
+        row = Database(vm_env.settings.db_url).get_sandbox(a.sandbox_id)
         assert row is not None and row.runtime == "microvm"
         r = a.commands.run("uname -r; id -un; sudo -n id -u; findmnt -n -o SOURCE /")
         kernel, user, root_uid, root_dev = r.stdout.split()
@@ -51,21 +51,21 @@ def test_sdk_on_a_microvm(sdk_env: Server, vm_template: str) -> None:
     assert left == []  # no QEMU left
 
 
-def test_pause_and_resume_keep_memory_and_files(sdk_env: Server, vm_template: str) -> None:
+def test_pause_and_resume_keep_memory_and_files(vm_env: Server, vm_template: str) -> None:
     from e2b import SandboxQuery, SandboxState
 
-    sbx = Sandbox.create(template=vm_template, timeout=120)
+    sbx = Sandbox.create(template=vm_template, timeout=600, request_timeout=SLOW)
     try:
         sbx.files.write("/home/user/kept.txt", "on disk")
         sbx.commands.run("python3 -c 'import time; open(\"/tmp/in-tmpfs\", \"w\").write(\"in memory\"); "
                          "time.sleep(100000)'", background=True)
         time.sleep(1)
-        assert sbx.pause() is True
+        assert sbx.pause(request_timeout=SLOW) is True
         assert sbx.get_info().state == SandboxState.PAUSED
         paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
         assert sbx.sandbox_id in [p.sandbox_id for p in paused]
         assert not sbx.is_running()
-        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120, request_timeout=SLOW)
         assert again.get_info().state == SandboxState.RUNNING
         assert again.files.read("/home/user/kept.txt") == "on disk"
         assert again.commands.run("cat /tmp/in-tmpfs").stdout == "in memory"
@@ -74,14 +74,14 @@ def test_pause_and_resume_keep_memory_and_files(sdk_env: Server, vm_template: st
         sbx.kill()
 
 
-def test_filesystem_pause_stops_the_vm_and_resume_boots_it_over_its_disk(sdk_env: Server, vm_template: str) -> None:
-    sbx = Sandbox.create(template=vm_template, timeout=120)
+def test_filesystem_pause_stops_the_vm_and_resume_boots_it_over_its_disk(vm_env: Server, vm_template: str) -> None:
+    sbx = Sandbox.create(template=vm_template, timeout=600, request_timeout=SLOW)
     try:
         sbx.files.write("/home/user/kept.txt", "on disk", metadata={"stage": "raw"})
         sbx.commands.run("sleep 1000", background=True)
-        assert sbx.pause(mode="filesystem") is True
+        assert sbx.pause(mode="filesystem", request_timeout=SLOW) is True
         assert processes_mentioning(sbx.sandbox_id) == []  # no QEMU while paused
-        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120, request_timeout=SLOW)
         assert again.files.read("/home/user/kept.txt") == "on disk"  # synced before QEMU was stopped
         assert again.files.get_info("/home/user/kept.txt").metadata == {"stage": "raw"}  # real xattrs on ext4
         assert "sleep 1000" not in again.commands.run("ps -eo args").stdout
@@ -89,17 +89,17 @@ def test_filesystem_pause_stops_the_vm_and_resume_boots_it_over_its_disk(sdk_env
         sbx.kill()
 
 
-def test_auto_pause_on_timeout_then_resume(sdk_env: Server, vm_template: str) -> None:
+def test_auto_pause_on_timeout_then_resume(vm_env: Server, vm_template: str) -> None:
     from e2b import SandboxState
 
-    sbx = Sandbox.create(template=vm_template, timeout=4, lifecycle={"on_timeout": "pause"})
+    sbx = Sandbox.create(template=vm_template, timeout=4, lifecycle={"on_timeout": "pause"}, request_timeout=SLOW)
     try:
         sbx.files.write("/home/user/before-timeout", "kept")
         deadline = time.monotonic() + 60
         while sbx.get_info().state != SandboxState.PAUSED and time.monotonic() < deadline:
             time.sleep(0.5)
         assert sbx.get_info().state == SandboxState.PAUSED  # paused, not killed
-        again = Sandbox.connect(sbx.sandbox_id, timeout=60)
+        again = Sandbox.connect(sbx.sandbox_id, timeout=60, request_timeout=SLOW)
         assert again.files.read("/home/user/before-timeout") == "kept"
     finally:
         sbx.kill()

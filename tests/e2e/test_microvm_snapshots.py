@@ -8,38 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from e2b import AsyncSandbox, Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
 
 from sandboxd.store.db import Database
-from sandboxd.testing.server import running_server, sdk_pointed_at
 
-from .conftest import Server
+from .conftest import SLOW, Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.microvm]
-#: seconds the SDK waits for a create, fork or snapshot: a boot under TCG on a loaded host takes minutes
-SLOW = 600
 
 #: a process whose memory holds state no file has: a counter, written to /tmp/counter 5 times a second
 COUNTER = ("python3 -c 'import os, time\nn = 0\nwhile True:\n    n += 1\n    open(\"/tmp/c.new\", \"w\").write(str(n))\n"
            "    os.replace(\"/tmp/c.new\", \"/tmp/counter\")\n    time.sleep(0.2)' ")
-
-
-@pytest.fixture(scope="module")
-def vm_env(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server of this module's own: envd in a VM emulated by TCG on a loaded host can take
-    well over the default 30 s to answer after a boot (CPython's start, instruction by instruction)."""
-    log_path = tmp_path_factory.mktemp("vm-server") / "server.log"
-    try:
-        with running_server(data_dir, log_path, envd_ready_timeout_s=240.0) as srv, sdk_pointed_at(srv):
-            yield srv
-    finally:
-        if log_path.exists():
-            print(f"--- server log ({log_path}) tail ---\n{log_path.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture(scope="module")
