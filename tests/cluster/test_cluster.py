@@ -368,3 +368,49 @@ def test_snapshots_and_forks_through_either_api_replica(cluster: Cluster) -> Non
     finally:
         for s in (source, *made):
             s.kill()
+
+
+def test_volumes_through_either_api_replica(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume's files are on the node that made it (its record names it); its content API works
+    through either replica (forwarded to that node); sandboxes mounting it are placed there."""
+    from e2b import Volume
+    from e2b.exceptions import VolumeException
+
+    from sandboxd.orchestrator.volumes import Volumes
+
+    a, b = cluster.apis
+    monkeypatch.setenv("E2B_VOLUME_API_URL", b.url)  # content calls through the other replica
+    name = f"vol-{int(time.time() * 1000) % 10**9}"
+    volume = Volume.create(name, **_opts(cluster, a))
+    made: list[Sandbox] = []
+    try:
+        record = Volumes.find_record(cluster.db(), volume.volume_id)
+        assert record is not None and record.node_id is not None
+        holder = next(n for n in cluster.nodes if n.name == record.node_id)
+        assert (holder.settings.data_dir / "volumes" / volume.volume_id / "data").is_dir()
+        for api in (a, b):
+            assert volume.volume_id in [v.volume_id for v in Volume.list(**_opts(cluster, api))]
+            assert Volume.get_info(volume.volume_id, **_opts(cluster, api)).name == name
+        volume.write_file("/seed/hello.txt", "from the API", force=True)
+        for api in (a, b, a):  # never by chance: each on the holder
+            s = Sandbox.create(volume_mounts={"/mnt/data": volume}, timeout=120, **_opts(cluster, api))
+            made.append(s)
+            assert _node_of(cluster, s.sandbox_id) is holder
+            assert s.files.read("/mnt/data/seed/hello.txt") == "from the API"
+        made[0].commands.run("echo from-sandbox > /mnt/data/written.txt")
+        assert made[1].commands.run("cat /mnt/data/written.txt").stdout == "from-sandbox\n"  # shared
+        monkeypatch.setenv("E2B_VOLUME_API_URL", a.url)
+        again = Volume.connect(volume.volume_id, **_opts(cluster, a))
+        assert again.read_file("/written.txt") == "from-sandbox\n"
+        with pytest.raises(VolumeException, match="mounted by sandbox"):
+            Volume.destroy(volume.volume_id, **_opts(cluster, b))  # in use: refused
+        for s in made:
+            s.kill()
+        made.clear()
+        assert Volume.destroy(volume.volume_id, **_opts(cluster, b)) is True
+        assert Volume.destroy(volume.volume_id, **_opts(cluster, a)) is False
+        assert not (holder.settings.data_dir / "volumes" / volume.volume_id).exists()
+    finally:
+        for s in made:
+            s.kill()
+        Volume.destroy(volume.volume_id, **_opts(cluster, a))

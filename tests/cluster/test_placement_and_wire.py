@@ -47,11 +47,11 @@ def test_a_create_request_crosses_the_wire_whole() -> None:
                         egress=EgressPolicy.parse(True, ["198.51.100.7"], ["0.0.0.0/0"], None, "network"),
                         auto_pause=True, auto_pause_memory=False, auto_resume=False, secure=False,
                         allow_public_traffic=False, mask_request_host="h:${PORT}", https_ports=(8443,),
-                        idempotency_key="k:1", owner="o")
+                        idempotency_key="k:1", owner="o", volume_mounts=({"volumeID": "v1", "path": "/data"},))
     assert request_of(request_json(req)) == req
     assert request_json(req)["snapshot"] is None
-    # seed crosses as the snapshot's id (the node seeds from its own capture); volume_mounts: a 501
-    carried = set(request_json(req)) - {"snapshot"} | {"seed", "volume_mounts"}
+    # seed crosses as the snapshot's id (the node seeds from its own capture)
+    carried = set(request_json(req)) - {"snapshot"} | {"seed"}
     assert carried == {f.name for f in dataclasses.fields(CreateRequest)}, "a new CreateRequest field must cross the wire"
 
 
@@ -64,13 +64,6 @@ def test_a_create_from_a_snapshot_names_it_on_the_wire() -> None:
                 resources=Resources(2, 512, 1024))
     data = request_json(CreateRequest(template="named", timeout_s=60, seed=seed))
     assert data["snapshot"] == "sn1" and request_of(data).seed is None  # the node makes its own Seed
-
-
-def test_what_a_cluster_cannot_do_yet_is_a_501_naming_it() -> None:
-    req = CreateRequest(template="base", timeout_s=60, volume_mounts=({"volumeID": "v", "path": "/data"},))
-    with pytest.raises(SandboxError) as exc:
-        request_json(req)
-    assert exc.value.status == 501 and "volumeMounts" in exc.value.message
 
 
 def test_an_error_crosses_the_wire_with_its_code_and_retry_hints() -> None:

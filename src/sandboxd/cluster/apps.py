@@ -26,6 +26,7 @@ from sandboxd.api.secrets import router as secrets_router
 from sandboxd.api.snapshots import router as snapshots_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
+from sandboxd.api.volumes import router as volumes_router
 from sandboxd.cluster.auth import RequireSecret, load_secret
 from sandboxd.cluster.builds import BuildFetcher
 from sandboxd.cluster.membership import Sweeper, agent_for
@@ -34,9 +35,9 @@ from sandboxd.cluster.node_client import NodeClients
 from sandboxd.cluster.proxy import ClusterProxy
 from sandboxd.cluster.remote import ClusterOrchestrator, RemoteSamples
 from sandboxd.cluster.snapshots import ClusterSnapshots
+from sandboxd.cluster.volumes import ClusterVolumes
 from sandboxd.config import Settings
 from sandboxd.orchestrator.samples import MetricSamples
-from sandboxd.orchestrator.volumes import Volumes
 from sandboxd.proxy.asgi import ASGIApp, SandboxProxy
 from sandboxd.store.db import Database
 from sandboxd.store.nodes_db import Nodes
@@ -46,10 +47,6 @@ SWEEP_INTERVAL_S = 1.0
 
 #: routes ``serve`` has that a cluster does not serve yet: (method, path, why)
 NOT_IN_CLUSTER: tuple[tuple[str, str, str], ...] = (
-    ("POST", "/volumes", "volumes"),
-    ("GET", "/volumes", "volumes"),
-    ("GET", "/volumes/{volume_id}", "volumes"),
-    ("DELETE", "/volumes/{volume_id}", "volumes"),
     ("GET", "/templates/aliases/{alias}", "template builds"),
     ("POST", "/v3/templates", "template builds (build on a node with `sandboxd template build`)"),
     ("POST", "/v2/templates/{template_id}/builds/{build_id}", "template builds"),
@@ -126,7 +123,7 @@ def build_api_app(settings: Settings) -> ASGIApp:
     api.state.quotas = Quotas(db)
     api.state.metric_samples = RemoteSamples(orch)  # sampled by each node, read from it
     api.state.snapshots = ClusterSnapshots(orch)  # each on its node; records in PostgreSQL
-    api.state.volumes = Volumes(db, settings.data_dir)
+    api.state.volumes = ClusterVolumes(orch)  # each on its node; records in PostgreSQL
     api.state.secrets = Secrets(db, settings.secrets_key_file or settings.data_dir / "secrets.key")
     install_error_handlers(api)
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
@@ -136,6 +133,7 @@ def build_api_app(settings: Settings) -> ASGIApp:
     api.include_router(_not_in_cluster_router())  # before templates_list: /templates/aliases/{alias}
     api.include_router(templates_list_router)
     api.include_router(snapshots_router)  # after: DELETE /templates/tags is not DELETE /templates/{id}
+    api.include_router(volumes_router)  # content calls never reach it: the cluster proxy sends them to the node
 
     @api.get("/health")
     def health() -> dict[str, Any]:

@@ -15,12 +15,15 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from sandboxd.api.errors import ApiError
+from sandboxd.api.volumes import router as volumes_router
 from sandboxd.cluster.membership import NodeAgent, capacity_of, usage_of
 from sandboxd.cluster.wire import error_json, request_of
 from sandboxd.orchestrator.egress import EgressPolicy
 from sandboxd.orchestrator.samples import MetricSamples
 from sandboxd.orchestrator.sandboxes import Orchestrator, SandboxError
 from sandboxd.orchestrator.snapshots import SnapshotService
+from sandboxd.orchestrator.volumes import VolumeError, Volumes
 from sandboxd.store.db import SandboxRow
 
 PREFIX = "/internal/v1"
@@ -45,6 +48,10 @@ class SnapshotBody(BaseModel):
 class ForkBody(BaseModel):
     count: int
     timeout: int
+
+
+class VolumeBody(BaseModel):
+    name: str
 
 
 class NetworkBody(BaseModel):
@@ -142,6 +149,26 @@ def delete_snapshot(snapshot_id: str, request: Request) -> JSONResponse:
     return _found(_snapshots(request).delete(snapshot_id))
 
 
+@router.post("/volumes", status_code=201)
+def create_volume(body: VolumeBody, request: Request) -> dict[str, str]:
+    """A volume whose files are in this node's data dir (its record names this node)."""
+    try:
+        return {"volumeID": request.app.state.volumes.create(body.name).volume_id}
+    except VolumeError as exc:
+        raise SandboxError(exc.status, exc.message) from exc
+
+
+@router.delete("/volumes/{volume_id}")
+def destroy_volume(volume_id: str, request: Request) -> JSONResponse:
+    """Refused (409) while a sandbox mounts it: those all run here (they were placed here)."""
+    users = [r.sandbox_id for r in _orch(request).db.list_sandboxes()
+             if any(m.get("volumeID") == volume_id for m in (r.volume_mounts or []))]
+    try:
+        return _found(request.app.state.volumes.destroy(volume_id, users))
+    except VolumeError as exc:
+        raise SandboxError(exc.status, exc.message) from exc
+
+
 @router.get("/sandboxes/{sandbox_id}/logs")
 def logs(sandbox_id: str, request: Request) -> JSONResponse:
     """The sandbox's log entries as stored here (also after it was killed, while kept)."""
@@ -185,6 +212,7 @@ def node_api(orch: Orchestrator, agent: NodeAgent, samples: MetricSamples, lifes
     app = FastAPI(title="sandboxd node", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.orchestrator = orch
     app.state.snapshots = SnapshotService(orch)
+    app.state.volumes = Volumes(orch.db, orch.settings.data_dir)
     app.state.agent = agent
     app.state.samples = samples
 
@@ -192,5 +220,11 @@ def node_api(orch: Orchestrator, agent: NodeAgent, samples: MetricSamples, lifes
     async def _sandbox_error(_: Request, exc: SandboxError) -> JSONResponse:
         return JSONResponse(error_json(exc), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(ApiError)  # the volume content API's errors, in E2B's shape
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"code": exc.status, "message": exc.message}, status_code=exc.status,
+                            headers=exc.headers)
+
     app.include_router(router)
+    app.include_router(volumes_router)  # its content API (/volumecontent/...): the API replica forwards it here
     return app

@@ -112,6 +112,13 @@ class NodeClient:
     def delete_snapshot(self, snapshot_id: str) -> bool:
         return self._call("DELETE", f"/snapshots/{snapshot_id}") is not None
 
+    def create_volume(self, name: str) -> str:
+        data = self._call("POST", "/volumes", {"name": name}, none_if_missing=False)
+        return str(data["volumeID"])
+
+    def destroy_volume(self, volume_id: str) -> bool:
+        return self._call("DELETE", f"/volumes/{volume_id}") is not None
+
     def update_network(self, sandbox_id: str, policy: EgressPolicy) -> bool:
         body = {"egress": policy.to_json(), "allow_internet_access": not policy.denies_all}
         return self._call("PUT", f"/sandboxes/{sandbox_id}/network", body) is not None

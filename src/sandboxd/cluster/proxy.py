@@ -18,6 +18,7 @@ import httpx
 
 from sandboxd.cluster.auth import SECRET_HEADER
 from sandboxd.envd.auth import file_signature
+from sandboxd.orchestrator.volumes import Volumes
 from sandboxd.proxy.asgi import (
     HOP_BY_HOP,
     ASGIApp,
@@ -38,6 +39,7 @@ from sandboxd.store.nodes_db import GONE, Nodes
 
 #: how long where a sandbox lives is remembered (it never moves; a kill is the node's to enforce)
 LOCATION_TTL_S = 2.0
+VOLUME_CONTENT = "/volumecontent/"
 _NAMING = {b"e2b-sandbox-id", b"e2b-sandbox-port", SECRET_HEADER}
 
 
@@ -94,6 +96,8 @@ class ClusterProxy:
             if scope["type"] == "lifespan":
                 return await self._lifespan(scope, receive, send)
             return await self.app(scope, receive, send)
+        if scope["type"] == "http" and scope["path"].startswith(VOLUME_CONTENT):
+            return await self._volume_content(scope, receive, send)
         route = route_of(scope)
         if route is None and scope["type"] == "http":
             route = await asyncio.to_thread(token_route, scope, self.find_by_token)
@@ -120,6 +124,23 @@ class ClusterProxy:
         out += [(b"e2b-sandbox-id", sandbox_id.encode()), (b"e2b-sandbox-port", str(port).encode()),
                 (SECRET_HEADER, self._secret)]
         return out
+
+    def _volume_node(self, volume_id: str) -> str | None:
+        """The address of the node holding the volume's files, or None."""
+        row = Volumes.find_record(self.db, volume_id)
+        node = self.nodes.get(row.node_id) if row is not None and row.node_id else None
+        return node.address if node is not None and node.state != GONE else None
+
+    async def _volume_content(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The volume content API, on the node whose data dir holds the volume (the node checks
+        the volume's token, as ``serve`` does)."""
+        volume_id = scope["path"][len(VOLUME_CONTENT):].partition("/")[0]
+        address = await asyncio.to_thread(self._volume_node, volume_id)
+        if address is None:
+            return await _error(send, 404, f"volume '{volume_id}' not found")
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP_BY_HOP
+                   and k.lower() not in _NAMING] + [(SECRET_HEADER, self._secret)]
+        await self._forward(scope, receive, send, address, headers, volume_id, 0)
 
     def _client(self, address: str) -> httpx.AsyncClient:
         client = self._clients.get(address)

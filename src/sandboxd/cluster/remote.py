@@ -105,9 +105,17 @@ class ClusterOrchestrator:
     def create(self, req: CreateRequest) -> SandboxRow:
         """On the best node with room; a node that is full or does not answer passes it on. All
         full: 503 with Retry-After, in E2B's error shape."""
+        holder = self._holder_of_volumes(req.volume_mounts) if req.volume_mounts else None
         if req.seed is not None:
             need = req.seed.resources
-            candidates = [self._holder_of_snapshot(req.seed.template_id)]
+            of_snapshot = self._holder_of_snapshot(req.seed.template_id)
+            if holder is not None and holder.node_id != of_snapshot.node_id:
+                raise SandboxError(400, f"volumeMounts: the volumes are on node {holder.node_id} and the snapshot "
+                                        f"on node {of_snapshot.node_id}; a sandbox starts where both are")
+            candidates = [of_snapshot]
+        elif holder is not None:
+            need = self.resources_for(req.template)
+            candidates = [holder]
         else:
             need = self.resources_for(req.template)
             found = TemplateBuilds(self.db).lookup(req.template)
@@ -148,6 +156,26 @@ class ClusterOrchestrator:
         if node is None or node.state == GONE:
             raise SandboxError(503, f"snapshot '{snapshot_id}' is held by node {snap.node_id if snap else '?'}, "
                                     "which is not in the cluster now")
+        return node
+
+    def _holder_of_volumes(self, mounts: tuple[dict[str, str], ...]) -> NodeRow:
+        """The one node whose data dir holds every volume a create mounts (they are bound, not copied)."""
+        from sandboxd.orchestrator.volumes import Volumes
+
+        volumes = Volumes(self.db, self.settings.data_dir)
+        held: dict[str, str] = {}
+        for m in mounts:
+            row = volumes.find(m["volumeID"])
+            held[m["volumeID"]] = row.node_id if row is not None and row.node_id else "?"
+        if len(set(held.values())) > 1:
+            raise SandboxError(400, "volumeMounts: the volumes are on different nodes ("
+                                    + ", ".join(f"{v} on {n}" for v, n in held.items())
+                                    + "); a sandbox can mount the volumes of one node")
+        node_id = next(iter(held.values()))
+        node = self.nodes.get(node_id)
+        if node is None or node.state == GONE:
+            raise SandboxError(503, f"volumeMounts: the volumes are held by node {node_id}, which is not in "
+                                    "the cluster now")
         return node
 
     # -- calls naming a sandbox ----------------------------------------------------------------

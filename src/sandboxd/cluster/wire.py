@@ -15,16 +15,7 @@ from sandboxd.orchestrator.sandboxes import CreateRequest, SandboxError
 PASSED_HEADERS = ("retry-after", "should-retry")
 
 
-def unsupported_in_cluster(req: CreateRequest) -> str | None:
-    """The option of ``req`` a cluster cannot honour yet (None: every one it asked for can)."""
-    if req.volume_mounts:
-        return "volumeMounts: volumes are not supported in cluster mode yet"
-    return None
-
-
 def request_json(req: CreateRequest) -> dict[str, Any]:
-    if (why := unsupported_in_cluster(req)) is not None:
-        raise SandboxError(501, why)
     return {
         "template": req.template, "timeout_s": req.timeout_s, "metadata": req.metadata, "env_vars": req.env_vars,
         "allow_internet_access": req.allow_internet_access,
@@ -35,6 +26,7 @@ def request_json(req: CreateRequest) -> dict[str, Any]:
         "idempotency_key": req.idempotency_key, "owner": req.owner,
         # a snapshot's capture is on one node: that node seeds the sandbox from its own copy
         "snapshot": req.seed.template_id if req.seed is not None else None,
+        "volume_mounts": [dict(m) for m in req.volume_mounts],  # the volumes are on the node it goes to
     }
 
 
@@ -49,7 +41,8 @@ def request_of(data: dict[str, Any]) -> CreateRequest:
         auto_resume=bool(data.get("auto_resume")), secure=bool(data.get("secure", True)),
         allow_public_traffic=bool(data.get("allow_public_traffic", True)),
         mask_request_host=data.get("mask_request_host"), https_ports=tuple(data.get("https_ports") or ()),
-        idempotency_key=data.get("idempotency_key"), owner=data.get("owner"))
+        idempotency_key=data.get("idempotency_key"), owner=data.get("owner"),
+        volume_mounts=tuple({str(k): str(v) for k, v in m.items()} for m in data.get("volume_mounts") or ()))
 
 
 def error_json(exc: SandboxError) -> dict[str, Any]:

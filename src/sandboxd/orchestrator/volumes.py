@@ -55,6 +55,8 @@ class VolumeRow(Base):
     volume_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     token: Mapped[str] = mapped_column(String(128))  # the volume content API's bearer token
+    #: the node whose data dir holds its files (cluster mode: sandboxes mounting it start there)
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -86,7 +88,7 @@ class Volumes:
             raise VolumeError(400, f"name: invalid volume name {name!r} (letters, digits, '-' and '_', at most 128)")
         if self.find(name) is not None:
             raise VolumeError(400, f"Volume with name '{name}' already exists")
-        row = VolumeRow(volume_id=new_id(), name=name, token=secrets.token_urlsafe(32))
+        row = VolumeRow(volume_id=new_id(), name=name, token=secrets.token_urlsafe(32), node_id=self.db.node_id)
         root = data_dir_of(self.data_dir, row.volume_id)
         root.mkdir(parents=True)
         os.chown(root, DEFAULT_UID, DEFAULT_GID)
@@ -97,7 +99,12 @@ class Volumes:
 
     def find(self, ref: str) -> VolumeRow | None:
         """By id or name."""
-        with self.db.session() as s:
+        return self.find_record(self.db, ref)
+
+    @staticmethod
+    def find_record(db: Database, ref: str) -> VolumeRow | None:
+        """By id or name, without a data dir (the cluster proxy asks which node holds it)."""
+        with db.session() as s:
             row = s.get(VolumeRow, ref)
             return row or s.scalars(select(VolumeRow).where(VolumeRow.name == ref)).first()
 
