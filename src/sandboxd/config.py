@@ -40,6 +40,9 @@ class Settings:
     #: A template asked for in bursts gets up to this many (as many as creates asked for it in
     #: the last 30 s): the next burst finds them booted. Each costs memory and idle CPU.
     warm_pool_max: int = 8
+    #: 1: microVM creates restore their template's booted image (made on first use) instead of
+    #: booting; 0: every microVM create boots (see orchestrator/boot_images.py).
+    microvm_boot_images: int = 1
     #: A failed start is cleaned up and retried this many times before the client gets the error.
     start_attempts: int = 2
     #: Domain mode (``serve --domain``): HTTPS on one port, ``api.<domain>`` is the API and

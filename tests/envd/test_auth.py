@@ -126,3 +126,15 @@ def test_reinit_needs_the_current_token(locked: Envd) -> None:
     assert r.status_code == 204
     envs = httpx.get(f"{locked.url}/envs", headers={"x-access-token": TOKEN}).json()
     assert envs["RESUMED"] == "1" and envs["AGAIN"] == "1"
+
+
+def test_init_with_bad_entropy_is_refused_whole(locked: Envd) -> None:
+    """``sandboxdEntropy`` (new randomness after a restore) must be base64: else 400, and nothing
+    of that /init is applied. (A valid one would reseed this host's kernel: the microVM e2e tests
+    check that restored guests read different random bytes.)"""
+    for bad in ("not base64!", 42):
+        r = httpx.post(f"{locked.url}/init", json={"envVars": {"BAD_SEED": "1"}, "sandboxdEntropy": bad},
+                       headers={"x-access-token": TOKEN})
+        assert r.status_code == 400 and "sandboxdEntropy" in r.text
+    envs = httpx.get(f"{locked.url}/envs", headers={"x-access-token": TOKEN}).json()
+    assert "BAD_SEED" not in envs

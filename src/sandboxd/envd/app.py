@@ -8,6 +8,7 @@ before dispatch, for everything but ``GET /health``, ``POST /init`` and ``/files
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ from connectrpc.errors import ConnectError
 
 from . import ENVD_VERSION
 from .auth import needs_token, tokens_equal
-from .contract import SUDO
+from .contract import INIT_ENTROPY_FIELD, SUDO
+from .entropy import reseed
 from .files_http import FilesHandler
 from .filesystem_service import FilesystemService
 from .http_util import (
@@ -169,7 +171,10 @@ class EnvdApp:
             # Once locked, only someone who knows the token (the orchestrator) may re-init; a
             # process inside the sandbox must not be able to swap the token or the default user.
             raise HTTPError(401, "envd is already initialized with another access token")
+        seed = _entropy_of(body)  # checked before anything is applied
         self.state.apply_init(body)
+        if seed:
+            reseed(seed)
         log.info("init: default user %s, %d env vars, token %s", self.state.default_user,
                  len(self.state.env_vars), "set" if self.state.access_token else "unset")
         await send_response(send, 204)
@@ -179,6 +184,19 @@ class EnvdApp:
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, await self._metrics_source.snapshot())
+
+
+def _entropy_of(body: dict[str, Any]) -> bytes:
+    """The new entropy a restored guest's ``/init`` carries (envd/entropy.py), or none."""
+    raw = body.get(INIT_ENTROPY_FIELD)
+    if raw is None:
+        return b""
+    try:
+        if not isinstance(raw, str):
+            raise ValueError("must be a base64 string")
+        return base64.b64decode(raw, validate=True)
+    except ValueError as e:
+        raise HTTPError(400, f"{INIT_ENTROPY_FIELD}: {e}") from e
 
 
 def _guards_memory() -> bool:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 #: envd's port in every sandbox (E2B's); the proxy routes ``49983-<sandbox id>`` to it
 ENVD_PORT = 49983
+#: ``POST /init``'s field (ours, beside E2B's) carrying new entropy, base64, after a memory restore
+INIT_ENTROPY_FIELD = "sandboxdEntropy"
 #: where the self-contained envd bundle (its own CPython, libs, loader, tini) lives in a rootfs
 BUNDLE_PATH_IN_SANDBOX = "/opt/sandboxd"
 #: the bundle's dynamic loader: envd runs through it, never through the template's libc

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import os
+import secrets
 import struct
 import threading
 import time
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from sandboxd.envd.contract import DEFAULT_USER, DEFAULT_WORKDIR, ENVD_PORT, python_argv
+from sandboxd.envd.contract import DEFAULT_USER, DEFAULT_WORKDIR, ENVD_PORT, INIT_ENTROPY_FIELD
 from sandboxd.errors import StartError
 
 
@@ -77,17 +77,20 @@ def sync_guest(address: str, access_token: str, timeout_s: float = 60) -> None:
 
 
 def init_envd(address: str, access_token: str | None, env_vars: dict[str, str], user: str = DEFAULT_USER,
-              workdir: str = DEFAULT_WORKDIR, current_token: str | None = None) -> None:
+              workdir: str = DEFAULT_WORKDIR, current_token: str | None = None, restored: bool = False) -> None:
     """``POST /init``: the access token, the sandbox's env vars, its default user and workdir
     (E2B's ``user`` and ``/home/user`` unless the template says otherwise), and the host clock
     (a restored or long-booting guest may be behind). ``current_token``: the one envd holds, if
-    not ``access_token`` (a sandbox restored from another's memory gets its own token)."""
+    not ``access_token`` (a sandbox restored from another's memory gets its own token).
+    ``restored``: the guest's memory was restored from a snapshot others may share: new entropy
+    goes with it, so its kernel's random state is its own (envd/entropy.py)."""
     body = {
         **({"accessToken": access_token} if access_token else {}),  # none: E2B's v1 ``secure: false``
         "envVars": env_vars,
         "defaultUser": user,
         "defaultWorkdir": workdir,
         "timestamp": datetime.now(UTC).isoformat(),
+        **({INIT_ENTROPY_FIELD: base64.b64encode(secrets.token_bytes(64)).decode()} if restored else {}),
     }
     # the token header lets a later /init (after a resume: clock sync; a restore: a new token) through
     held = access_token if current_token is None else current_token
@@ -163,23 +166,6 @@ def run_process(address: str, access_token: str, user: str, command: str, env: d
     ``wait=False`` returns once the process started (closing the stream leaves it running, which
     is how a template's start command keeps going); ``wait=True`` returns its exit code and output."""
     return _run(address, access_token, user, ["/bin/bash", "-l", "-c", command], env, cwd, wait, timeout_s)
-
-
-#: run by the bundle's python as root in a guest restored from another's memory: host randomness
-#: into the kernel's input pool, then RNDRESEEDCRNG, so its random numbers are no longer the source's
-_RESEED = ("import base64, fcntl, os, sys\n"
-           "fd = os.open('/dev/urandom', os.O_WRONLY)\n"
-           "os.write(fd, base64.b64decode(sys.argv[1]))\n"
-           "fcntl.ioctl(fd, 0x5207)\n")
-
-
-def reseed_rng(address: str, access_token: str) -> None:
-    """Make a restored guest's kernel RNG its own (forks of one memory would draw the same numbers
-    until its next scheduled reseed)."""
-    seed = base64.b64encode(os.urandom(64)).decode()
-    code, output = _run(address, access_token, "root", python_argv("-c", _RESEED, seed), {}, "/", True, 30)
-    if code != 0:
-        raise EnvdNotReady(f"reseeding the guest's RNG failed (exit {code}): {output[-500:]}")
 
 
 def _run(address: str, access_token: str, user: str, argv: list[str], env: dict[str, str], cwd: str,

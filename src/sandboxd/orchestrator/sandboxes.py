@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -31,13 +31,13 @@ from sandboxd.envd.contract import envd_argv, envd_env
 from sandboxd.errors import StartError
 from sandboxd.observability import events
 from sandboxd.orchestrator.backends import Backend, Backends
+from sandboxd.orchestrator.boot_images import BootImages, ImageKey
 from sandboxd.orchestrator.egress import NO_EGRESS, OPEN_EGRESS, EgressPolicy
 from sandboxd.orchestrator.egress_ca import GUEST_BUNDLE, GUEST_CA, TRUST_ENV, TRUSTED_MARK, SandboxCA
 from sandboxd.orchestrator.envd_client import (
     EnvdNotReady,
     envd_answers,
     init_envd,
-    reseed_rng,
     run_process,
     start_logged,
     sync_guest,
@@ -112,6 +112,9 @@ class Seed:
     resources: Resources
     memory: bool = False
     envd_token: str = ""
+    #: a template's booted image (orchestrator/boot_images.py): captured before any /init, so
+    #: the template's start command has not run yet and runs after the restore
+    booted: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ class Orchestrator:
         self._sandbox_teardowns: dict[str, Teardown] = {}  # sandbox id → its undo steps (lifecycle.py)
         settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.logs = LogStore(settings.data_dir / "logs")
+        self.boot_images = BootImages(settings.data_dir / "boot-images", self._make_boot_image) \
+            if settings.microvm_boot_images else None
         self.pool = WarmPool(settings.warm_pool_size, self._boot_warm, self._discard_warm,
                              max_size=settings.warm_pool_max)
         #: a cluster node fetches a build it lacks from another node (cluster/builds.py); None: alone
@@ -268,6 +273,13 @@ class Orchestrator:
                     return self._claim(req, template_id, alias, backend, warm)
                 except SandboxError as exc:
                     log.warning("claiming pooled sandbox %s failed (starting one): %s", warm.sandbox_id, exc.message)
+        if req.seed is None and backend.captures_memory and self.boot_images is not None:
+            image_key = ImageKey(build_id, resources.cpu_count, resources.memory_mb)
+            if (image := self.boot_images.find(image_key)) is not None:
+                req = replace(req, seed=Seed(image, template_id, alias, build_id, backend.name, resources,
+                                             memory=True, booted=True))
+            else:
+                self.boot_images.want(image_key)  # this create boots cold; later ones restore
         last: SandboxError | None = None
         for attempt in range(1, self.settings.start_attempts + 1):
             try:
@@ -328,7 +340,7 @@ class Orchestrator:
             record = self._add_record(sandbox_id, req, template_id, alias, build_id, backend, res, slot, token)
             self._undo_record(teardown)
             if seed is not None and seed.memory:
-                self._restore(backend, record, slot, teardown, seed.envd_token)
+                self._restore(backend, record, slot, teardown, seed.envd_token, personalize=seed.booted)
             else:
                 self._boot(backend, record, slot, teardown)
             row = self.db.update_sandbox(sandbox_id, state=SandboxState.RUNNING)
@@ -336,7 +348,8 @@ class Orchestrator:
         except BaseException:
             teardown.run()
             raise
-        return self._went_live(row, alias, teardown, f"ready in {time.monotonic() - started:.2f}s")
+        how = "restored from its template's booted image" if seed is not None and seed.booted else "ready"
+        return self._went_live(row, alias, teardown, f"{how} in {time.monotonic() - started:.2f}s")
 
     def _add_record(self, sandbox_id: str, req: CreateRequest, template_id: str, alias: str, build_id: str,
                     backend: Backend, res: Resources, slot: NetworkSlot, token: str) -> SandboxRow:
@@ -400,6 +413,18 @@ class Orchestrator:
         log.debug("warm pool: sandbox %s booted", sandbox_id)
         return WarmSandbox(sandbox_id, key, slot)
 
+    def _make_boot_image(self, key: ImageKey, dest: Path) -> None:
+        """A template's booted image (boot_images.py): a sandbox booted as the pool boots one,
+        captured with its memory into ``dest``, then removed."""
+        backend = self.backends.get("microvm")
+        # (a microVM's disk is its template's image: the disk size plays no part in its boot)
+        warm = self._boot_warm(PoolKey(key.build_id, backend.name, key.cpu_count, key.memory_mb,
+                                       self.settings.disk_size_mb))
+        try:
+            backend.capture(warm.sandbox_id, self.sandbox_dir(warm.sandbox_id), dest, memory=True)
+        finally:
+            self._discard_warm(warm)
+
     def _discard_warm(self, warm: WarmSandbox) -> None:
         self.take_teardown(warm.sandbox_id, warm.slot.index, warm.key.runtime).run()
 
@@ -458,12 +483,13 @@ class Orchestrator:
             raise
 
     def _restore(self, backend: Backend, row: SandboxRow, slot: NetworkSlot, teardown: Teardown,
-                 envd_token: str) -> None:
+                 envd_token: str, personalize: bool = False) -> None:
         """A new sandbox from captured memory (seeded as if paused with it): its processes go on
         where the captured sandbox's were, over its own copy of the disk, in its own slot; envd
         answers and its ``/init`` (authorized by the token the memory holds) gives it this
-        sandbox's token and env vars, and its kernel RNG is reseeded from the host's. The
-        template's start command is not run again: it runs."""
+        sandbox's token, env vars and new entropy. The template's start command is not run again:
+        it runs — except in a template's booted image (``personalize``), which is personalized
+        as a claimed warm sandbox is."""
         sdir = self.sandbox_dir(row.sandbox_id)
         try:
             self._undo_boot(teardown, backend)
@@ -472,12 +498,15 @@ class Orchestrator:
             backend.drop_memory(row.sandbox_id, sdir)  # restored: the copy of the memory is not needed
             self._step("envd", lambda: wait_healthy(slot.host_address, self.settings.envd_ready_timeout_s), sdir)
             config = RuntimeConfig.of(self.templates.get(row.build_id))
+            if personalize:
+                self._step("envd", lambda: self._personalize(row.sandbox_id, slot, row.envd_access_token, config,
+                                                             row.env_vars, restored=True), sdir)
+                return
             self._step("envd", lambda: init_envd(slot.host_address, row.envd_access_token,
                                                  {**config.env, **row.env_vars}, config.user, config.workdir,
-                                                 current_token=envd_token), sdir)
+                                                 current_token=envd_token, restored=True), sdir)
             self._step("envd", lambda: self._trust_egress_ca(row.sandbox_id, slot.host_address,
                                                              row.envd_access_token, config), sdir)
-            self._step("envd", lambda: reseed_rng(slot.host_address, row.envd_access_token), sdir)
         except BaseException:
             self._undo_boot(teardown, backend)
             teardown.run(*BOOT_STEPS)
@@ -492,12 +521,12 @@ class Orchestrator:
                                        for m in row.volume_mounts or ()))
 
     def _personalize(self, sandbox_id: str, slot: NetworkSlot, token: str, config: RuntimeConfig,
-                     env_vars: dict[str, str]) -> None:
-        """envd gets its configuration (the request's env vars over the template's), then the
-        template's start command runs and its ready command passes, if it has them."""
+                     env_vars: dict[str, str], restored: bool = False) -> None:
+        """envd gets its configuration (the request's env vars over the template's; ``restored``:
+        new entropy too), then the template's start command runs and its ready command passes."""
         trusts = (self.sandbox_dir(sandbox_id) / TRUSTED_MARK).exists()
         env = {**config.env, **(TRUST_ENV if trusts else {}), **env_vars}
-        init_envd(slot.host_address, token, env, config.user, config.workdir)
+        init_envd(slot.host_address, token, env, config.user, config.workdir, restored=restored)
         self._trust_egress_ca(sandbox_id, slot.host_address, token, config)
         if config.start_cmd:
             start_logged(slot.host_address, token, config.user, config.start_cmd, env, config.workdir,
