@@ -5,29 +5,16 @@ Marked ``microvm``: each boot or restore takes seconds under TCG."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from e2b import Sandbox
 
 from sandboxd.orchestrator.boot_images import BootImages, ImageKey
 from sandboxd.store.db import Database
-from sandboxd.testing.server import Server, running_server, sdk_pointed_at
+from sandboxd.testing.server import Server
+
+from .conftest import SLOW
 
 pytestmark = [pytest.mark.slow, pytest.mark.microvm]
-SLOW = 600  # seconds the SDK waits for a create: a boot under TCG on a loaded host takes minutes
-
-
-@pytest.fixture(scope="module")
-def vm_env(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log_path = tmp_path_factory.mktemp("vm-images") / "server.log"
-    try:
-        with running_server(data_dir, log_path, envd_ready_timeout_s=240.0) as srv, sdk_pointed_at(srv):
-            yield srv
-    finally:
-        if log_path.exists():
-            print(f"--- server log ({log_path}) tail ---\n{log_path.read_text(errors='replace')[-3000:]}")
 
 
 def _restored(server: Server, sandbox_id: str) -> bool:
