@@ -48,13 +48,18 @@ def sandbox(sdk_env: Server) -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def vm_env(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def vm_env(data_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[Server]:
     """A server for one module of microVM tests: envd in a VM emulated by TCG on a loaded host can
     take well over the default 30 s to answer after a boot (CPython's start, instruction by
-    instruction). Give its SDK calls that boot a ``request_timeout`` to match (``SLOW``)."""
+    instruction). Give its SDK calls that boot a ``request_timeout`` to match (``SLOW``).
+    Booted images are off unless the module sets ``MICROVM_BOOT_IMAGES = 1``: making one is a
+    second TCG boot behind the first create, which would slow every other module's tests."""
     log_path = tmp_path_factory.mktemp("vm-server") / "server.log"
+    images = getattr(request.module, "MICROVM_BOOT_IMAGES", 0)
     try:
-        with running_server(data_dir, log_path, envd_ready_timeout_s=240.0) as srv, sdk_pointed_at(srv):
+        with running_server(data_dir, log_path, envd_ready_timeout_s=240.0, microvm_boot_images=images) as srv, \
+                sdk_pointed_at(srv):
             yield srv
     finally:
         if log_path.exists():

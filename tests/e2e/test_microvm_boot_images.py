@@ -15,6 +15,7 @@ from sandboxd.testing.server import Server
 from .conftest import SLOW
 
 pytestmark = [pytest.mark.slow, pytest.mark.microvm]
+MICROVM_BOOT_IMAGES = 1  # vm_env: this module's server makes them
 
 
 def _restored(server: Server, sandbox_id: str) -> bool:
