@@ -59,7 +59,8 @@ def test_pause_and_resume_keep_memory_and_files(vm_env: Server, vm_template: str
         sbx.files.write("/home/user/kept.txt", "on disk")
         sbx.commands.run("python3 -c 'import time; open(\"/tmp/in-tmpfs\", \"w\").write(\"in memory\"); "
                          "time.sleep(100000)'", background=True)
-        time.sleep(1)
+        # written before the pause (a command's first start after a restore can take seconds under TCG)
+        sbx.commands.run("for i in $(seq 600); do [ -s /tmp/in-tmpfs ] && exit 0; sleep 0.1; done; exit 1")
         assert sbx.pause(request_timeout=SLOW) is True
         assert sbx.get_info().state == SandboxState.PAUSED
         paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()

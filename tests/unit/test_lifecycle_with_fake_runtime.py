@@ -55,6 +55,7 @@ class FakeBackend:
     """Rootfs = a directory in the sandbox dir; pause with memory = frozen in place."""
 
     name = "fake"
+    captures_memory = False  # (creates then boot; a booted image is the microVM backend's)
 
     def __init__(self, fail: Failures) -> None:
         self.fail = fail
