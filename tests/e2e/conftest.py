@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sandboxd.store.db import Database
 from sandboxd.testing.server import Server, running_server, sdk_pointed_at
 
 __all__ = ["SLOW", "Server"]
@@ -64,3 +65,12 @@ def vm_env(data_dir: Path, tmp_path_factory: pytest.TempPathFactory,
     finally:
         if log_path.exists():
             print(f"--- server log ({log_path}) tail ---\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def vm_template(vm_env: Server) -> str:
+    db = Database(vm_env.settings.db_url)
+    base = db.find_template("base")
+    assert base is not None
+    db.set_template("base-vm", base.build_id, runtime="microvm")
+    return "base-vm"

@@ -16,15 +16,6 @@ from .hostcheck import processes_mentioning
 pytestmark = [pytest.mark.slow, pytest.mark.microvm]
 
 
-@pytest.fixture(scope="module")
-def vm_template(vm_env: Server) -> str:
-    db = Database(vm_env.settings.db_url)
-    base = db.find_template("base")
-    assert base is not None
-    db.set_template("base-vm", base.build_id, runtime="microvm")
-    return "base-vm"
-
-
 def test_sdk_on_a_microvm(vm_env: Server, vm_template: str) -> None:
     a = Sandbox.create(template=vm_template, timeout=600, request_timeout=SLOW)
     b = Sandbox.create(template=vm_template, timeout=600, request_timeout=SLOW)

@@ -24,15 +24,6 @@ COUNTER = ("python3 -c 'import os, time\nn = 0\nwhile True:\n    n += 1\n    ope
            "    os.replace(\"/tmp/c.new\", \"/tmp/counter\")\n    time.sleep(0.2)' ")
 
 
-@pytest.fixture(scope="module")
-def vm_template(vm_env: Server) -> str:
-    db = Database(vm_env.settings.db_url)
-    base = db.find_template("base")
-    assert base is not None
-    db.set_template("base-vm", base.build_id, runtime="microvm")
-    return "base-vm"
-
-
 def _counter(sbx: Sandbox) -> int:
     return int(sbx.commands.run("cat /tmp/counter").stdout)
 

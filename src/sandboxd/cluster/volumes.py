@@ -45,12 +45,9 @@ class ClusterVolumes(Volumes):
         raise VolumeError(503, f"no node could make the volume: {last.message if last else '?'}")
 
     def destroy(self, volume_id: str, users: list[str]) -> bool:
-        row = self.find(volume_id)
-        if row is None or row.volume_id != volume_id:
+        row = self.destroyable(volume_id, users)
+        if row is None:
             return False
-        if users:
-            raise VolumeError(409, f"volume '{volume_id}' is mounted by sandbox {', '.join(users)}: kill "
-                                   "them first (its files are kept)")
         node = self.orch.nodes.get(row.node_id) if row.node_id else None
         if node is None or node.state == GONE:  # its files went with its node: the record alone
             return super().destroy(volume_id, [])

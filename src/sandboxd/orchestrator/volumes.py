@@ -112,14 +112,21 @@ class Volumes:
         with self.db.session() as s:
             return list(s.scalars(select(VolumeRow).order_by(VolumeRow.created_at)))
 
-    def destroy(self, volume_id: str, users: list[str]) -> bool:
-        """Remove a volume and its files; 409 while ``users`` (sandboxes mounting it) exist."""
+    def destroyable(self, volume_id: str, users: list[str]) -> VolumeRow | None:
+        """The volume to destroy (None: there is none by that id); 409 while ``users``
+        (sandboxes mounting it) exist."""
         row = self.find(volume_id)
         if row is None or row.volume_id != volume_id:
-            return False
+            return None
         if users:
             raise VolumeError(409, f"volume '{volume_id}' is mounted by sandbox {', '.join(users)}: kill "
                                    "them first (its files are kept)")
+        return row
+
+    def destroy(self, volume_id: str, users: list[str]) -> bool:
+        """Remove a volume and its files; 409 while ``users`` (sandboxes mounting it) exist."""
+        if self.destroyable(volume_id, users) is None:
+            return False
         with self.db.session() as s:
             found = s.get(VolumeRow, volume_id)
             if found is not None:
