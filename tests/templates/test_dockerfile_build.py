@@ -199,7 +199,16 @@ def test_cache_verify_finds_corruption_and_gc_prunes(tmp_path: Path, busybox_arc
     assert layer not in builder.layers.list()  # moved aside; the next build makes it again
     rebuilt = builder.build(_image_spec(f"oci-archive:{busybox_archive}:1"), _emit_to([])).build
     assert rebuilt.build_id == build.build_id and (rebuilt.rootfs / "tmp/run.txt").read_text().startswith("user")
+    images = data / "boot-images"
+    (images / build.build_id / "1cpu-512mb").mkdir(parents=True)  # a microVM booted image of the build
+    (images / build.build_id / ".1cpu-512mb.0a1b2c3d").mkdir()  # one a killed server left half-made
+    (images / ("f" * 32) / "2cpu-1024mb").mkdir(parents=True)  # of a build removed by hand
+    res = run.invoke(main, ["cache", "gc", "--min-age", "0", "--data-dir", str(data)])
+    assert res.exit_code == 0, res.stderr
+    assert "builds: removed 0, boot-images: removed 1" in res.stdout  # and the half-made one, as a leftover
+    assert [p.name for p in images.iterdir()] == [build.build_id]
+    assert [p.name for p in (images / build.build_id).iterdir()] == ["1cpu-512mb"]
     res = run.invoke(main, ["cache", "gc", "--builds", "--min-age", "0", "--data-dir", str(data)])
     assert res.exit_code == 0, res.stderr
-    assert "builds: removed 1" in res.stdout  # nothing points at it
-    assert builder.layers.list() == [] and builder.store.list() == []
+    assert "builds: removed 1, boot-images: removed 1" in res.stdout  # nothing points at it
+    assert builder.layers.list() == [] and builder.store.list() == [] and list(images.iterdir()) == []

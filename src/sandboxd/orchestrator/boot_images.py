@@ -11,7 +11,8 @@ One image per build and VM shape (vCPUs, memory: a memory snapshot restores only
 machine), made in the background on the first create that finds none (that create boots cold
 meanwhile). Images live under ``boot-images/<build_id>/`` and are found by build id only, so a
 rebuilt template (a new build id) never restores an image of the old one; an image is published
-by a rename once complete, so a half-made one is never used.
+by a rename once complete, so a half-made one is never used; ``sandboxd cache gc`` removes the
+images of builds that are gone (templates/cache.py).
 """
 
 from __future__ import annotations

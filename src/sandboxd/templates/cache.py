@@ -2,7 +2,8 @@
 
 Everything under ``cache/`` is derived (layers, uploaded COPY files) and safe to delete: a build
 that needs it again rebuilds it. Published builds under ``templates/`` are only removed by ``gc
---builds``, and never while an alias, a tag or a sandbox points at them.
+--builds``, and never while an alias, a tag or a sandbox points at them. A microVM booted image
+(``boot-images/<build_id>/``) goes with its build: nothing can restore it once the build is gone.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ class Caches:
     store: TemplateStore
     layers: LayerCache
     files: FilesCache
+    boot_images: Path  # orchestrator/boot_images.py: <build_id>/<shape>/, partial ones dot-named
 
     @classmethod
     def of(cls, data_dir: Path) -> Caches:
         return cls(TemplateStore(data_dir / "templates"), LayerCache(data_dir / "cache" / "layers"),
-                   FilesCache(data_dir / "cache" / "files"))
+                   FilesCache(data_dir / "cache" / "files"), data_dir / "boot-images")
 
 
 @dataclass
@@ -86,7 +88,8 @@ def _count(report: VerifyReport, kind: str, name: str, ok: bool, log: LogFn) -> 
 
 @dataclass
 class GcReport:
-    removed: dict[str, list[str]] = field(default_factory=lambda: {"builds": [], "layers": [], "files": [], "tmp": []})
+    removed: dict[str, list[str]] = field(
+        default_factory=lambda: {"builds": [], "boot-images": [], "layers": [], "files": [], "tmp": []})
     kept: dict[str, int] = field(default_factory=lambda: {"builds": 0, "layers": 0, "files": 0})
 
 
@@ -94,12 +97,16 @@ def gc(caches: Caches, referenced_builds: set[str], *, builds: bool = False, min
        dry_run: bool = False, log: LogFn = lambda _: None) -> GcReport:
     """Remove what no kept build needs: layers and COPY tars not used by a kept build (and not
     used within ``min_age_s``, so a build in progress keeps its layers), leftovers of crashed
-    builds, quarantined entries; with ``builds``, also published builds nothing points at."""
+    builds, quarantined entries, booted images of builds that are gone; with ``builds``, also
+    published builds nothing points at (and their booted images)."""
     report = GcReport()
     kept_builds = [b for b in caches.store.list() if not builds or b in referenced_builds]
     for build_id in caches.store.list():
         if build_id not in kept_builds:
             _remove(report, "builds", build_id, dry_run, log, partial(caches.store.remove, build_id))
+    for image_dir in _children(caches.boot_images):
+        if image_dir.name not in kept_builds:
+            _remove(report, "boot-images", image_dir.name, dry_run, log, partial(_rm, image_dir))
     layers, files = _needed(caches.store, kept_builds)
     report.kept["builds"] = len(kept_builds)
     cutoff = time.time() - min_age_s
@@ -113,7 +120,7 @@ def gc(caches: Caches, referenced_builds: set[str], *, builds: bool = False, min
             report.kept["files"] += 1
         else:
             _remove(report, "files", files_hash, dry_run, log, partial(caches.files.remove, files_hash))
-    for leftover in _leftovers(caches, cutoff):
+    for leftover in _leftovers(caches, cutoff, kept_builds):
         _remove(report, "tmp", str(leftover), dry_run, log, partial(_rm, leftover))
     return report
 
@@ -130,11 +137,18 @@ def _needed(store: TemplateStore, build_ids: list[str]) -> tuple[set[str], set[s
     return layers, files
 
 
-def _leftovers(caches: Caches, cutoff: float) -> list[Path]:
-    """Temporary dirs of crashed builds and quarantined entries, once old enough."""
+def _leftovers(caches: Caches, cutoff: float, kept_builds: list[str]) -> list[Path]:
+    """Temporary dirs of crashed builds, quarantined entries and half-made booted images (a
+    server killed while capturing one), once old enough."""
     dirs = [caches.layers.root / ".tmp", caches.layers.root / ".corrupt", caches.files.root / ".tmp",
-            caches.store.root / ".tmp", caches.store.root / ".corrupt"]
-    return [p for d in dirs if d.is_dir() for p in sorted(d.iterdir()) if _mtime(p) <= cutoff]
+            caches.store.root / ".tmp", caches.store.root / ".corrupt",
+            *(d for d in _children(caches.boot_images) if d.name in kept_builds)]
+    return [p for d in dirs if d.is_dir() for p in sorted(d.iterdir())
+            if _mtime(p) <= cutoff and (d.parent != caches.boot_images or p.name.startswith("."))]
+
+
+def _children(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def _mtime(path: Path) -> float:
