@@ -149,9 +149,10 @@ def test_async_recursive_watch(sdk_env: Server) -> None:
 
 def test_expired_signed_url_answers_envds_message(sandbox: Sandbox) -> None:
     sandbox.files.write("/home/user/signed.txt", "s")
-    url = sandbox.download_url("/home/user/signed.txt", use_signature_expiration=1)
+    signed_at = time.monotonic()
+    url = sandbox.download_url("/home/user/signed.txt", use_signature_expiration=4)  # 1 s expired under load
     assert httpx.get(url, verify=False).content == b"s"
-    time.sleep(2.1)
+    time.sleep(max(0.0, signed_at + 5.1 - time.monotonic()))
     r = httpx.get(url, verify=False)
     assert r.status_code == 401 and r.json() == {"code": 401, "message": "signature is already expired"}
 
