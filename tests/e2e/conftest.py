@@ -55,11 +55,14 @@ def vm_env(data_dir: Path, tmp_path_factory: pytest.TempPathFactory,
     take well over the default 30 s to answer after a boot (CPython's start, instruction by
     instruction). Give its SDK calls that boot a ``request_timeout`` to match (``SLOW``).
     Booted images are off unless the module sets ``MICROVM_BOOT_IMAGES = 1``: making one is a
-    second TCG boot behind the first create, which would slow every other module's tests."""
+    second TCG boot behind the first create, which would slow every other module's tests. A module
+    may also pin the warm pool's size (``WARM_POOL_SIZE``) whatever the suite's setting."""
     log_path = tmp_path_factory.mktemp("vm-server") / "server.log"
-    images = getattr(request.module, "MICROVM_BOOT_IMAGES", 0)
+    overrides: dict[str, object] = {"microvm_boot_images": getattr(request.module, "MICROVM_BOOT_IMAGES", 0)}
+    if hasattr(request.module, "WARM_POOL_SIZE"):
+        overrides["warm_pool_size"] = request.module.WARM_POOL_SIZE
     try:
-        with running_server(data_dir, log_path, envd_ready_timeout_s=240.0, microvm_boot_images=images) as srv, \
+        with running_server(data_dir, log_path, envd_ready_timeout_s=240.0, **overrides) as srv, \
                 sdk_pointed_at(srv):
             yield srv
     finally:

@@ -16,6 +16,7 @@ from .conftest import SLOW
 
 pytestmark = [pytest.mark.slow, pytest.mark.microvm]
 MICROVM_BOOT_IMAGES = 1  # vm_env: this module's server makes them
+WARM_POOL_SIZE = 0  # a pool on (SANDBOXD_TEST_WARM_POOL_SIZE) would hand out b and c instead of restoring them
 
 
 def _restored(server: Server, sandbox_id: str) -> bool:
