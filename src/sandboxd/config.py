@@ -40,6 +40,9 @@ class Settings:
     #: A template asked for in bursts gets up to this many (as many as creates asked for it in
     #: the last 30 s): the next burst finds them booted. Each costs memory and idle CPU.
     warm_pool_max: int = 8
+    #: Pool boots that may run at once: a claim starts a refill at once, and creates in a row
+    #: faster than one boot get more than one booting ahead (each boot is CPU the host shares).
+    warm_pool_parallel: int = 2
     #: 1: microVM creates restore their template's booted image (made on first use) instead of
     #: booting; 0: every microVM create boots (see orchestrator/boot_images.py).
     microvm_boot_images: int = 1

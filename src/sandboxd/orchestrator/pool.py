@@ -15,8 +15,16 @@ A pool is kept for the default template from the start and for every template bu
 from since (recent demand), ``size`` sandboxes each — or, for a build asked for in bursts, as
 many as creates asked for it in the last ``burst_window_s`` (up to ``max_size``), so an agent
 or RL loop that creates 8 at a time finds 8 booted the next time; a build nobody asked for
-during ``idle_s`` is drained (so is, in time, one its template no longer points at).
+during ``idle_s`` is drained (so is, in time, one its template no longer points at). Once a
+burst's creates have all fallen out of the window the pool shrinks back to ``size`` (the oldest
+go first): idle memory is not held for a burst that is over.
 Sandboxes older than ``max_age_s`` are replaced, so a claimed one never has a long uptime.
+
+Keeping up with creates in a row: a claim wakes the fillers at once, and up to ``parallel`` boots
+run together, so a refill starts at claim time and more than one runs ahead when claims come
+faster than a boot takes. A create finding the pool empty while a boot of its key is under way
+(and not already promised to an earlier create) waits for that boot instead of starting its own
+cold: the boot is further along than a new one would be, and the host does not boot twice.
 """
 
 from __future__ import annotations
@@ -53,15 +61,17 @@ class WarmSandbox:
 
 
 class WarmPool:
-    """Keeps ``size`` booted sandboxes per wanted key, filled by one background thread (a boot
-    at a time: on a small host the pool must not starve the creates it is there to speed up)."""
+    """Keeps ``size`` booted sandboxes per wanted key (more while creates come in bursts), filled
+    by ``parallel`` background threads: at most that many boots at once, so on a small host the
+    pool does not starve the creates it is there to speed up."""
 
     def __init__(self, size: int, boot: Callable[[PoolKey], WarmSandbox], discard: Callable[[WarmSandbox], None],
                  idle_s: float = 600.0, max_age_s: float = 900.0, max_size: int = 8,
-                 burst_window_s: float = 30.0) -> None:
+                 burst_window_s: float = 30.0, parallel: int = 2) -> None:
         self.size = size
         self.max_size = max(size, max_size)
         self.burst_window_s = burst_window_s
+        self.parallel = max(1, parallel)
         self._boot = boot
         self._discard = discard
         self.idle_s = idle_s
@@ -69,9 +79,11 @@ class WarmPool:
         self._ready: dict[PoolKey, list[WarmSandbox]] = {}
         self._wanted: dict[PoolKey, float] = {}  # key → last time a create asked for it
         self._asks: dict[PoolKey, deque[float]] = {}  # key → when creates asked, last burst_window_s
+        self._booting: dict[PoolKey, int] = {}  # key → boots under way
+        self._waiting: dict[PoolKey, int] = {}  # key → creates waiting for one of those boots
         self._cond = threading.Condition()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._failures = 0
 
     @property
@@ -79,9 +91,11 @@ class WarmPool:
         return self.size > 0
 
     def start(self) -> None:
-        if self.enabled and self._thread is None:
-            self._thread = threading.Thread(target=self._fill_forever, name="warm-pool", daemon=True)
-            self._thread.start()
+        if self.enabled and not self._threads:
+            self._threads = [threading.Thread(target=self._fill_forever, name=f"warm-pool-{i}", daemon=True)
+                             for i in range(self.parallel)]
+            for thread in self._threads:
+                thread.start()
 
     def want(self, key: PoolKey) -> None:
         """A create asked for ``key``: keep a pool of it (from now on, or for longer)."""
@@ -103,13 +117,28 @@ class WarmPool:
             asks.popleft()
         return min(self.max_size, max(self.size, len(asks)))
 
-    def claim(self, key: PoolKey) -> WarmSandbox | None:
-        """A booted sandbox of ``key``, removed from the pool (so never handed out twice), or None."""
+    def claim(self, key: PoolKey, wait_s: float = 0.0) -> WarmSandbox | None:
+        """A booted sandbox of ``key``, removed from the pool (so never handed out twice), or None.
+
+        With none ready, waits up to ``wait_s`` for a boot of ``key`` already under way that no
+        earlier claim is waiting for (None at once if there is none, or if it fails)."""
+        deadline = time.monotonic() + wait_s
         with self._cond:
-            ready = self._ready.get(key)
-            sandbox = ready.pop(0) if ready else None
-            self._cond.notify_all()  # refill
-        return sandbox
+            self._cond.notify_all()  # a claim starts a refill, whatever it finds
+            while True:
+                ready = self._ready.get(key)
+                if ready:
+                    sandbox = ready.pop(0)
+                    self._cond.notify_all()
+                    return sandbox
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0 or self._booting.get(key, 0) <= self._waiting.get(key, 0):
+                    return None
+                self._waiting[key] = self._waiting.get(key, 0) + 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting[key] -= 1
 
     def ready_count(self, key: PoolKey | None = None) -> int:
         with self._cond:
@@ -131,8 +160,8 @@ class WarmPool:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
         with self._cond:
             left = [s for v in self._ready.values() for s in v]
             self._ready.clear()
@@ -142,7 +171,9 @@ class WarmPool:
     # -- the filler ----------------------------------------------------------------------------
 
     def _next_job(self) -> tuple[PoolKey | None, list[WarmSandbox]]:
-        """Under the lock: what to boot next (or None) and what to remove now."""
+        """Under the lock: what to boot next (or None) and what to remove now: sandboxes of keys
+        nobody wants any more, too old, or beyond ``size`` once no burst is under way (the oldest
+        first; while creates keep coming, the pool keeps what it has)."""
         now = time.monotonic()
         drop: list[WarmSandbox] = []
         for key in [k for k, t in self._wanted.items() if now - t > self.idle_s]:
@@ -150,10 +181,14 @@ class WarmPool:
             self._asks.pop(key, None)
         for key in list(self._ready):
             keep = [s for s in self._ready[key] if key in self._wanted and now - s.booted_at < self.max_age_s]
+            if key in self._wanted and len(keep) > self.size and self.target(key) == self.size:
+                keep = keep[len(keep) - self.size:]  # the burst is over; ready lists are in boot order
             drop += [s for s in self._ready[key] if s not in keep]
             self._ready[key] = keep
-        short = [k for k in self._wanted if len(self._ready.get(k, [])) < self.target(k)]
-        return (short[0] if short else None), drop
+        # a boot under way counts as ready, except for those creates are already waiting for
+        short = [k for k in self._wanted
+                 if len(self._ready.get(k, [])) + self._booting.get(k, 0) - self._waiting.get(k, 0) < self.target(k)]
+        return (min(short, key=lambda k: len(self._ready.get(k, []))) if short else None), drop
 
     def _fill_forever(self) -> None:
         while True:
@@ -162,17 +197,23 @@ class WarmPool:
                     return
                 key, drop = self._next_job()
                 if key is None and not drop:
-                    self._cond.wait(timeout=30)
+                    self._cond.wait(timeout=min(30.0, self.burst_window_s))  # a burst ending shrinks the pool
                     continue
+                if key is not None:
+                    self._booting[key] = self._booting.get(key, 0) + 1
             for sandbox in drop:
                 self._discard_quietly(sandbox)
             if key is not None:
                 self._boot_one(key)
 
     def _boot_one(self, key: PoolKey) -> None:
+        """Boot one sandbox of ``key`` (counted in ``_booting`` by the caller) into the pool."""
         try:
             sandbox = self._boot(key)
         except Exception as exc:  # noqa: BLE001 - a failed boot is logged and retried later
+            with self._cond:
+                self._booting[key] -= 1
+                self._cond.notify_all()  # a create waiting for this boot starts its own
             self._failures += 1
             delay = min(60.0, 2.0 ** min(self._failures, 6))
             log.warning("warm pool: booting a sandbox of build %s failed (retry in %.0fs): %s",
@@ -182,6 +223,8 @@ class WarmPool:
             return
         self._failures = 0
         with self._cond:
+            self._booting[key] -= 1
+            self._cond.notify_all()
             if not self._closed and key in self._wanted:
                 self._ready.setdefault(key, []).append(sandbox)
                 self._cond.notify_all()

@@ -168,7 +168,7 @@ class Orchestrator:
         self.boot_images = BootImages(settings.data_dir / "boot-images", self._make_boot_image) \
             if settings.microvm_boot_images else None
         self.pool = WarmPool(settings.warm_pool_size, self._boot_warm, self._discard_warm,
-                             max_size=settings.warm_pool_max)
+                             max_size=settings.warm_pool_max, parallel=settings.warm_pool_parallel)
         #: a cluster node fetches a build it lacks from another node (cluster/builds.py); None: alone
         self.fetch_build: Callable[[str], bool] | None = None
 
@@ -268,7 +268,8 @@ class Orchestrator:
         if req.seed is None and self._poolable(req):
             key = PoolKey(build_id, backend.name, resources.cpu_count, resources.memory_mb, resources.disk_mb)
             self.pool.want(key)
-            if (warm := self.pool.claim(key)) is not None:
+            # none ready but one booting for the pool: that boot is further along than ours would be
+            if (warm := self.pool.claim(key, wait_s=self.settings.envd_ready_timeout_s)) is not None:
                 try:
                     return self._claim(req, template_id, alias, backend, warm)
                 except SandboxError as exc:
