@@ -28,6 +28,7 @@ from .users import InvalidPathError, UnknownUserError, User, chown_quietly, make
 log = logging.getLogger("envd.files")
 
 DOWNLOAD_CHUNK = 256 * 1024
+INLINE_READ = 64 * 1024  # a file's last bytes up to this are read on the loop, not in a thread
 METADATA_HEADER_PREFIX = "x-metadata-"
 
 
@@ -95,7 +96,9 @@ class FilesHandler:
             )
             remaining = st.st_size
             while remaining > 0:
-                chunk = await asyncio.to_thread(os.read, fd, min(DOWNLOAD_CHUNK, remaining))
+                size = min(DOWNLOAD_CHUNK, remaining)
+                # a small read is done on the loop: a thread hand-off costs more than it (gVisor)
+                chunk = os.read(fd, size) if remaining <= INLINE_READ else await asyncio.to_thread(os.read, fd, size)
                 if not chunk:
                     break  # truncated meanwhile; the client sees a short body
                 remaining -= len(chunk)

@@ -2,9 +2,12 @@
 
 Why not asyncio's subprocess: its ``wait()`` semantics around pipe closure changed between Python
 versions, and a grandchild that keeps stdout open (``nohup srv &``) must not keep a command's end
-event from being sent. So we spawn with :class:`subprocess.Popen`, read the raw fds with
-``loop.add_reader`` and wait for the exit in a small thread (``waitpid`` on our own child only; tini
-reaps everything else). This module knows nothing about protobuf.
+event from being sent. So we spawn with :class:`subprocess.Popen` onto pipes of our own, read the
+raw fds with ``loop.add_reader`` and learn of the exit on the loop: SIGCHLD (through the loop's
+signal handling) makes us ``waitpid(WNOHANG)`` each of our own children (tini reaps everything
+else). A thread per child did the same but cost a thread start (and its hand-over) per command,
+~1 ms under gVisor; it is still the fallback where the loop cannot take signals (not the main
+thread). This module knows nothing about protobuf.
 """
 
 from __future__ import annotations
@@ -179,6 +182,7 @@ class ProcessManager:
         self._procs: dict[int, ManagedProcess] = {}
         #: called just before each spawn (the OOM guard's ``wake``: it slows down while idle)
         self.before_spawn: Callable[[], object] = lambda: None
+        self._children: _ChildWatcher | None = None  # made on the first start, on its loop
 
     def get(self, pid: int) -> ManagedProcess | None:
         return self._procs.get(pid)
@@ -207,6 +211,8 @@ class ProcessManager:
         if not os.path.isdir(cwd):
             raise SpawnError(f"cwd '{cwd}' does not exist or is not a directory")
         loop = asyncio.get_running_loop()
+        if self._children is None:
+            self._children = _ChildWatcher.on(loop)
         creds = _credentials(user)
         self.before_spawn()
         pty_fd: int | None
@@ -221,7 +227,7 @@ class ProcessManager:
         done = [_FdReader(loop, fd, name, mp.publish) for name, fd in readers]
         if timeout_s is not None:
             mp.deadline = loop.call_later(max(timeout_s, 0.0), self._deadline, mp)
-        _wait_in_thread(loop, mp.pid, lambda status: loop.create_task(self._finish(mp, status, done)))
+        self._children.watch(mp.pid, lambda status: loop.create_task(self._finish(mp, status, done)))
         return mp, queue
 
     def _deadline(self, mp: ManagedProcess) -> None:
@@ -292,12 +298,17 @@ def _spawn_pipes(
         groups = ",".join(str(g) for g in creds.groups or []) or "-"
         argv = [AS_USER, str(creds.uid), str(creds.gid), groups, str(err_w), *argv]
         creds = _Creds(None, None, None)  # as-user switches, so Popen can vfork
+    # our own pipes (close-on-exec; Popen dups the child's ends to 0-2): no file objects to
+    # dup and close again, each a syscall gVisor intercepts
+    in_r, in_w = os.pipe() if stdin else (subprocess.DEVNULL, -1)
+    out_r, out_w = os.pipe()
+    err_out_r, err_out_w = os.pipe()
     try:
         popen = subprocess.Popen(
             argv,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdin=in_r,
+            stdout=out_w,
+            stderr=err_out_w,
             env=env,
             cwd=cwd,
             user=creds.uid,
@@ -308,27 +319,24 @@ def _spawn_pipes(
             pass_fds=(err_w,) if err_w >= 0 else (),
         )
     except OSError as e:
-        _close_quietly(err_r)
+        for fd in (err_r, in_w, out_r, err_out_r):
+            _close_quietly(fd)
         raise SpawnError(f"failed to start '{spec.cmd}': {e.strerror or e}") from e
     finally:
-        if err_w >= 0:
-            os.close(err_w)  # the child has its own copy: EOF here once it exec'd
+        # the child has its own copies: EOF on ours once it exits (err_w: once it exec'd)
+        for fd in (err_w, in_r, out_w, err_out_w):
+            if fd >= 0:
+                os.close(fd)
     if err_r >= 0:
         try:
             _raise_exec_failure(popen, err_r, spec.cmd)
         except OSError as e:
+            for fd in (in_w, out_r, err_out_r):
+                _close_quietly(fd)
             raise SpawnError(f"failed to start '{spec.cmd}': {e.strerror or e}") from e
         finally:
             os.close(err_r)
-    stdin_fd = None
-    if popen.stdin is not None:
-        stdin_fd = os.dup(popen.stdin.fileno())
-        popen.stdin.close()
-    assert popen.stdout is not None and popen.stderr is not None
-    out, err = os.dup(popen.stdout.fileno()), os.dup(popen.stderr.fileno())
-    popen.stdout.close()
-    popen.stderr.close()
-    return popen, stdin_fd, None, [("stdout", out), ("stderr", err)]
+    return popen, (in_w if in_w >= 0 else None), None, [("stdout", out_r), ("stderr", err_out_r)]
 
 
 def _raise_exec_failure(popen: subprocess.Popen[bytes], err_r: int, cmd: str) -> None:
@@ -342,9 +350,6 @@ def _raise_exec_failure(popen: subprocess.Popen[bytes], err_r: int, cmd: str) ->
     if not failure:
         return
     popen.wait()
-    for pipe in (popen.stdin, popen.stdout, popen.stderr):
-        if pipe is not None:
-            pipe.close()
     code = int.from_bytes(failure.ljust(4, b"\0"), "little")
     raise OSError(code, os.strerror(code), cmd)
 
@@ -416,6 +421,43 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+class _ChildWatcher:
+    """Learns when envd's children exit: on SIGCHLD, ``waitpid(pid, WNOHANG)`` for each child it
+    watches (never ``-1``: a child someone else waits for, as ``subprocess.run`` in a thread
+    does, is left to them). Runs on the loop; ``on_exit`` gets the raw wait status."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, by_signal: bool) -> None:
+        self._loop = loop
+        self._by_signal = by_signal
+        self._watched: dict[int, Callable[[int], object]] = {}
+
+    @classmethod
+    def on(cls, loop: asyncio.AbstractEventLoop) -> _ChildWatcher:
+        watcher = cls(loop, by_signal=True)
+        try:
+            loop.add_signal_handler(signal.SIGCHLD, watcher._reap)
+        except (RuntimeError, ValueError) as e:  # not the main thread: a thread per child
+            log.info("child exits waited for in threads: %s", e)
+            watcher._by_signal = False
+        return watcher
+
+    def watch(self, pid: int, on_exit: Callable[[int], object]) -> None:
+        if not self._by_signal:
+            _wait_in_thread(self._loop, pid, on_exit)
+            return
+        self._watched[pid] = on_exit
+        self._loop.call_soon(self._reap)  # it may be gone already (its SIGCHLD came first)
+
+    def _reap(self) -> None:
+        for pid in list(self._watched):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 255 << 8  # someone else reaped it; report a failure rather than hang
+            if done:
+                self._watched.pop(pid)(status)
 
 
 def _wait_in_thread(loop: asyncio.AbstractEventLoop, pid: int, on_exit: Callable[[int], object]) -> None:
