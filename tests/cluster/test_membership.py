@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from sandboxd.cluster.membership import Capacity, NodeAgent, Sweeper, usage_of
 from sandboxd.store.db import Database, utcnow
 from sandboxd.store.nodes_db import ACTIVE, DRAINING, GONE, Nodes, Usage
@@ -106,3 +108,38 @@ def test_the_sweeper_gives_nodes_a_full_timeout_after_it_could_not_reach_the_dat
     assert sweeper.sweep() == []
     now[0] += 2
     assert sweeper.sweep() == ["n1"]
+
+
+def test_heartbeats_are_written_and_judged_by_the_databases_clock(postgres: object,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes and API replicas with clocks an hour off (either way): a node beating is alive and
+    one silent is not, because the heartbeat's time and the sweep's and placement's "now" are all
+    PostgreSQL's ``now()``; what a process's clock says is never used."""
+    from sandboxd.cluster import placement
+    from sandboxd.store import db as db_module
+    from sandboxd.store import nodes_db
+    from sandboxd.testing.postgres import Postgres
+
+    assert isinstance(postgres, Postgres)
+    nodes = Nodes(Database(str(postgres.create_database())))
+    real = utcnow()
+    for node_id, skew in (("ahead", timedelta(hours=1)), ("behind", -timedelta(hours=1)), ("silent", timedelta(0))):
+        monkeypatch.setattr(nodes_db, "utcnow", lambda skew=skew: utcnow() + skew)
+        monkeypatch.setattr(db_module, "utcnow", lambda skew=skew: utcnow() + skew)
+        nodes.register(node_id, f"http://{node_id}", 8, 2048, Usage(8, 2048, 0, []))
+        nodes.heartbeat(node_id, Usage(8, 2048, 0, []))
+    for row in nodes.all():
+        assert abs(row.heartbeat_at - real) < timedelta(seconds=30), (row.node_id, row.heartbeat_at)
+    with nodes.db.session() as s:  # "silent" last beat a minute ago by the database's clock
+        from sandboxd.store.nodes_db import NodeRow
+
+        silent = s.get(NodeRow, "silent")
+        assert silent is not None
+        silent.heartbeat_at = nodes_db.db_now(s) - timedelta(seconds=60)
+    for skew in (timedelta(hours=1), -timedelta(hours=1)):  # the sweeping process's clock is off
+        monkeypatch.setattr(nodes_db, "utcnow", lambda skew=skew: utcnow() + skew)
+        monkeypatch.setattr(db_module, "utcnow", lambda skew=skew: utcnow() + skew)
+        placed = placement.order(nodes.active(), 1, 128, None, 3, 15, nodes.clock())
+        assert {n.node_id for n in placed} == {"ahead", "behind"}
+    assert nodes.sweep(15) == ["silent"]
+    assert {n.node_id: n.state for n in nodes.all()} == {"ahead": ACTIVE, "behind": ACTIVE, "silent": GONE}

@@ -27,15 +27,15 @@ def _node(node_id: str, free_vcpus: int = 16, free_mb: int = 8192, builds: list[
 def test_placement_skips_full_and_silent_nodes_and_prefers_the_build_then_room() -> None:
     nodes = [_node("full", free_vcpus=1), _node("silent", age_s=60), _node("roomy"),
              _node("has-build", free_vcpus=4, free_mb=1024, builds=["b1"]), _node("busy", free_vcpus=4, free_mb=1024)]
-    got = [n.node_id for n in order(nodes, 2, 512, "b1", k=10, stale_after_s=15, rng=random.Random(1))]
+    got = [n.node_id for n in order(nodes, 2, 512, "b1", k=10, stale_after_s=15, now=utcnow(), rng=random.Random(1))]
     assert got == ["has-build", "roomy", "busy"]
-    assert order(nodes, 2, 512, None, k=10, stale_after_s=15)[0].node_id == "roomy"
-    assert order(nodes, 32, 512, None, k=2, stale_after_s=15) == []  # nobody has 32 vCPUs free
+    assert order(nodes, 2, 512, None, k=10, stale_after_s=15, now=utcnow())[0].node_id == "roomy"
+    assert order(nodes, 32, 512, None, k=2, stale_after_s=15, now=utcnow()) == []  # nobody has 32 vCPUs free
 
 
 def test_best_of_k_compares_only_k_then_tries_the_rest() -> None:
     nodes = [_node(f"n{i}", free_vcpus=i + 2) for i in range(6)]
-    got = order(nodes, 1, 1, None, k=2, stale_after_s=15, rng=random.Random(7))
+    got = order(nodes, 1, 1, None, k=2, stale_after_s=15, now=utcnow(), rng=random.Random(7))
     assert len(got) == 6 and len({n.node_id for n in got}) == 6
     assert got[0].free_vcpus >= got[1].free_vcpus  # the two compared, best first
     assert [n.free_vcpus for n in got[2:]] == sorted((n.free_vcpus for n in got[2:]), reverse=True)

@@ -1,7 +1,7 @@
 """Where a new sandbox goes: the best of K nodes that have room.
 
-Candidates are the active nodes whose last heartbeat is recent and whose free vCPUs and memory
-(as they last reported) fit the sandbox. K of them are drawn at random (K = ``placement_choices``:
+Candidates are the active nodes whose last heartbeat is recent (by the database's clock) and
+whose free vCPUs and memory (as they last reported) fit the sandbox. K of them are drawn at random (K = ``placement_choices``:
 comparing a few spreads load without every API replica piling onto the same "best" node), and
 ordered: a node that already holds the template's build first (no fetch), then the most free
 room. The caller tries them in that order, then the remaining candidates.
@@ -10,17 +10,14 @@ room. The caller tries them in that order, then the remaining candidates.
 from __future__ import annotations
 
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from sandboxd.store.db import utcnow
 from sandboxd.store.nodes_db import NodeRow
 
 
-def _aware_age_s(row: NodeRow) -> float:
-    from datetime import UTC
-
+def _aware_age_s(row: NodeRow, now: datetime) -> float:
     beat = row.heartbeat_at if row.heartbeat_at.tzinfo else row.heartbeat_at.replace(tzinfo=UTC)
-    return (utcnow() - beat) / timedelta(seconds=1)
+    return (now - beat) / timedelta(seconds=1)
 
 
 def fits(row: NodeRow, vcpus: int, memory_mb: int) -> bool:
@@ -34,10 +31,11 @@ def score(row: NodeRow, build_id: str | None) -> tuple[bool, float]:
 
 
 def order(nodes: list[NodeRow], vcpus: int, memory_mb: int, build_id: str | None, k: int,
-          stale_after_s: float, rng: random.Random | None = None) -> list[NodeRow]:
-    """The nodes to try for one create, best first; empty: no node has room."""
+          stale_after_s: float, now: datetime, rng: random.Random | None = None) -> list[NodeRow]:
+    """The nodes to try for one create, best first; empty: no node has room. ``now``: the
+    database's time (``Nodes.clock``), which the heartbeats were written with."""
     rng = rng or random.Random()
-    alive = [n for n in nodes if _aware_age_s(n) < stale_after_s and fits(n, vcpus, memory_mb)]
+    alive = [n for n in nodes if _aware_age_s(n, now) < stale_after_s and fits(n, vcpus, memory_mb)]
     rng.shuffle(alive)
     sample, rest = alive[:max(k, 1)], alive[max(k, 1):]
     sample.sort(key=lambda n: score(n, build_id), reverse=True)

@@ -121,7 +121,7 @@ class ClusterOrchestrator:
             found = TemplateBuilds(self.db).lookup(req.template)
             candidates = order(self.nodes.active(), need.cpu_count, need.memory_mb,
                                found.build_id if found else None, self.settings.placement_choices,
-                               self.settings.node_timeout_s)
+                               self.settings.node_timeout_s, self.nodes.clock())
         if not candidates:
             raise SandboxError(503, f"no node has room for a sandbox of {need.cpu_count} vCPUs and "
                                     f"{need.memory_mb} MiB right now; try again later",

@@ -26,7 +26,7 @@ class ClusterVolumes(Volumes):
 
     def create(self, name: str) -> VolumeRow:
         candidates = order(self.orch.nodes.active(), 0, 0, None, self.orch.settings.placement_choices,
-                           self.orch.settings.node_timeout_s)
+                           self.orch.settings.node_timeout_s, self.orch.nodes.clock())
         if not candidates:
             raise VolumeError(503, "no active node can hold a volume right now; try again later")
         last: SandboxError | None = None

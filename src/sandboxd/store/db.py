@@ -25,6 +25,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def db_now(s: Session) -> datetime:
+    """The database's time (UTC): on PostgreSQL its server's ``now()``, the one clock every node
+    and API replica shares (theirs may be skewed); SQLite is a file on this host, whose clock it is."""
+    if s.get_bind().dialect.name == "postgresql":
+        now = s.execute(text("SELECT now()")).scalar_one()
+        assert isinstance(now, datetime)
+        return now.astimezone(UTC)
+    return utcnow()
+
+
 class Base(DeclarativeBase):
     pass
 

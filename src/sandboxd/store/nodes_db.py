@@ -1,7 +1,9 @@
 """Node membership: which nodes exist, what each can still take, and whether it is alive.
 
 Every node (``sandboxd serve`` is one, ``sandboxd node`` one per machine) registers a row and
-rewrites its heartbeat, free resources and the template builds it holds every few seconds. Any
+rewrites its heartbeat, free resources and the template builds it holds every few seconds. A
+heartbeat's time is the database's (``now()`` on PostgreSQL), and so is the time it is judged
+against: the nodes' and API replicas' own clocks, skewed or not, never decide who is alive. Any
 process may :meth:`Nodes.sweep`: a node whose heartbeat is older than the timeout becomes ``gone``
 and its sandbox records are deleted in the same transaction (the API reports them gone; the node,
 should it come back, tears down what it still runs: ``cluster/membership.py``).
@@ -15,7 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import JSON, DateTime, Integer, String, delete, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from sandboxd.store.db import Base, Database, SandboxRow, utcnow
+from sandboxd.store.db import Base, Database, SandboxRow, db_now, utcnow
 
 ACTIVE, DRAINING, GONE = "active", "draining", "gone"
 STATES = (ACTIVE, DRAINING, GONE)
@@ -70,8 +72,8 @@ class Nodes:
     def register(self, node_id: str, address: str, vcpus: int, memory_mb: int, usage: Usage) -> NodeRow:
         """Add the node, or bring it back: a node that was ``gone`` is ``active`` again; one
         that was draining stays draining (an operator asked for it)."""
-        now = utcnow()
         with self.db.session() as s:
+            now = db_now(s)
             row = s.get(NodeRow, node_id)
             if row is None:
                 row = NodeRow(node_id=node_id, registered_at=now)
@@ -91,15 +93,16 @@ class Nodes:
             if row is None:
                 return None
             if row.state != GONE:
-                row.heartbeat_at = utcnow()
+                row.heartbeat_at = db_now(s)  # the database's clock: a node's own may be skewed
                 _apply(row, usage)
             return row.state
 
     def sweep(self, timeout_s: float, now: datetime | None = None) -> list[str]:
         """Mark every node silent for longer than ``timeout_s`` gone and delete its sandboxes'
-        records, together; the ids of the nodes it marked."""
-        cutoff = (now or utcnow()) - timedelta(seconds=timeout_s)
+        records, together; the ids of the nodes it marked. Judged by the database's clock (the
+        one the heartbeats were written with), never the sweeping process's."""
         with self.db.session() as s:
+            cutoff = (now or db_now(s)) - timedelta(seconds=timeout_s)
             stale = list(s.scalars(select(NodeRow.node_id).where(NodeRow.state != GONE,
                                                                  NodeRow.heartbeat_at < cutoff)
                                    .with_for_update(skip_locked=True)))
@@ -122,6 +125,11 @@ class Nodes:
     def get(self, node_id: str) -> NodeRow | None:
         with self.db.session() as s:
             return s.get(NodeRow, node_id)
+
+    def clock(self) -> datetime:
+        """The database's time, which heartbeats are written and judged by."""
+        with self.db.session() as s:
+            return db_now(s)
 
     def all(self) -> list[NodeRow]:
         with self.db.session() as s:
