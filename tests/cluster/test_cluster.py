@@ -110,6 +110,41 @@ def test_a_node_fetches_a_build_by_id_and_verifies_it(cluster: Cluster) -> None:
             nodes.set_state(n.name, ACTIVE)
 
 
+def test_one_idempotency_key_through_both_replicas_at_once_makes_one_sandbox(cluster: Cluster) -> None:
+    """The same Idempotency-Key sent to both replicas concurrently: both answer the one sandbox
+    (the key's lock is PostgreSQL's, not a replica's)."""
+    import threading
+    import uuid
+
+    from sqlalchemy import select
+
+    from sandboxd.store.db import SandboxRow
+
+    key = f"cl-{uuid.uuid4()}"
+    answers: list[httpx.Response] = []
+    gate = threading.Barrier(2)
+
+    def create(api: Proc) -> None:
+        gate.wait()
+        answers.append(httpx.post(f"{api.url}/v2/sandboxes", json={"templateID": "base", "timeout": 60},
+                                  headers={"X-API-Key": cluster.api_key, "Idempotency-Key": key}, timeout=120))
+
+    threads = [threading.Thread(target=create, args=(api,)) for api in cluster.apis]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in answers] == [201, 201], [r.text for r in answers]
+    ids = {r.json()["sandboxID"] for r in answers}
+    with cluster.db().session() as s:
+        made = list(s.scalars(select(SandboxRow.sandbox_id).where(SandboxRow.idempotency_key.like(f"%:{key}"))))
+    try:
+        assert len(ids) == 1 and made == list(ids), (ids, made)
+    finally:
+        for sandbox_id in set(made) | ids:
+            Sandbox.kill(sandbox_id, **_opts(cluster, cluster.apis[0]))
+
+
 def test_sandboxd_node_drain(cluster: Cluster) -> None:
     """A drained node gets no new sandboxes (its running ones run on); ``--undo`` takes it back."""
     import subprocess

@@ -149,3 +149,27 @@ def test_two_processes_creating_the_schema_at_once(db_url: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_a_named_lock_holds_against_every_holder_of_the_database(db_url: str) -> None:
+    """Two Database objects (as two API replicas) contend for one name; another name is free. On
+    PostgreSQL the lock is the server's (an advisory lock), so replicas on other hosts contend too."""
+    import threading
+
+    first, second = Database(db_url), Database(db_url)
+    entered = threading.Event()
+
+    def other() -> None:
+        with second.lock("idempotency:k"):
+            entered.set()
+
+    with first.lock("idempotency:k"):
+        waiter = threading.Thread(target=other)
+        waiter.start()
+        assert not entered.wait(0.5)  # held: the other waits
+        with second.lock("idempotency:other"):
+            pass
+    assert entered.wait(10)
+    waiter.join()
+    with first.lock("idempotency:k"):  # released by the other, taken again
+        pass

@@ -6,11 +6,8 @@ blocking work (mounts, runsc, waiting for envd) belongs.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -44,25 +41,6 @@ from sandboxd.store.db import ApiKey, SandboxRow, hash_key
 router = APIRouter(dependencies=[Depends(require_api_key)])
 #: what the SDK allows in an ``Idempotency-Key`` (e2b.retry.resolve_idempotency_key)
 _IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")
-_idempotency_locks: dict[str, tuple[threading.Lock, list[int]]] = {}  # key → (lock, [holders])
-_idempotency_guard = threading.Lock()
-
-
-@contextlib.contextmanager
-def _one_create_per_key(key: str) -> Iterator[None]:
-    """Creates with the same Idempotency-Key run one after another; a key's lock is forgotten
-    when no create holds or waits for it (keys are not kept forever)."""
-    with _idempotency_guard:
-        lock, holders = _idempotency_locks.setdefault(key, (threading.Lock(), [0]))
-        holders[0] += 1
-    try:
-        with lock:
-            yield
-    finally:
-        with _idempotency_guard:
-            holders[0] -= 1
-            if holders[0] == 0:
-                del _idempotency_locks[key]
 VISIBLE_STATES = listing.LISTED_STATES
 
 
@@ -91,13 +69,14 @@ def create(body: NewSandbox, request: Request, secure: bool = True,
     """Create (v2; v1 adds its ``secure`` flag and default timeout): 201 with the Sandbox.
 
     With an ``Idempotency-Key`` a retried create (same API key, same key) answers the sandbox the
-    first one made, also while that one is still starting (the retry waits for it)."""
+    first one made, also while that one is still starting (the retry waits for it), through any API
+    replica of a cluster (the key's lock is the database's)."""
     settings = _settings(request)
     req = _create_request(body, request, secure, default_timeout_s or settings.default_timeout_s)
     orch = _orchestrator(request)
     if req.idempotency_key is None:
         return JSONResponse(sandbox_json(_create(request, req), settings.domain), status_code=201)
-    with _one_create_per_key(req.idempotency_key):
+    with orch.db.lock(f"idempotency:{req.idempotency_key}"):  # every replica's creates of the key
         row = orch.db.find_sandbox_by_idempotency_key(req.idempotency_key)
         if row is None or row.state not in VISIBLE_STATES:
             row = _create(request, req)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -176,6 +177,30 @@ class Database:
         with self._sessions.begin() as s:
             yield s
 
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold ``name`` against every process on this database while the block runs (e.g. one
+        create per Idempotency-Key across all API replicas). PostgreSQL: a session advisory lock
+        on a connection kept for the block (a process that dies releases it with its connection);
+        SQLite: a lock of this process (one host, one server)."""
+        if self.engine.dialect.name != "postgresql":
+            with _local_lock(name):
+                yield
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                try:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+                except Exception:  # a lost connection already released it; never reuse one holding it
+                    conn.invalidate()
+                    raise
+
     # -- API keys ----------------------------------------------------------------------------
 
     def create_api_key(self, name: str = "default", max_sandboxes: int | None = None,
@@ -281,6 +306,26 @@ class Database:
             q = q.where(SandboxRow.node_id == self.node_id)
         with self.session() as s:
             return list(s.scalars(q))
+
+
+_local_locks: dict[str, tuple[threading.Lock, list[int]]] = {}  # name → (lock, [holders and waiters])
+_local_guard = threading.Lock()
+
+
+@contextmanager
+def _local_lock(name: str) -> Iterator[None]:
+    """This process's lock on ``name``, forgotten when nobody holds or waits for it."""
+    with _local_guard:
+        lock, holders = _local_locks.setdefault(name, (threading.Lock(), [0]))
+        holders[0] += 1
+    try:
+        with lock:
+            yield
+    finally:
+        with _local_guard:
+            holders[0] -= 1
+            if holders[0] == 0:
+                del _local_locks[name]
 
 
 #: the key of the advisory lock schema changes hold on PostgreSQL (any constant of our own)
