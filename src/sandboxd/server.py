@@ -148,7 +148,7 @@ def build_app(settings: Settings, orch: Orchestrator | None = None) -> SandboxPr
     api.state.volumes = Volumes(orch.db, settings.data_dir)
     api.state.secrets = Secrets(orch.db, settings.secrets_key_file or settings.data_dir / "secrets.key")
     orch.slots.egress_proxy.configure(api.state.secrets.value, settings.egress_upstream_ca)
-    api.state.templates = TemplateService(settings, orch.db)
+    api.state.templates = TemplateService(settings, orch.db, node_id=agent.node_id, on_built=lambda _: agent.beat())
     install_error_handlers(api)
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)

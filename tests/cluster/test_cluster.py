@@ -145,6 +145,95 @@ def test_one_idempotency_key_through_both_replicas_at_once_makes_one_sandbox(clu
             Sandbox.kill(sandbox_id, **_opts(cluster, cluster.apis[0]))
 
 
+def _build(cluster: Cluster, api: Proc, template: Any, name: str, logs: list[str] | None = None) -> None:
+    from e2b import Template
+
+    seen: list[str] = [] if logs is None else logs
+    try:
+        Template.build(template, name, on_build_logs=lambda e: seen.append(e.message), **_opts(cluster, api))
+    except Exception:
+        print("build logs:\n" + "\n".join(seen))
+        raise
+
+
+def test_template_builds_and_tags_through_either_api_replica(cluster: Cluster, tmp_path: Path) -> None:
+    """``Template.build`` through replica A runs on the node placed at its request (node3 here:
+    the others drained); a sandbox of it started through replica B on another node fetches the
+    build, verified; tags and aliases work through both replicas; an upload URL one replica signed
+    is accepted by the other."""
+    import hashlib
+    import io
+    import tarfile
+    import uuid
+
+    from e2b import Template
+
+    from sandboxd.store.templates_db import TemplateBuilds
+
+    a, b = cluster.apis
+    node3 = cluster.nodes[2]
+    marker = uuid.uuid4().hex  # a build no store holds yet
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "data.txt").write_text(f"copied {marker}\n")
+    template = (Template(file_context_path=str(tmp_path)).from_image("e2bdev/base")
+                .copy("app/data.txt", "/opt/data.txt").run_cmd(f"echo built {marker} > /home/user/run.txt"))
+    name = f"cl-tpl-{marker[:8]}"
+    nodes = Nodes(cluster.db())
+    logs: list[str] = []
+    for n in cluster.nodes[:2]:
+        nodes.set_state(n.name, DRAINING)
+    try:
+        _build(cluster, a, template, name, logs)
+    finally:
+        for n in cluster.nodes[:2]:
+            nodes.set_state(n.name, ACTIVE)
+    db = cluster.db()
+    builds = TemplateBuilds(db)
+    latest = builds.latest(name)
+    assert latest is not None and latest.status == "ready" and latest.node_id == node3.name
+    assert any("RUN echo built" in m for m in logs)  # logs streamed to the SDK through A
+    content_id = builds.resolve(name)
+    assert content_id is not None and Nodes(db).checksum(content_id) is not None  # recorded before ready
+
+    for api in (a, b):  # aliases are rows: either replica answers
+        assert Template.exists(name, **_opts(cluster, api)) and not Template.exists(name + "-nope", **_opts(cluster, api))
+    Template.assign_tags(name, ["stable"], **_opts(cluster, b))
+    assert {t.tag for t in Template.get_tags(name, **_opts(cluster, a))} == {"default", "stable"}
+    Template.remove_tags(name, ["stable"], **_opts(cluster, a))
+    assert {t.tag for t in Template.get_tags(name, **_opts(cluster, b))} == {"default"}
+
+    nodes.set_state(node3.name, DRAINING)  # a sandbox elsewhere: that node must fetch the build
+    try:
+        sbx = Sandbox.create(name, timeout=60, **_opts(cluster, b))
+        try:
+            runner = _node_of(cluster, sbx.sandbox_id)
+            assert runner is not node3
+            assert f"build {content_id} fetched from node {node3.name}" in runner.log()
+            out = sbx.commands.run("cat /opt/data.txt /home/user/run.txt").stdout
+            assert out == f"copied {marker}\nbuilt {marker}\n"
+        finally:
+            sbx.kill()
+    finally:
+        nodes.set_state(node3.name, ACTIVE)
+
+    # an upload URL signed by one replica is good at the other (the SDK's PUT may land anywhere)
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w") as tar:
+        info = tarfile.TarInfo("x.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    files_hash = hashlib.sha256(marker.encode()).hexdigest()
+    headers = {"X-API-Key": cluster.api_key}
+    link = httpx.get(f"{b.url}/templates/{latest.template_id}/files/{files_hash}", headers=headers).json()
+    assert link["present"] is False
+    put = httpx.put(link["url"].replace(b.url, a.url), content=body.getvalue())
+    assert put.status_code == 200, put.text
+    again = httpx.get(f"{a.url}/templates/{latest.template_id}/files/{files_hash}", headers=headers).json()
+    assert again == {"present": True}
+    forged = httpx.put(link["url"].replace(b.url, a.url).replace("token=", "token=0"), content=b"x")
+    assert forged.status_code == 403
+
+
 def test_sandboxd_node_drain(cluster: Cluster) -> None:
     """A drained node gets no new sandboxes (its running ones run on); ``--undo`` takes it back."""
     import subprocess
@@ -241,6 +330,52 @@ def test_kill_9_of_a_node(cluster: Cluster) -> None:
     assert traces(victim.settings, sbx.sandbox_id, row.slot_index) == CLEAN  # no netns, mount, process left
     node = Nodes(cluster.db()).get(victim.name)
     assert node is not None and node.state == ACTIVE
+
+
+def test_a_build_whose_node_is_killed_fails_saying_so(cluster: Cluster) -> None:
+    """kill -9 of the node running a build: the SDK's ``Template.build`` ends with a failed build
+    naming the node (when the node is given up), never waits forever."""
+    import threading
+    import uuid
+
+    from e2b import Template
+    from e2b.exceptions import BuildException
+
+    from sandboxd.store.templates_db import TemplateBuilds
+
+    api = cluster.apis[1]
+    marker = uuid.uuid4().hex
+    name = f"cl-tpl-killed-{marker[:8]}"
+    outcome: list[BaseException | None] = []
+
+    def build() -> None:
+        try:
+            _build(cluster, api, Template().from_image("e2bdev/base").run_cmd(f"echo {marker}; sleep 30"), name)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    builds = TemplateBuilds(cluster.db())
+    _wait_until("the build's RUN step running",
+                lambda: (row := builds.latest(name)) is not None and row.status == "building"
+                and any(marker in e.message for e in builds.logs(row.build_id)), 120)
+    row = builds.latest(name)
+    assert row is not None and row.node_id is not None
+    victim = next(n for n in cluster.nodes if n.name == row.node_id)
+    victim.kill9()
+    killed_at = time.monotonic()
+    try:
+        thread.join(GONE_WITHIN_S + 15)
+        print(f"build reported failed {time.monotonic() - killed_at:.1f}s after kill -9 of its node")
+        assert outcome and isinstance(outcome[0], BuildException), outcome
+        assert f"the node running this build, {victim.name}, left the cluster" in str(outcome[0])
+        final = builds.get(row.build_id)
+        assert final is not None and final.status == "error" and final.finished_at is not None
+    finally:
+        victim.start()
+        wait_node(cluster, victim)
 
 
 def test_kill_9_of_an_api_replica_loses_nothing(cluster: Cluster) -> None:

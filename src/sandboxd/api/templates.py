@@ -15,7 +15,8 @@ import re
 import secrets
 import tempfile
 import uuid
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import IO, Annotated, Any, Protocol
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -40,6 +41,7 @@ from sandboxd.templates.builder import builder_for
 from sandboxd.templates.files import FilesCache, FilesError
 from sandboxd.templates.jobs import BuildJobs
 from sandboxd.templates.spec import BuildSpec, SpecError
+from sandboxd.templates.store import TemplateStore
 
 router = APIRouter()
 AUTH = [Depends(require_api_key)]
@@ -72,34 +74,98 @@ class DeleteTags(BaseModel):
 # -- wiring ------------------------------------------------------------------------------------
 
 
+class TemplateBuildsHere(Protocol):
+    """What the template routes ask of whoever runs builds: :class:`TemplateService` (``serve`` and a
+    cluster node: builds run in this process) or ``cluster.templates.ClusterTemplates`` (an API
+    replica: each build on the node chosen when it was requested). Records and tags are rows of
+    ``builds`` (the shared database) either way."""
+
+    builds: TemplateBuilds
+    upload_key: bytes
+
+    def new_build(self, alias: str, tags: list[str], resources: BuildResources) -> TemplateBuildRow: ...
+
+    def files_present(self, template_id: str, files_hash: str) -> bool: ...
+
+    def put_files(self, template_id: str, files_hash: str, stream: IO[bytes]) -> int: ...
+
+    def start(self, row: TemplateBuildRow, body: dict[str, Any]) -> bool: ...
+
+    def settle(self, row: TemplateBuildRow) -> TemplateBuildRow: ...
+
+
 class TemplateService:
-    """What the template routes share: the build records, the builder's file cache and build jobs,
-    and the key that signs upload URLs. Made once by ``server.build_app``."""
+    """Builds run in this process: the build records, the builder's file cache and build jobs, and
+    the key that signs upload URLs. Made once by ``server.build_app`` (and by a cluster node, whose
+    builds the API replicas hand it: ``node_id`` is recorded with each build, ``fetch_build``
+    brings a FROM template built elsewhere, ``on_built`` records a new build's checksum)."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, node_id: str | None = None,
+                 fetch_build: Callable[[str], bool] | None = None,
+                 on_built: Callable[[str], object] | None = None) -> None:
         self.builds = TemplateBuilds(db)
-        builder = builder_for(settings.data_dir, find_template=self.builds.resolve, settings=settings)
+        self.node_id = node_id
+        store = TemplateStore(settings.templates_dir)
+
+        def find_template(ref: str) -> str | None:
+            build_id = self.builds.resolve(ref)
+            if build_id is not None and fetch_build is not None and not store.exists(build_id):
+                fetch_build(build_id)  # FROM a template built on another node: fetched and verified
+            return build_id
+
+        builder = builder_for(settings.data_dir, find_template=find_template, settings=settings)
         self.files: FilesCache = builder.files
-        self.jobs = BuildJobs(builder, self.builds, settings.runtime)
+        self.jobs = BuildJobs(builder, self.builds, settings.runtime, on_built=on_built)
         self.upload_key = secrets.token_bytes(32)  # upload URLs live for one Template.build call
+        if node_id is not None:
+            self.jobs.interrupt_orphans(node_id)  # this process just started: none of them runs
+
+    def new_build(self, alias: str, tags: list[str], resources: BuildResources) -> TemplateBuildRow:
+        return self.builds.new_build(alias, tags, resources, node_id=self.node_id)
+
+    def files_present(self, template_id: str, files_hash: str) -> bool:
+        return self.files.present(files_hash)
+
+    def put_files(self, template_id: str, files_hash: str, stream: IO[bytes]) -> int:
+        return self.files.put(files_hash, stream)
+
+    def start(self, row: TemplateBuildRow, body: dict[str, Any]) -> bool:
+        """Run the build in the background; False if it was already started (SpecError: a bad body)."""
+        return self.jobs.start(row.build_id, BuildSpec.from_json(body))
+
+    def settle(self, row: TemplateBuildRow) -> TemplateBuildRow:
+        return self.jobs.settle(row)
 
 
-def _t(request: Request) -> TemplateService:
-    service: TemplateService = request.app.state.templates
+def _t(request: Request) -> TemplateBuildsHere:
+    service: TemplateBuildsHere = request.app.state.templates
     return service
 
 
-def _build_row(t: TemplateService, template_id: str, build_id: str) -> TemplateBuildRow:
+def _build_row(t: TemplateBuildsHere, template_id: str, build_id: str) -> TemplateBuildRow:
     row = t.builds.get(build_id)
     if row is None or template_id not in (row.template_id, row.alias):
         raise ApiError(404, f"build '{build_id}' of template '{template_id}' not found")
-    return t.jobs.settle(row)
+    return t.settle(row)
 
 
 def _valid_name(kind: str, value: str) -> str:
     if not _NAME.match(value):
         raise ApiError(400, f"invalid {kind} {value!r}: use letters, digits, '.', '_' and '-'")
     return value
+
+
+async def spool_upload(request: Request, store: Callable[[IO[bytes]], int]) -> int:
+    """A request body (a COPY context's tar) spooled to a temporary file, then ``store(file)`` in
+    a worker thread; a malformed tar is a 400."""
+    with tempfile.SpooledTemporaryFile(max_size=16 << 20) as buf:
+        async for chunk in request.stream():
+            buf.write(chunk)
+        buf.seek(0)
+        try:
+            return await run_in_threadpool(store, buf)
+        except FilesError as exc:
+            raise ApiError(400, str(exc)) from exc
 
 
 # -- templates and builds ----------------------------------------------------------------------
@@ -132,7 +198,7 @@ def request_build(body: NewTemplate, request: Request) -> JSONResponse:
         raise ApiError(400, f"minFreeDiskMb {body.minFreeDiskMb} exceeds this server's maximum of "
                             f"{settings.max_disk_size_mb}")
     resources = BuildResources(body.cpuCount, body.memoryMB, body.minFreeDiskMb or None)
-    row = _t(request).builds.new_build(alias, tags, resources)
+    row = _t(request).new_build(alias, tags, resources)
     return JSONResponse({"templateID": row.template_id, "buildID": row.build_id, "public": False,
                          "names": [alias], "tags": tags, "aliases": [alias]}, status_code=202)
 
@@ -142,11 +208,13 @@ def start_build(template_id: str, build_id: str, request: Request,
                 body: Annotated[dict[str, Any], Body()]) -> Response:
     t = _t(request)
     row = _build_row(t, template_id, build_id)
+    if row.status != "waiting":
+        raise ApiError(409, f"build '{build_id}' was already started ({row.status})")
     try:
-        spec = BuildSpec.from_json(body)
+        started = t.start(row, body)
     except SpecError as exc:
         raise ApiError(400, str(exc)) from exc
-    if row.status != "waiting" or not t.jobs.start(build_id, spec):
+    if not started:
         raise ApiError(409, f"build '{build_id}' was already started ({row.status})")
     return Response(status_code=202)
 
@@ -178,7 +246,7 @@ def status_json(row: TemplateBuildRow, entries: list[LogEntry]) -> dict[str, Any
 # -- COPY files --------------------------------------------------------------------------------
 
 
-def _upload_token(t: TemplateService, template_id: str, files_hash: str) -> str:
+def _upload_token(t: TemplateBuildsHere, template_id: str, files_hash: str) -> str:
     return hmac.new(t.upload_key, f"{template_id}/{files_hash}".encode(), hashlib.sha256).hexdigest()
 
 
@@ -187,7 +255,7 @@ def files_link(template_id: str, files_hash: str, request: Request) -> JSONRespo
     if not _HASH.match(files_hash):
         raise ApiError(400, "files hash must be a hex sha256")
     t = _t(request)
-    if t.files.present(files_hash):
+    if t.files_present(template_id, files_hash):
         return JSONResponse({"present": True}, status_code=201)
     token = _upload_token(t, template_id, files_hash)
     url = f"{str(request.base_url).rstrip('/')}/templates/{template_id}/files/{files_hash}/upload?token={token}"
@@ -200,15 +268,7 @@ async def upload_files(template_id: str, files_hash: str, token: str, request: R
     t = _t(request)
     if not _HASH.match(files_hash) or not hmac.compare_digest(token, _upload_token(t, template_id, files_hash)):
         raise ApiError(403, "invalid or expired upload URL")
-    with tempfile.SpooledTemporaryFile(max_size=16 << 20) as buf:
-        async for chunk in request.stream():
-            buf.write(chunk)
-        buf.seek(0)
-        try:
-            size = await run_in_threadpool(t.files.put, files_hash, buf)
-        except FilesError as exc:
-            raise ApiError(400, str(exc)) from exc
-    return {"stored": size}
+    return {"stored": await spool_upload(request, lambda f: t.put_files(template_id, files_hash, f))}
 
 
 # -- tags --------------------------------------------------------------------------------------

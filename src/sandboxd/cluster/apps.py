@@ -14,16 +14,17 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import FastAPI
 
-from sandboxd.api.auth import require_api_key
-from sandboxd.api.errors import ApiError, install_error_handlers
+from sandboxd.api.errors import install_error_handlers
 from sandboxd.api.logs import router as logs_router
 from sandboxd.api.quotas import Quotas
 from sandboxd.api.sandboxes import router as sandboxes_router
 from sandboxd.api.sandboxes_v1 import router as sandboxes_v1_router
 from sandboxd.api.secrets import router as secrets_router
 from sandboxd.api.snapshots import router as snapshots_router
+from sandboxd.api.templates import TemplateService
+from sandboxd.api.templates import router as templates_router
 from sandboxd.api.templates_list import router as templates_list_router
 from sandboxd.api.unsupported import router as unsupported_router
 from sandboxd.api.volumes import router as volumes_router
@@ -35,6 +36,7 @@ from sandboxd.cluster.node_client import NodeClients
 from sandboxd.cluster.proxy import ClusterProxy
 from sandboxd.cluster.remote import ClusterOrchestrator, RemoteSamples
 from sandboxd.cluster.snapshots import ClusterSnapshots
+from sandboxd.cluster.templates import ClusterTemplates
 from sandboxd.cluster.volumes import ClusterVolumes
 from sandboxd.config import Settings
 from sandboxd.orchestrator.samples import MetricSamples
@@ -44,34 +46,6 @@ from sandboxd.store.nodes_db import Nodes
 from sandboxd.store.secrets_db import Secrets
 
 SWEEP_INTERVAL_S = 1.0
-
-#: routes ``serve`` has that a cluster does not serve yet: (method, path, why)
-NOT_IN_CLUSTER: tuple[tuple[str, str, str], ...] = (
-    ("GET", "/templates/aliases/{alias}", "template builds"),
-    ("POST", "/v3/templates", "template builds (build on a node with `sandboxd template build`)"),
-    ("POST", "/v2/templates/{template_id}/builds/{build_id}", "template builds"),
-    ("GET", "/templates/{template_id}/builds/{build_id}/status", "template builds"),
-    ("GET", "/templates/{template_id}/files/{files_hash}", "template builds"),
-    ("PUT", "/templates/{template_id}/files/{files_hash}/upload", "template builds"),
-    ("POST", "/templates/tags", "template tags"),
-    ("DELETE", "/templates/tags", "template tags"),
-    ("GET", "/templates/{template_id}/tags", "template tags"),
-)
-
-
-def _not_in_cluster(method: str, path: str, what: str) -> Any:
-    def endpoint() -> None:
-        raise ApiError(501, f"{method} {path}: {what} are not served in cluster mode yet (sandboxd serve has them)")
-
-    endpoint.__name__ = f"cluster_{method.lower()}_{path.strip('/').replace('/', '_')}"
-    return endpoint
-
-
-def _not_in_cluster_router() -> APIRouter:
-    router = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
-    for method, path, what in NOT_IN_CLUSTER:
-        router.add_api_route(path, _not_in_cluster(method, path, what), methods=[method])
-    return router
 
 
 def build_node_app(settings: Settings) -> ASGIApp:
@@ -87,13 +61,16 @@ def build_node_app(settings: Settings) -> ASGIApp:
     # the node's egress proxy fills network.rules' secrets: the API's key file must be the node's too
     secrets = Secrets(orch.db, settings.secrets_key_file or settings.data_dir / "secrets.key")
     orch.slots.egress_proxy.configure(secrets.value, settings.egress_upstream_ca)
+    # template builds the API replicas place here: serve's service, recorded as this node's
+    templates = TemplateService(settings, orch.db, node_id=agent.node_id, fetch_build=orch.fetch_build,
+                                on_built=lambda _: agent.beat())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with node_running(settings, orch, samples, agent):
             yield
 
-    app = node_api(orch, agent, samples, lifespan)
+    app = node_api(orch, agent, samples, templates, lifespan)
     return RequireSecret(SandboxProxy(app, orch.upstream, orch.find_signed, orch.find_by_token, orch.wake), secret)
 
 
@@ -125,14 +102,15 @@ def build_api_app(settings: Settings) -> ASGIApp:
     api.state.snapshots = ClusterSnapshots(orch)  # each on its node; records in PostgreSQL
     api.state.volumes = ClusterVolumes(orch)  # each on its node; records in PostgreSQL
     api.state.secrets = Secrets(db, settings.secrets_key_file or settings.data_dir / "secrets.key")
+    api.state.templates = ClusterTemplates(orch, secret)  # each build on its node; records in PostgreSQL
     install_error_handlers(api)
     api.include_router(sandboxes_v1_router)  # first: /sandboxes/metrics before /sandboxes/{id}
     api.include_router(sandboxes_router)
     api.include_router(secrets_router)
     api.include_router(logs_router)  # the node's log store, through RemoteLogs
-    api.include_router(_not_in_cluster_router())  # before templates_list: /templates/aliases/{alias}
-    api.include_router(templates_list_router)
+    api.include_router(templates_router)  # serve's build and tag routes, over ClusterTemplates
     api.include_router(snapshots_router)  # after: DELETE /templates/tags is not DELETE /templates/{id}
+    api.include_router(templates_list_router)  # after: /templates/aliases/{alias} is not a template id
     api.include_router(volumes_router)  # content calls never reach it: the cluster proxy sends them to the node
 
     @api.get("/health")

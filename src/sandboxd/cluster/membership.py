@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class NodeAgent:
         self._forget_missing = forget_missing
         self._checksums = checksums
         self._recorded: set[str] = set()  # builds whose checksum this agent saw recorded
+        self._beating = threading.Lock()  # the loop's beats and a finished build's (jobs.on_built)
 
     def register(self) -> None:
         self.nodes.register(self.node_id, self.address, self.capacity.vcpus, self.capacity.memory_mb, self._usage())
@@ -101,7 +103,12 @@ class NodeAgent:
 
     def beat(self) -> None:
         """One heartbeat. A node the cluster gave up on (or removed) first agrees with the
-        database (its sandboxes were reported gone), then registers again."""
+        database (its sandboxes were reported gone), then registers again. Also called when a
+        build finishes here: its checksum and holder are recorded before it is marked ready."""
+        with self._beating:
+            self._beat()
+
+    def _beat(self) -> None:
         state = self.nodes.heartbeat(self.node_id, self._usage())
         if state is None or state == GONE:
             log.warning("node %s was %s: reconciling and registering again", self.node_id,

@@ -2,8 +2,10 @@
 
 Served by ``sandboxd node`` behind the cluster secret (auth.py), on the same listener as the
 node's sandbox proxy (sandbox traffic the API forwards carries ``E2b-Sandbox-Id``/``-Port`` and is
-proxied exactly as ``serve`` proxies it). Each route is one orchestrator method; records are not
-returned: the orchestrator wrote them to the shared database, where the API reads them.
+proxied exactly as ``serve`` proxies it). Each route is one orchestrator (or template service)
+method; records are not returned: the orchestrator wrote them to the shared database, where the
+API reads them. Template builds placed on this node run here (``serve``'s TemplateService):
+their COPY uploads, their start.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from sandboxd.api.errors import ApiError
+from sandboxd.api.templates import TemplateService, spool_upload
 from sandboxd.api.volumes import router as volumes_router
 from sandboxd.cluster.membership import NodeAgent, capacity_of, usage_of
 from sandboxd.cluster.wire import error_json, request_of
@@ -25,6 +28,9 @@ from sandboxd.orchestrator.sandboxes import Orchestrator, SandboxError
 from sandboxd.orchestrator.snapshots import SnapshotService
 from sandboxd.orchestrator.volumes import VolumeError, Volumes
 from sandboxd.store.db import SandboxRow
+from sandboxd.store.templates_db import TemplateBuildRow
+from sandboxd.templates.files import FilesError
+from sandboxd.templates.spec import SpecError
 
 PREFIX = "/internal/v1"
 router = APIRouter(prefix=PREFIX)
@@ -61,6 +67,10 @@ class NetworkBody(BaseModel):
 
 def _orch(request: Request) -> Orchestrator:
     return request.app.state.orchestrator
+
+
+def _templates(request: Request) -> TemplateService:
+    return request.app.state.templates
 
 
 def _snapshots(request: Request) -> SnapshotService:
@@ -192,6 +202,42 @@ def metrics(sandbox_id: str, request: Request, start: int | None = None, end: in
     return {"series": samples.series(sandbox_id, start, end)}
 
 
+@router.get("/files/{files_hash}")
+def files_present(files_hash: str, request: Request) -> dict[str, bool]:
+    """Whether this node's files cache holds a COPY context (the builds placed here use it)."""
+    try:
+        return {"present": _templates(request).files_present("", files_hash)}
+    except FilesError as exc:
+        raise ApiError(400, str(exc)) from exc
+
+
+@router.put("/files/{files_hash}")
+async def put_files(files_hash: str, request: Request) -> dict[str, int]:
+    """A COPY context's tar, uploaded through an API replica (which checked the upload URL)."""
+    t = _templates(request)
+    return {"stored": await spool_upload(request, lambda f: t.put_files("", files_hash, f))}
+
+
+@router.post("/template-builds/{build_id}", status_code=202)
+def start_template_build(build_id: str, body: dict[str, Any], request: Request) -> dict[str, bool]:
+    """Run a build placed on this node (its record names this node); its logs and outcome go to
+    the shared database, where the API reads them. 409: already started."""
+    t = _templates(request)
+    row = t.builds.get(build_id)
+    if row is None:
+        raise ApiError(404, f"build '{build_id}' not found")
+    if row.status != "waiting" or not _start(t, row, body):
+        raise ApiError(409, f"build '{build_id}' was already started ({row.status})")
+    return {"started": True}
+
+
+def _start(t: TemplateService, row: TemplateBuildRow, body: dict[str, Any]) -> bool:
+    try:
+        return t.start(row, body)
+    except SpecError as exc:
+        raise ApiError(400, str(exc)) from exc
+
+
 @router.get("/builds/{build_id}")
 def build(build_id: str, request: Request) -> Response:
     """A build this node holds, as a tar (another node fetches it: cluster/builds.py)."""
@@ -207,10 +253,12 @@ def build(build_id: str, request: Request) -> Response:
     return StreamingResponse(tar_stream(store, build_id), media_type="application/x-tar")
 
 
-def node_api(orch: Orchestrator, agent: NodeAgent, samples: MetricSamples, lifespan: Any = None) -> FastAPI:
+def node_api(orch: Orchestrator, agent: NodeAgent, samples: MetricSamples, templates: TemplateService,
+             lifespan: Any = None) -> FastAPI:
     """The internal API app."""
     app = FastAPI(title="sandboxd node", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.orchestrator = orch
+    app.state.templates = templates
     app.state.snapshots = SnapshotService(orch)
     app.state.volumes = Volumes(orch.db, orch.settings.data_dir)
     app.state.agent = agent

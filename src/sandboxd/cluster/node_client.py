@@ -8,7 +8,8 @@ error on the node is raised here again as the same :class:`SandboxError`.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import httpx
 
@@ -118,6 +119,38 @@ class NodeClient:
 
     def destroy_volume(self, volume_id: str) -> bool:
         return self._call("DELETE", f"/volumes/{volume_id}") is not None
+
+    # -- template builds (run on this node; their records are in the shared database) ----------
+
+    def files_present(self, files_hash: str) -> bool:
+        data = self._call("GET", f"/files/{files_hash}", none_if_missing=False)
+        return bool(data and data.get("present"))
+
+    def put_files(self, files_hash: str, stream: IO[bytes]) -> int:
+        """Send a COPY context's tar (streamed) into the node's files cache."""
+        def chunks() -> Iterator[bytes]:
+            while chunk := stream.read(1 << 20):
+                yield chunk
+
+        try:
+            res = self._http.put(f"/files/{files_hash}", content=chunks(),
+                                 timeout=httpx.Timeout(CREATE_TIMEOUT_S, connect=3.0))
+        except httpx.TransportError as exc:
+            raise NodeUnreachable(self.node_id, type(exc).__name__) from exc
+        data = res.json() if res.headers.get("content-type", "").startswith("application/json") else None
+        if res.status_code >= 400:
+            raise error_of(res.status_code, data, dict(res.headers))
+        return int((data or {}).get("stored", 0))
+
+    def start_build(self, build_id: str, body: dict[str, Any]) -> bool:
+        """Start the build on the node; False: it was already started."""
+        try:
+            self._call("POST", f"/template-builds/{build_id}", body, none_if_missing=False)
+        except SandboxError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
 
     def update_network(self, sandbox_id: str, policy: EgressPolicy) -> bool:
         body = {"egress": policy.to_json(), "allow_internet_access": not policy.denies_all}

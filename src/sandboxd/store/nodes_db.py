@@ -18,6 +18,8 @@ from sqlalchemy import JSON, DateTime, Integer, String, delete, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from sandboxd.store.db import Base, Database, SandboxRow, db_now, utcnow
+from sandboxd.store.templates_db import ACTIVE as BUILDING
+from sandboxd.store.templates_db import TemplateBuildLog, TemplateBuildRow
 
 ACTIVE, DRAINING, GONE = "active", "draining", "gone"
 STATES = (ACTIVE, DRAINING, GONE)
@@ -98,9 +100,10 @@ class Nodes:
             return row.state
 
     def sweep(self, timeout_s: float, now: datetime | None = None) -> list[str]:
-        """Mark every node silent for longer than ``timeout_s`` gone and delete its sandboxes'
-        records, together; the ids of the nodes it marked. Judged by the database's clock (the
-        one the heartbeats were written with), never the sweeping process's."""
+        """Mark every node silent for longer than ``timeout_s`` gone, delete its sandboxes' records
+        and fail the template builds it had, together; the ids of the nodes it marked. Judged by
+        the database's clock (the one the heartbeats were written with), never the sweeping
+        process's."""
         with self.db.session() as s:
             cutoff = (now or db_now(s)) - timedelta(seconds=timeout_s)
             stale = list(s.scalars(select(NodeRow.node_id).where(NodeRow.state != GONE,
@@ -110,6 +113,11 @@ class Nodes:
                 return []
             s.execute(update(NodeRow).where(NodeRow.node_id.in_(stale)).values(state=GONE))
             s.execute(delete(SandboxRow).where(SandboxRow.node_id.in_(stale)))
+            for build in s.scalars(select(TemplateBuildRow).where(TemplateBuildRow.node_id.in_(stale),
+                                                                  TemplateBuildRow.status.in_(BUILDING))):
+                why = node_lost(build.node_id or "?", timeout_s)
+                s.add(TemplateBuildLog(build_id=build.build_id, level="error", message=why))
+                build.status, build.reason, build.reason_step, build.finished_at = "error", why, None, utcnow()
             return stale
 
     def set_state(self, node_id: str, state: str) -> bool:
@@ -167,6 +175,12 @@ class Nodes:
                 return False
             s.delete(row)
             return True
+
+
+def node_lost(node_id: str, timeout_s: float | None = None) -> str:
+    """Why a build ended when its node did."""
+    silent = f" (no heartbeat for {timeout_s:.0f}s)" if timeout_s is not None else ""
+    return f"the node running this build, {node_id}, left the cluster{silent}; the build was lost: build again"
 
 
 def _apply(row: NodeRow, usage: Usage) -> None:

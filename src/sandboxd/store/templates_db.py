@@ -38,6 +38,8 @@ class TemplateBuildRow(Base):
     min_free_disk_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: the node that runs the build (and keeps its COPY uploads): chosen when it is requested
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
 
 
 class TemplateBuildLog(Base):
@@ -105,10 +107,12 @@ class TemplateBuilds:
                                 .order_by(TemplateBuildRow.created_at)).first()
             return pending or new_id()
 
-    def new_build(self, alias: str, tags: list[str], resources: BuildResources = BuildResources()) -> TemplateBuildRow:
+    def new_build(self, alias: str, tags: list[str], resources: BuildResources = BuildResources(),
+                  node_id: str | None = None) -> TemplateBuildRow:
         row = TemplateBuildRow(build_id=str(uuid.uuid4()), template_id=self.template_id_for(alias), alias=alias,
                                tags=tags, status="waiting", cpu_count=resources.cpu_count,
-                               memory_mb=resources.memory_mb, min_free_disk_mb=resources.min_free_disk_mb)
+                               memory_mb=resources.memory_mb, min_free_disk_mb=resources.min_free_disk_mb,
+                               node_id=node_id)
         with self.db.session() as s:
             s.add(row)
         return row
@@ -137,9 +141,26 @@ class TemplateBuilds:
             return s.scalars(select(TemplateBuildRow).where(TemplateBuildRow.alias == alias)
                              .order_by(TemplateBuildRow.created_at.desc())).first()
 
-    def active(self) -> list[TemplateBuildRow]:
+    def active(self, node_id: str | None = None) -> list[TemplateBuildRow]:
+        """Builds waiting or running (on ``node_id`` only, if given)."""
+        q = select(TemplateBuildRow).where(TemplateBuildRow.status.in_(ACTIVE))
+        if node_id is not None:
+            q = q.where(TemplateBuildRow.node_id == node_id)
         with self.db.session() as s:
-            return list(s.scalars(select(TemplateBuildRow).where(TemplateBuildRow.status.in_(ACTIVE))))
+            return list(s.scalars(q))
+
+    def newest(self, template_id: str) -> TemplateBuildRow | None:
+        """The template's newest build request still waiting to start, else its newest one: where
+        its COPY uploads go (the SDK uploads between the request and the start)."""
+        with self.db.session() as s:
+            rows = list(s.scalars(select(TemplateBuildRow).where(TemplateBuildRow.template_id == template_id)
+                                  .order_by(TemplateBuildRow.created_at.desc()).limit(20)))
+        return next((r for r in rows if r.status == "waiting"), rows[0] if rows else None)
+
+    def fail(self, build_id: str, message: str, step: str | None = None) -> None:
+        """End a build as failed, saying why (its last log entry and its reason)."""
+        self.add_log(build_id, "error", message, step)
+        self.set_status(build_id, "error", reason=message, step=step)
 
     # -- logs ----------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sandboxd.observability import events
@@ -24,10 +25,13 @@ class BuildJobs:
     """At most ``parallel`` builds at once (they are disk- and CPU-heavy); more wait their turn."""
 
     def __init__(self, builder: TemplateBuilder, builds: TemplateBuilds, runtime: str | None,
-                 parallel: int = 2) -> None:
+                 parallel: int = 2, on_built: Callable[[str], object] | None = None) -> None:
         self.builder = builder
         self.builds = builds
         self.runtime = runtime
+        #: told a build's content id once it is in the store, before the build is marked ready
+        #: (a node records its checksum then: another node may fetch it at once)
+        self.on_built = on_built
         self._slots = threading.BoundedSemaphore(parallel)
         self._active: set[str] = set()
         self._lock = threading.Lock()
@@ -49,16 +53,24 @@ class BuildJobs:
     def settle(self, row: TemplateBuildRow) -> TemplateBuildRow:
         """A record that says building but has no thread behind it was orphaned by a restart."""
         if row.status in ACTIVE and not self.running(row.build_id) and _aware(row.created_at) < self._started:
-            self.builds.add_log(row.build_id, "error", INTERRUPTED)
-            self.builds.set_status(row.build_id, "error", reason=INTERRUPTED)
+            self.builds.fail(row.build_id, INTERRUPTED)
             return self.builds.get(row.build_id) or row
         return row
+
+    def interrupt_orphans(self, node_id: str) -> int:
+        """At start: the builds this node was running when it stopped cannot be running now."""
+        orphans = [r for r in self.builds.active(node_id) if not self.running(r.build_id)]
+        for row in orphans:
+            self.builds.fail(row.build_id, INTERRUPTED)
+        return len(orphans)
 
     def _run(self, build_id: str, spec: BuildSpec) -> None:
         try:
             with self._slots:
                 self.builds.set_status(build_id, "building")
                 result = self.builder.build(spec, lambda lvl, msg, step: self.builds.add_log(build_id, lvl, msg, step))
+            if self.on_built is not None:
+                self.on_built(result.build.build_id)
             self.builds.publish(build_id, result.build.build_id, self.runtime)
             events.TEMPLATE_BUILDS.labels("ready").inc()
         except StepFailed as exc:
@@ -72,8 +84,7 @@ class BuildJobs:
 
     def _fail(self, build_id: str, message: str, step: str | None) -> None:
         events.TEMPLATE_BUILDS.labels("error").inc()
-        self.builds.add_log(build_id, "error", message, step)
-        self.builds.set_status(build_id, "error", reason=message, step=step)
+        self.builds.fail(build_id, message, step)
 
 
 def _aware(dt: datetime) -> datetime:
