@@ -133,6 +133,7 @@ def api(host: str | None, port: int | None, data_dir: Path | None) -> None:
 
     from sandboxd.cluster.apps import build_api_app
     from sandboxd.cluster.auth import ClusterConfigError
+    from sandboxd.cluster.tls import ClusterTlsError
 
     settings = _cluster_settings(data_dir, host, port)
     key = ensure_api_key(Database(settings.db_url))
@@ -140,7 +141,7 @@ def api(host: str | None, port: int | None, data_dir: Path | None) -> None:
         _echo(f"\n  Your API key (shown once):\n\n    export E2B_API_KEY={key}\n")
     try:
         app = build_api_app(settings)
-    except ClusterConfigError as exc:
+    except (ClusterConfigError, ClusterTlsError) as exc:
         raise click.UsageError(str(exc)) from exc
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_keep_alive=KEEP_ALIVE_S,
                 log_level="info", access_log=False)
@@ -161,19 +162,21 @@ def node(ctx: click.Context, host: str | None, port: int | None, data_dir: Path 
     from sandboxd.cluster.auth import ClusterConfigError, load_secret
     from sandboxd.cluster.builds import fetch_base
     from sandboxd.cluster.membership import node_id_of
+    from sandboxd.cluster.tls import ClusterTlsError, cluster_tls
     from sandboxd.store.nodes_db import Nodes
 
     settings = _cluster_settings(data_dir, host, port)
     db = Database(settings.db_url)
     try:
         secret = load_secret(settings)
-        fetch_base(TemplateStore(settings.templates_dir), Nodes(db), node_id_of(settings), secret)
+        tls = cluster_tls(settings)
+        fetch_base(TemplateStore(settings.templates_dir), Nodes(db), node_id_of(settings), secret, tls)
         ensure_base_template(settings, db)  # verifies the fetched build, or builds it: the first node
         app = build_node_app(settings)
-    except ClusterConfigError as exc:
+    except (ClusterConfigError, ClusterTlsError) as exc:
         raise click.UsageError(str(exc)) from exc
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_keep_alive=KEEP_ALIVE_S,
-                log_level="info", access_log=False)
+                log_level="info", access_log=False, **(tls.server_options() if tls is not None else {}))
 
 
 @node.command("list")
@@ -202,6 +205,30 @@ def node_drain(node_id: str, undo: bool, data_dir: Path | None) -> None:
         raise click.ClickException(f"no node {node_id!r} (sandboxd node list)")
     row = nodes.get(node_id)
     click.echo(f"{node_id}: {ACTIVE if undo else DRAINING} ({row.sandboxes if row else 0} sandboxes on it)")
+
+
+@main.group("cluster")
+def cluster_group() -> None:
+    """Cluster mode helpers."""
+
+
+@cluster_group.command("certs")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("machine")
+@click.option("--name", "names", multiple=True, required=True,
+              help="An address or host name MACHINE is reached at (repeat; a node: the one in its address).")
+def cluster_certs(out_dir: Path, machine: str, names: tuple[str, ...]) -> None:
+    """Optional mTLS between API replicas and nodes: the cluster CA in OUT_DIR (made once, then
+    kept) and OUT_DIR/MACHINE with ca.pem, cert.pem, key.pem for MACHINE. Copy that directory to
+    the machine and set SANDBOXD_CLUSTER_TLS_DIR to it, on every API replica and node."""
+    from sandboxd.cluster.tls import ClusterTlsError, make_machine_certs
+
+    try:
+        d = make_machine_certs(out_dir, machine, list(names))
+    except ClusterTlsError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"{d}: ca.pem, cert.pem, key.pem for {machine} ({', '.join(names)}); "
+               f"on that machine: SANDBOXD_CLUSTER_TLS_DIR={d}")
 
 
 @main.group()

@@ -98,6 +98,9 @@ class Settings:
     #: request carries (the same file on every machine; at least 32 bytes); the URL the API reaches
     #: this node at (default ``http://<host>:<port>``); how many nodes placement compares per create.
     cluster_secret_file: Path | None = None
+    #: optional mutual TLS between API replicas and nodes (cluster/tls.py): this machine's ca.pem,
+    #: cert.pem and key.pem (``sandboxd cluster certs``); the secret is still required
+    cluster_tls_dir: Path | None = None
     node_address: str | None = None
     placement_choices: int = 2
 

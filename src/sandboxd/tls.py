@@ -48,8 +48,10 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def ensure_ca(tls_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """The local CA: made on first use, then kept (users have been told to trust it)."""
+def ensure_ca(tls_dir: Path, common_name: str = "sandboxd local CA") -> tuple[x509.Certificate,
+                                                                              ec.EllipticCurvePrivateKey]:
+    """The local CA (or a cluster's: ``cluster/tls.py``): made on first use, then kept (users
+    have been told to trust it)."""
     cert_path, key_path = tls_dir / "ca.pem", tls_dir / "ca.key"
     if cert_path.exists() and key_path.exists():
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -57,7 +59,7 @@ def ensure_ca(tls_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
         return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
     tls_dir.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sandboxd local CA"),
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sandboxd")])
     now = _now()
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())

@@ -37,6 +37,7 @@ from sandboxd.cluster.proxy import ClusterProxy
 from sandboxd.cluster.remote import ClusterOrchestrator, RemoteSamples
 from sandboxd.cluster.snapshots import ClusterSnapshots
 from sandboxd.cluster.templates import ClusterTemplates
+from sandboxd.cluster.tls import cluster_tls
 from sandboxd.cluster.volumes import ClusterVolumes
 from sandboxd.config import Settings
 from sandboxd.orchestrator.samples import MetricSamples
@@ -54,10 +55,12 @@ def build_node_app(settings: Settings) -> ASGIApp:
     from sandboxd.server import make_orchestrator, node_running
 
     secret = load_secret(settings)
+    tls = cluster_tls(settings)
     orch = make_orchestrator(settings)
     samples = MetricSamples(settings.data_dir / "metrics")
-    agent = agent_for(orch, settings.node_address or f"http://{settings.host}:{settings.port}")
-    orch.fetch_build = BuildFetcher(orch.templates, agent.nodes, agent.node_id, secret)
+    scheme = "https" if tls is not None else "http"
+    agent = agent_for(orch, settings.node_address or f"{scheme}://{settings.host}:{settings.port}")
+    orch.fetch_build = BuildFetcher(orch.templates, agent.nodes, agent.node_id, secret, tls)
     # the node's egress proxy fills network.rules' secrets: the API's key file must be the node's too
     secrets = Secrets(orch.db, settings.secrets_key_file or settings.data_dir / "secrets.key")
     orch.slots.egress_proxy.configure(secrets.value, settings.egress_upstream_ca)
@@ -77,8 +80,9 @@ def build_node_app(settings: Settings) -> ASGIApp:
 def build_api_app(settings: Settings) -> ASGIApp:
     """``sandboxd api``: E2B's REST API and the sandbox proxy over every node of the cluster."""
     secret = load_secret(settings)
+    tls = cluster_tls(settings)
     db = Database(settings.db_url)
-    clients = NodeClients(secret)
+    clients = NodeClients(secret, tls)
     orch = ClusterOrchestrator(settings, db, clients)
     sweeper = Sweeper(Nodes(db), settings.node_timeout_s)
 
@@ -119,4 +123,4 @@ def build_api_app(settings: Settings) -> ASGIApp:
         return {"status": "ok", "warmPoolReady": 0, "activeNodes": len(orch.nodes.active())}
 
     api.include_router(unsupported_router)
-    return ClusterProxy(api, db, secret)
+    return ClusterProxy(api, db, secret, tls)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import httpx
 
 from sandboxd.cluster.auth import SECRET_HEADER
 from sandboxd.cluster.node_api import PREFIX
+from sandboxd.cluster.tls import ClusterTls
 from sandboxd.store.nodes_db import Nodes
 from sandboxd.templates.store import BuildError, TemplateStore, remove_tree
 
@@ -62,11 +64,13 @@ class BuildFetcher:
     """``fetch(build_id) -> bool``: the build is in this node's store afterwards (or False: no
     holder could give a copy that verifies, or the cluster has no checksum recorded for it)."""
 
-    def __init__(self, store: TemplateStore, nodes: Nodes, node_id: str, secret: str) -> None:
+    def __init__(self, store: TemplateStore, nodes: Nodes, node_id: str, secret: str,
+                 tls: ClusterTls | None = None) -> None:
         self.store = store
         self.nodes = nodes
         self.node_id = node_id
         self._headers = {SECRET_HEADER.decode(): secret}
+        self._tls = tls
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -95,7 +99,8 @@ class BuildFetcher:
         tmp.mkdir(parents=True)
         log.info("fetching build %s from node %s", build_id, node_id)
         try:
-            _download_into(f"{address.rstrip('/')}{PREFIX}/builds/{build_id}", self._headers, tmp)
+            _download_into(f"{address.rstrip('/')}{PREFIX}/builds/{build_id}", self._headers, tmp,
+                           ClusterTls.verify(self._tls))
         except BaseException:
             remove_tree(tmp)
             raise
@@ -103,13 +108,13 @@ class BuildFetcher:
         log.info("build %s fetched from node %s and verified (rootfs %s…)", build_id, node_id, expected[:12])
 
 
-def _download_into(url: str, headers: dict[str, str], dest: Path) -> None:
+def _download_into(url: str, headers: dict[str, str], dest: Path, verify: ssl.SSLContext | bool = True) -> None:
     """Stream the tar at ``url`` into ``tar -x`` in ``dest`` (owners and modes as sent)."""
     tar = subprocess.Popen(["tar", "--numeric-owner", "--same-owner", "--same-permissions", "-C", str(dest),
                             "-xf", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     assert tar.stdin is not None
     try:
-        with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(60.0, connect=3.0)) as res:
+        with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(60.0, connect=3.0), verify=verify) as res:
             if res.status_code != 200:
                 raise BuildError(f"node answered {res.status_code}")
             for chunk in res.iter_raw(CHUNK):
@@ -125,10 +130,10 @@ def _download_into(url: str, headers: dict[str, str], dest: Path) -> None:
         raise BuildError(f"unpacking failed: {err.decode(errors='replace')[-300:]}")
 
 
-def fetch_base(store: TemplateStore, nodes: Nodes, node_id: str, secret: str) -> bool:
+def fetch_base(store: TemplateStore, nodes: Nodes, node_id: str, secret: str, tls: ClusterTls | None = None) -> bool:
     """A node joining a cluster takes the ``base`` build another node made (verified) instead of
     building it again; False: nobody has it yet (the caller builds it)."""
     from sandboxd.templates.base import base_inputs
 
     build_id = base_inputs().build_id
-    return store.exists(build_id) or BuildFetcher(store, nodes, node_id, secret)(build_id)
+    return store.exists(build_id) or BuildFetcher(store, nodes, node_id, secret, tls)(build_id)

@@ -15,6 +15,7 @@ import httpx
 
 from sandboxd.cluster.auth import SECRET_HEADER
 from sandboxd.cluster.node_api import PREFIX
+from sandboxd.cluster.tls import ClusterTls
 from sandboxd.cluster.wire import error_of, request_json
 from sandboxd.orchestrator.egress import EgressPolicy
 from sandboxd.orchestrator.sandboxes import CreateRequest, SandboxError
@@ -34,11 +35,11 @@ class NodeUnreachable(SandboxError):
 
 
 class NodeClient:
-    def __init__(self, node_id: str, address: str, secret: str) -> None:
+    def __init__(self, node_id: str, address: str, secret: str, tls: ClusterTls | None = None) -> None:
         self.node_id = node_id
         self.address = address.rstrip("/")
         self._http = httpx.Client(base_url=self.address + PREFIX, headers={SECRET_HEADER.decode(): secret},
-                                  timeout=httpx.Timeout(CALL_TIMEOUT_S, connect=3.0))
+                                  timeout=httpx.Timeout(CALL_TIMEOUT_S, connect=3.0), verify=ClusterTls.verify(tls))
 
     def close(self) -> None:
         self._http.close()
@@ -160,8 +161,9 @@ class NodeClient:
 class NodeClients:
     """One client per node address, made on first use (connections are pooled per node)."""
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, tls: ClusterTls | None = None) -> None:
         self._secret = secret
+        self._tls = tls
         self._clients: dict[tuple[str, str], NodeClient] = {}
         self._guard = threading.Lock()
 
@@ -169,7 +171,7 @@ class NodeClients:
         with self._guard:
             client = self._clients.get((node_id, address))
             if client is None:
-                client = self._clients[(node_id, address)] = NodeClient(node_id, address, self._secret)
+                client = self._clients[(node_id, address)] = NodeClient(node_id, address, self._secret, self._tls)
             return client
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from sandboxd.cluster.auth import SECRET_HEADER
+from sandboxd.cluster.tls import ClusterTls
 from sandboxd.envd.auth import file_signature
 from sandboxd.orchestrator.volumes import Volumes
 from sandboxd.proxy.asgi import (
@@ -46,8 +47,9 @@ _NAMING = {b"e2b-sandbox-id", b"e2b-sandbox-port", SECRET_HEADER}
 class ClusterProxy:
     """ASGI middleware: sandbox traffic to its node, the rest to ``app`` (the API)."""
 
-    def __init__(self, app: ASGIApp, db: Database, secret: str) -> None:
+    def __init__(self, app: ASGIApp, db: Database, secret: str, tls: ClusterTls | None = None) -> None:
         self.app = app
+        self._tls = tls.client_context() if tls is not None else None
         self.db = db
         self.nodes = Nodes(db)
         self._secret = secret.encode()
@@ -147,7 +149,7 @@ class ClusterProxy:
         if client is None:
             # no read timeout: process streams stay open as long as the process runs
             client = self._clients[address] = httpx.AsyncClient(
-                timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False,
+                timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False, verify=self._tls or True,
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
         return client
 
@@ -186,7 +188,7 @@ class ClusterProxy:
         # the node's proxy checks the traffic token: it must reach the node (and goes no further)
         await relay_websocket({**scope, "headers": headers}, receive, send,
                               f"{scheme}://{parts.netloc}{path}" + (f"?{query}" if query else ""),
-                              keep_traffic_token=True)
+                              keep_traffic_token=True, tls=self._tls)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_wrapper(message: dict[str, object]) -> None:

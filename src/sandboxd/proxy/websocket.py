@@ -26,19 +26,20 @@ TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
 
 
 async def relay_websocket(scope: dict[str, Any], receive: Any, send: Any, url: str,
-                          dial: tuple[str, int] | None = None, keep_traffic_token: bool = False) -> None:
+                          dial: tuple[str, int] | None = None, keep_traffic_token: bool = False,
+                          tls: ssl.SSLContext | None = None) -> None:
     """Proxy one websocket connection to ``url`` (``ws://address:port/path?query``). With
     ``dial``, the connection goes there and ``url``'s host is only the handshake's Host (a
     sandbox's ``maskRequestHost``); a ``wss`` URL is TLS to the sandbox, unverified (its
     ``httpsPorts`` serve their own, often self-signed, certificates). The traffic token is
     dropped (a sandbox never sees it) unless ``keep_traffic_token``: the cluster proxy relays to
-    the node, whose own proxy checks it."""
+    the node, whose own proxy checks it (``tls``: its mTLS context, verified both ways)."""
     skip = _SKIP_HEADERS if keep_traffic_token else _SKIP_HEADERS | {TRAFFIC_TOKEN_HEADER}
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.lower() not in skip]
     subprotocols = scope.get("subprotocols") or None
     where: dict[str, Any] = {"host": dial[0], "port": dial[1]} if dial else {}
     if url.startswith("wss://"):
-        where["ssl"] = _unverified()
+        where["ssl"] = tls or _unverified()
     try:
         upstream = await connect(url, additional_headers=headers, subprotocols=subprotocols,
                                  open_timeout=10, max_size=None, compression=None, **where)

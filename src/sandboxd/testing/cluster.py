@@ -14,6 +14,7 @@ import os
 import random
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from sandboxd.cluster.tls import ClusterTls, make_machine_certs
 from sandboxd.config import Settings
 from sandboxd.store.db import Database
 from sandboxd.templates.store import BuildError, remove_tree
@@ -133,6 +135,8 @@ class Cluster:
     nodes: list[Proc]
     network: TestNetwork
     secret_file: Path
+    #: the test's own mTLS files (a client certificate of the cluster's CA), when the cluster has mTLS
+    tls: ClusterTls | None = None
 
     def db(self) -> Database:
         return Database(self.db_url)
@@ -141,13 +145,14 @@ class Cluster:
         return "\n".join(f"--- {p.name} ---\n{p.log()[-4000:]}" for p in [*self.apis, *self.nodes])
 
 
-def _wait(proc: Proc, url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+def _wait(proc: Proc, url: str, timeout: float, headers: dict[str, str] | None = None,
+          verify: ssl.SSLContext | bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.proc is not None and proc.proc.poll() is not None:
             raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{proc.log()[-5000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1, headers=headers).status_code == 200:
+            if httpx.get(url, timeout=1, headers=headers, verify=verify).status_code == 200:
                 return
         time.sleep(0.2)
     raise RuntimeError(f"{proc.name} did not answer within {timeout}s:\n{proc.log()[-5000:]}")
@@ -155,7 +160,8 @@ def _wait(proc: Proc, url: str, timeout: float, headers: dict[str, str] | None =
 
 def wait_node(cluster: Cluster, node: Proc, timeout: float = 600) -> None:
     secret = cluster.secret_file.read_text().strip()
-    _wait(node, node.url + "/internal/v1/health", timeout, {"x-sandboxd-cluster-secret": secret})
+    _wait(node, node.url + "/internal/v1/health", timeout, {"x-sandboxd-cluster-secret": secret},
+          ClusterTls.verify(cluster.tls))
 
 
 def wait_api(api: Proc, timeout: float = 60) -> None:
@@ -168,7 +174,7 @@ def kill_all(cluster: Cluster) -> None:
     from sandboxd.store.nodes_db import Nodes
 
     db = cluster.db()
-    clients = NodeClients(cluster.secret_file.read_text().strip())
+    clients = NodeClients(cluster.secret_file.read_text().strip(), cluster.tls)
     nodes = {n.node_id: n for n in Nodes(db).all()}
     try:
         for row in db.list_sandboxes():
@@ -182,13 +188,14 @@ def kill_all(cluster: Cluster) -> None:
 
 @contextlib.contextmanager
 def running_cluster(shared_data_dir: Path, log_dir: Path, apis: int = 2, nodes: int = 3,
-                    own_templates: tuple[int, ...] = (), **overrides: Any) -> Iterator[Cluster]:
+                    own_templates: tuple[int, ...] = (), tls: bool = False, **overrides: Any) -> Iterator[Cluster]:
     """PostgreSQL, ``nodes`` nodes (each in its namespace) and ``apis`` API replicas, started;
     ``overrides`` are settings for every process (``node_timeout_s``...). Nodes share the test
     template store, but those numbered in ``own_templates`` (1-based) start with an empty one of
     their own, after the others: they fetch ``base`` from them. All stopped and removed on exit,
     and the sandboxes of nodes still running killed first (a node killed by the test is started
-    once more to reconcile, then stopped)."""
+    once more to reconcile, then stopped). ``tls``: mutual TLS between the API replicas and the
+    nodes (a CA and a certificate per process, ``cluster/tls.py``)."""
     exe = str(Path(sys.executable).with_name("sandboxd"))
     with test_network() as net, running_postgres(networks=(net.cidr,)) as pg:
         url = pg.create_database("sandboxd")
@@ -198,6 +205,11 @@ def running_cluster(shared_data_dir: Path, log_dir: Path, apis: int = 2, nodes: 
         common = {"database_url": url, "cluster_secret_file": secret_file, "warm_pool_size": 0,
                   "builtin_templates": "", "heartbeat_interval_s": 1.0, **overrides}
         api_key = Database(url).create_api_key("tests")
+        certs = log_dir / "tls"
+
+        def tls_dir(machine: str, address: str) -> dict[str, Path]:
+            return {"cluster_tls_dir": make_machine_certs(certs, machine, [address])} if tls else {}
+
         dirs: list[Path] = []
         node_procs: list[Proc] = []
         for i in range(1, nodes + 1):
@@ -211,18 +223,23 @@ def running_cluster(shared_data_dir: Path, log_dir: Path, apis: int = 2, nodes: 
             node_url = pg.url("sandboxd", net.host_address)
             settings = Settings.from_env({}, **{**common, "database_url": node_url, "data_dir": data_dir,
                                                 "host": address, "port": NODE_PORT, "net_prefix": prefix,
-                                                "net_cidr": cidr, "node_id": f"node{i}"})
+                                                "net_cidr": cidr, "node_id": f"node{i}",
+                                                **tls_dir(f"node{i}", address)})
             node_procs.append(Proc(f"node{i}", ["nsenter", f"--net=/run/netns/{ns}", exe, "node"], _env(settings),
-                                   settings, log_dir / f"node{i}.log", f"http://{address}:{NODE_PORT}"))
+                                   settings, log_dir / f"node{i}.log",
+                                   f"{'https' if tls else 'http'}://{address}:{NODE_PORT}"))
         api_procs: list[Proc] = []
         for i in range(1, apis + 1):
             data_dir = run_dir(shared_data_dir)
             dirs.append(data_dir)
             settings = Settings.from_env({}, **{**common, "data_dir": data_dir, "port": free_port(),
-                                                "secrets_key_file": log_dir / "secrets.key"})
+                                                "secrets_key_file": log_dir / "secrets.key",
+                                                **tls_dir(f"api{i}", "127.0.0.1")})
             api_procs.append(Proc(f"api{i}", [exe, "api"], _env(settings), settings, log_dir / f"api{i}.log",
                                   f"http://127.0.0.1:{settings.port}"))
-        cluster = Cluster(pg, url, api_key, api_procs, node_procs, net, secret_file)
+        tester = ClusterTls(*(make_machine_certs(certs, "tester", ["127.0.0.1"]) / f
+                              for f in ("ca.pem", "cert.pem", "key.pem"))) if tls else None
+        cluster = Cluster(pg, url, api_key, api_procs, node_procs, net, secret_file, tester)
         try:
             first = [p for i, p in enumerate(node_procs, 1) if i not in own_templates]
             for p in first:
