@@ -196,6 +196,23 @@ def test_a_failed_maker_leaves_nothing(tmp_path):
     assert cache.list() == [] and list((tmp_path / "layers" / ".tmp").iterdir()) == []
 
 
+def test_a_killed_makers_half_layer_is_removed_by_the_next_maker_of_its_key(tmp_path):
+    """SIGKILL skips a maker's cleanup; the next maker of the key (holding its lock) removes it,
+    and leaves another key's work alone."""
+    cache = LayerCache(tmp_path / "layers")
+    key, other = layer_key("killed"), layer_key("other")
+    tmp = tmp_path / "layers" / ".tmp"
+    for name in (f"{key}-0badf00d", f"{other}-0badf00d"):
+        (tmp / name / "work" / "work").mkdir(parents=True)
+        (tmp / name / "work" / "work").chmod(0)  # as overlayfs leaves it
+
+    def make(diff: Path, work: Path) -> None:
+        (diff / "f").write_text("v")
+
+    cache.create(key, make, {})
+    assert sorted(p.name for p in tmp.iterdir()) == [f"{other}-0badf00d"]
+
+
 def test_reading_through_a_stack_honours_whiteouts_and_opaque_dirs(tmp_path):
     low, mid, top = (tmp_path / n for n in ("low", "mid", "top"))
     for d in (low, mid, top):

@@ -147,6 +147,7 @@ class LayerCache:
         with self.lock(key):
             if (layer := self.get(key, log)) is not None:
                 return layer, True
+            self._remove_stale_tmp(key)
             tmp = self.root / ".tmp" / f"{key}-{secrets.token_hex(4)}"
             (tmp / "diff").mkdir(parents=True)
             (tmp / "diff").chmod(0o755)  # an upper's root is the stack's `/`: never the umask's idea
@@ -165,6 +166,14 @@ class LayerCache:
                     remove_tree(tmp)
                 raise
             return Layer(key, self.path(key), meta), False
+
+    def _remove_stale_tmp(self, key: str) -> None:
+        """A maker killed mid-step (SIGKILL, a crash) leaves ``.tmp/<key>-*``; we hold the key's
+        lock, so no live maker owns one of them."""
+        for stale in (self.root / ".tmp").glob(f"{key}-*"):
+            with contextlib.suppress(OSError):
+                _make_removable(stale)
+                remove_tree(stale)
 
     def remove(self, key: str) -> bool:
         """Delete a layer (gc); renamed away first so it is never seen half-deleted."""
