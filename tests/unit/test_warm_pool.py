@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from sandboxd.orchestrator.network import NetworkSlot
-from sandboxd.orchestrator.pool import PoolKey, WarmPool, WarmSandbox
+from sandboxd.orchestrator.pool import GIVE_UP_AFTER, PoolKey, WarmPool, WarmSandbox
 
 KEY = PoolKey("build", "gvisor", 2, 512, 2048)
 SLOT = NetworkSlot(0, "t-0", "t-0-g", "10.99.0.2", "10.99.0.1", "t-0-h")
@@ -22,12 +22,13 @@ SLOT = NetworkSlot(0, "t-0", "t-0-g", "10.99.0.2", "10.99.0.1", "t-0-h")
 class Boots:
     """Boots that take ``seconds`` each; records how many ran at once and what was discarded."""
 
-    def __init__(self, seconds: float, fail: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, seconds: float, fail: Callable[[PoolKey], bool] = lambda _key: False) -> None:
         self.seconds = seconds
         self.fail = fail
         self.running = 0
         self.most_at_once = 0
         self.started = 0
+        self.started_of: dict[PoolKey, int] = {}
         self.discarded: list[WarmSandbox] = []
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -36,10 +37,11 @@ class Boots:
         with self._lock:
             self.running += 1
             self.started += 1
+            self.started_of[key] = self.started_of.get(key, 0) + 1
             self.most_at_once = max(self.most_at_once, self.running)
         try:
             time.sleep(self.seconds)
-            if self.fail():
+            if self.fail(key):
                 raise RuntimeError("boot failed")
             return WarmSandbox(f"sbx{next(self._ids)}", key, SLOT)
         finally:
@@ -62,7 +64,7 @@ def pools() -> Iterator[Callable[..., tuple[WarmPool, Boots]]]:
     made: list[WarmPool] = []
 
     def make(size: int = 2, seconds: float = 0.2, **kw: object) -> tuple[WarmPool, Boots]:
-        fail = kw.pop("fail", lambda: False)
+        fail = kw.pop("fail", lambda _key: False)
         boots = Boots(seconds, fail)  # type: ignore[arg-type]
         pool = WarmPool(size, boots.boot, boots.discard, **kw)  # type: ignore[arg-type]
         made.append(pool)
@@ -121,7 +123,7 @@ def test_two_claims_never_wait_for_one_boot(pools: Callable[..., tuple[WarmPool,
 
 
 def test_a_failed_boot_releases_its_waiter(pools: Callable[..., tuple[WarmPool, Boots]]) -> None:
-    pool, boots = pools(size=1, seconds=0.3, parallel=1, fail=lambda: True)
+    pool, boots = pools(size=1, seconds=0.3, parallel=1, fail=lambda _key: True)
     pool.want(KEY)
     pool.start()
     until(lambda: boots.running == 1)
@@ -142,3 +144,31 @@ def test_a_burst_grows_the_pool_and_it_shrinks_back_after_the_window(
     assert len(boots.discarded) == 3
     assert [s.sandbox_id for s in pool._ready[KEY]] == [newest]  # noqa: SLF001 - the oldest went
     assert boots.started == 4  # and nothing was booted again
+
+
+BROKEN = PoolKey("broken-build", "gvisor", 2, 512, 2048)
+
+
+def test_a_failing_key_backs_off_alone_and_the_others_fill(pools: Callable[..., tuple[WarmPool, Boots]]) -> None:
+    """One filler, a broken build wanted first: the good key fills while the broken one waits out
+    its back-off (a global back-off used to put the filler to sleep for every key)."""
+    pool, boots = pools(size=2, seconds=0.05, parallel=1, backoff_s=30.0, fail=lambda key: key == BROKEN)
+    pool.want(BROKEN)
+    pool.want(KEY)
+    pool.start()
+    until(lambda: pool.ready_count(KEY) == 2, timeout_s=1.5)  # a shared back-off would sleep ≥ 2 s first
+    assert boots.started_of[BROKEN] == 1
+
+
+def test_a_key_failing_in_a_row_is_given_up_until_a_create_asks_again(
+        pools: Callable[..., tuple[WarmPool, Boots]]) -> None:
+    pool, boots = pools(size=1, seconds=0.02, parallel=2, backoff_s=0.05, fail=lambda key: key == BROKEN)
+    pool.want(BROKEN)
+    pool.start()
+    until(lambda: boots.started_of.get(BROKEN) == GIVE_UP_AFTER)
+    pool.want(KEY)  # the fillers run a job for this key: a broken key still wanted would be booted too
+    until(lambda: pool.ready_count(KEY) == 1)
+    time.sleep(0.5)  # ten back-offs' worth
+    assert boots.started_of[BROKEN] == GIVE_UP_AFTER
+    pool.want(BROKEN)  # a create asks: the pool tries again
+    until(lambda: boots.started_of[BROKEN] == GIVE_UP_AFTER + 1)

@@ -25,6 +25,11 @@ run together, so a refill starts at claim time and more than one runs ahead when
 faster than a boot takes. A create finding the pool empty while a boot of its key is under way
 (and not already promised to an earlier create) waits for that boot instead of starting its own
 cold: the boot is further along than a new one would be, and the host does not boot twice.
+
+A key whose boots fail (a broken build, a runtime that refuses its shape) backs off on its own —
+2 then 4 s (``backoff_s``, doubling) before its next tries — while the other keys keep filling;
+after ``GIVE_UP_AFTER`` failures in a row the pool stops keeping it until a create asks for it
+again (that create fails or succeeds on its own, and tells the pool whether the build boots).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from dataclasses import dataclass, field
 from sandboxd.orchestrator.network import NetworkSlot
 
 log = logging.getLogger("sandboxd.orchestrator.pool")
+
+GIVE_UP_AFTER = 3  # failed boots in a row before a key is no longer kept (until a create asks)
 
 
 @dataclass(frozen=True)
@@ -67,11 +74,12 @@ class WarmPool:
 
     def __init__(self, size: int, boot: Callable[[PoolKey], WarmSandbox], discard: Callable[[WarmSandbox], None],
                  idle_s: float = 600.0, max_age_s: float = 900.0, max_size: int = 8,
-                 burst_window_s: float = 30.0, parallel: int = 2) -> None:
+                 burst_window_s: float = 30.0, parallel: int = 2, backoff_s: float = 2.0) -> None:
         self.size = size
         self.max_size = max(size, max_size)
         self.burst_window_s = burst_window_s
         self.parallel = max(1, parallel)
+        self.backoff_s = backoff_s
         self._boot = boot
         self._discard = discard
         self.idle_s = idle_s
@@ -84,7 +92,8 @@ class WarmPool:
         self._cond = threading.Condition()
         self._closed = False
         self._threads: list[threading.Thread] = []
-        self._failures = 0
+        self._failures: dict[PoolKey, int] = {}  # key → boots failed in a row
+        self._retry_at: dict[PoolKey, float] = {}  # key → no boot before this (backing off)
 
     @property
     def enabled(self) -> bool:
@@ -177,8 +186,7 @@ class WarmPool:
         now = time.monotonic()
         drop: list[WarmSandbox] = []
         for key in [k for k, t in self._wanted.items() if now - t > self.idle_s]:
-            del self._wanted[key]
-            self._asks.pop(key, None)
+            self._forget(key)
         for key in list(self._ready):
             keep = [s for s in self._ready[key] if key in self._wanted and now - s.booted_at < self.max_age_s]
             if key in self._wanted and len(keep) > self.size and self.target(key) == self.size:
@@ -186,8 +194,8 @@ class WarmPool:
             drop += [s for s in self._ready[key] if s not in keep]
             self._ready[key] = keep
         # a boot under way counts as ready, except for those creates are already waiting for
-        short = [k for k in self._wanted
-                 if len(self._ready.get(k, [])) + self._booting.get(k, 0) - self._waiting.get(k, 0) < self.target(k)]
+        short = [k for k in self._wanted if self._retry_at.get(k, 0.0) <= now
+                 and len(self._ready.get(k, [])) + self._booting.get(k, 0) - self._waiting.get(k, 0) < self.target(k)]
         return (min(short, key=lambda k: len(self._ready.get(k, []))) if short else None), drop
 
     def _fill_forever(self) -> None:
@@ -197,7 +205,7 @@ class WarmPool:
                     return
                 key, drop = self._next_job()
                 if key is None and not drop:
-                    self._cond.wait(timeout=min(30.0, self.burst_window_s))  # a burst ending shrinks the pool
+                    self._cond.wait(timeout=self._idle_wait())
                     continue
                 if key is not None:
                     self._booting[key] = self._booting.get(key, 0) + 1
@@ -213,16 +221,12 @@ class WarmPool:
         except Exception as exc:  # noqa: BLE001 - a failed boot is logged and retried later
             with self._cond:
                 self._booting[key] -= 1
+                self._back_off(key, exc)
                 self._cond.notify_all()  # a create waiting for this boot starts its own
-            self._failures += 1
-            delay = min(60.0, 2.0 ** min(self._failures, 6))
-            log.warning("warm pool: booting a sandbox of build %s failed (retry in %.0fs): %s",
-                        key.build_id, delay, exc)
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed, timeout=delay)
             return
-        self._failures = 0
         with self._cond:
+            self._failures.pop(key, None)
+            self._retry_at.pop(key, None)
             self._booting[key] -= 1
             self._cond.notify_all()
             if not self._closed and key in self._wanted:
@@ -230,6 +234,33 @@ class WarmPool:
                 self._cond.notify_all()
                 return
         self._discard_quietly(sandbox)
+
+    def _back_off(self, key: PoolKey, exc: Exception) -> None:
+        """Under the lock: no boot of ``key`` for a while, or none at all once it has failed
+        ``GIVE_UP_AFTER`` times in a row; other keys are not held up."""
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        if failures >= GIVE_UP_AFTER:
+            log.warning("warm pool: booting a sandbox of build %s failed %d times in a row; not kept until a "
+                        "create asks for it again: %s", key.build_id, failures, exc)
+            self._forget(key)
+            return
+        delay = min(60.0, self.backoff_s * 2.0 ** (failures - 1))
+        self._retry_at[key] = time.monotonic() + delay
+        log.warning("warm pool: booting a sandbox of build %s failed (retry in %.0fs): %s", key.build_id, delay, exc)
+
+    def _forget(self, key: PoolKey) -> None:
+        """Under the lock: stop keeping ``key`` (its ready sandboxes go at the next job)."""
+        self._wanted.pop(key, None)
+        self._asks.pop(key, None)
+        self._failures.pop(key, None)
+        self._retry_at.pop(key, None)
+
+    def _idle_wait(self) -> float:
+        """How long a filler with nothing to do sleeps: until the next retry of a key backing
+        off, or a burst window (a burst ending shrinks the pool)."""
+        now = time.monotonic()
+        retries = [t - now for k, t in self._retry_at.items() if k in self._wanted]
+        return max(0.05, min([30.0, self.burst_window_s, *retries]))
 
     def _discard_quietly(self, sandbox: WarmSandbox) -> None:
         try:
