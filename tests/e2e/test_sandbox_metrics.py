@@ -37,7 +37,10 @@ def test_metrics_series_over_the_sandbox_life(sdk_env: Server) -> None:
         assert all(m.mem_total > 0 and m.disk_total > 0 for m in series)
         later = sbx.get_metrics(start=stamps[1])
         assert [m.timestamp for m in later] == [t for t in stamps if t >= stamps[1]][:len(later)]
-        assert sbx.get_metrics(end=stamps[0] - timedelta(seconds=1)) == []
+        # a window that ends before the first sample (its start given: a pooled sandbox's start is
+        # its claim, in the first sample's second, and a default start after the end is a 400)
+        before = stamps[0] - timedelta(seconds=1)
+        assert sbx.get_metrics(start=before - timedelta(seconds=60), end=before) == []
         with pytest.raises(SandboxException, match="400"):
             sbx.get_metrics(start=datetime.now(UTC) + timedelta(hours=1))  # start after end
 
