@@ -103,9 +103,11 @@ def leftovers(server: Server, ids: set[str]) -> list[str]:
     return found
 
 
-def settled(server: Server, ids: set[str], limit_s: float = 120.0) -> tuple[list[str], float]:
+def settled(server: Server, ids: set[str]) -> tuple[list[str], float]:
     """Leftovers once the server's teardowns (which run after kill answers) are done: polled
-    until none remain or ``limit_s`` passed; and how long that took."""
+    until none remain or the limit passed (2 s a sandbox, at least 2 min: measured 0.5 s a
+    sandbox with 100 on 2 cores, four teardowns at a time); and how long that took."""
+    limit_s = max(120.0, 2.0 * len(ids))
     t0 = time.perf_counter()
     while (found := leftovers(server, ids)) and time.perf_counter() - t0 < limit_s:
         time.sleep(0.5)
