@@ -18,6 +18,8 @@ network, see runtimes/gvisor.py; or ``mode="filesystem"``) it boots fresh over t
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +44,43 @@ GUEST_FILE = "guest.json"
 #: E2B's template alias rule: lowercase letters, digits, dashes and underscores
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
 _FORK_PARALLEL = 2
+#: the unit of ``capture_checksum``: all-zero blocks (and holes) are left out of the sum
+_SUM_BLOCK = 1 << 16
+
+
+def capture_checksum(root: Path) -> str:
+    """sha256 of a capture dir's regular files: each one's path and size, then each of its
+    64 KiB blocks that is not all zeros, with its offset. Holes and zero blocks count alike, so a
+    sparse copy (tar --sparse, cp --sparse) of the same bytes has the same sum, and only the
+    written parts of a sparse disk image are read."""
+    h = hashlib.sha256(b"capture-v1\0")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root).as_posix()}\0{size}\n".encode())
+        with open(path, "rb") as f:
+            fd, done = f.fileno(), 0  # done: blocks before it are summed
+            while done < size:
+                try:
+                    data = os.lseek(fd, done, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # only a hole is left
+                        break
+                    raise
+                hole = os.lseek(fd, data, os.SEEK_HOLE)
+                off = max(done, data - data % _SUM_BLOCK)
+                f.seek(off)
+                while off < hole:
+                    block = f.read(min(_SUM_BLOCK, size - off))
+                    if not block:
+                        break
+                    if block.count(0) != len(block):
+                        h.update(f"{off}\0{len(block)}\0".encode() + block)
+                    off += len(block)
+                if off == done:  # the file shrank under us: the sum will not match anything
+                    break
+                done = off
+    return h.hexdigest()
 
 
 class SnapshotService:
@@ -74,6 +113,9 @@ class SnapshotService:
                 old = self.root / f".old-{secrets.token_hex(6)}"
                 final.rename(old)
                 remove_tree(old)
+            # a capture of files alone can be fetched by other nodes (cluster/snapshot_copies.py),
+            # which check their copy against this sum before any sandbox starts from it
+            checksum = None if (scratch / GUEST_FILE).exists() else capture_checksum(scratch)
             scratch.rename(final)
         finally:
             if scratch.exists():
@@ -81,7 +123,7 @@ class SnapshotService:
         snap = self.records.put(snapshot_id=snapshot_id, name=alias, sandbox_id=sandbox_id, template_id=row.template_id,
                                 build_id=row.build_id, runtime=row.runtime, cpu_count=row.cpu_count,
                                 memory_mb=row.memory_mb, disk_size_mb=row.disk_size_mb, env_vars=dict(row.env_vars),
-                                node_id=self.orch.db.node_id)
+                                node_id=self.orch.db.node_id, checksum=checksum)
         log.info("sandbox %s: snapshot %s taken%s", sandbox_id, snapshot_id, f" as {alias}" if alias else "")
         self.orch.logs.event(sandbox_id, f"Snapshot {alias or snapshot_id} taken")
         return snap

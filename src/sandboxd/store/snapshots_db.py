@@ -28,6 +28,10 @@ class SnapshotRow(Base):
     env_vars: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     #: the node whose data dir holds the capture (cluster mode: sandboxes from it start there)
     node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
+    #: sha256 of the capture's files (``capture_checksum``), recorded when it was taken: a node
+    #: fetching the capture from ``node_id`` checks its copy against this before any sandbox
+    #: starts from it (None: taken before checksums were recorded, or a capture with memory)
+    checksum: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
