@@ -5,6 +5,7 @@ through either replica; then failures: kill -9 of a node, of an API replica, a P
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from e2b import Sandbox
-from e2b.exceptions import NotFoundException, SandboxException
+from e2b.exceptions import NotFoundException, SandboxException, ServiceBusyException
 from e2e.hostcheck import CLEAN, traces  # tests/ is on sys.path (rootdir packages)
 
 from sandboxd.store.nodes_db import ACTIVE, DRAINING, GONE, Nodes
@@ -304,6 +305,7 @@ def test_kill_9_of_a_node(cluster: Cluster) -> None:
     assert row is not None
     sandbox_dir = victim.settings.sandboxes_dir / sbx.sandbox_id
     assert sandbox_dir.exists()
+    snap = Sandbox.create_snapshot(sbx.sandbox_id, **_opts(cluster, api))  # held by the victim alone
     victim.kill9()
     killed_at = time.monotonic()
     others = []
@@ -320,6 +322,12 @@ def test_kill_9_of_a_node(cluster: Cluster) -> None:
             Sandbox.get_info(sbx.sandbox_id, **_opts(cluster, cluster.apis[1]))
         node = Nodes(cluster.db()).get(victim.name)
         assert node is not None and node.state == GONE
+        # its snapshot's files went with it: a clear 503 in E2B's shape naming the node
+        res = httpx.post(api.url + "/v2/sandboxes", json={"templateID": snap.snapshot_id},
+                         headers={"X-API-Key": cluster.api_key})
+        assert res.status_code == 503, res.text
+        assert res.json()["code"] == 503 and f"held by node {victim.name}" in res.json()["message"]
+        assert "not in the cluster" in res.json()["message"] and res.headers["should-retry"] == "false"
     finally:
         for s in others:
             s.kill()
@@ -330,6 +338,7 @@ def test_kill_9_of_a_node(cluster: Cluster) -> None:
     assert traces(victim.settings, sbx.sandbox_id, row.slot_index) == CLEAN  # no netns, mount, process left
     node = Nodes(cluster.db()).get(victim.name)
     assert node is not None and node.state == ACTIVE
+    assert Sandbox.delete_snapshot(snap.snapshot_id, **_opts(cluster, api)) is True
 
 
 def test_a_build_whose_node_is_killed_fails_saying_so(cluster: Cluster) -> None:
@@ -584,3 +593,89 @@ def test_volumes_through_either_api_replica(cluster: Cluster, monkeypatch: pytes
         for s in made:
             s.kill()
         Volume.destroy(volume.volume_id, **_opts(cluster, a))
+
+
+def _copies(cluster: Cluster, snapshot_id: str) -> dict[str, list[str]]:
+    """Per node, its copies of the snapshot and any fetch under way or left behind."""
+    out = {}
+    for n in cluster.nodes:
+        root = n.settings.data_dir / "snapshot-copies"
+        names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        out[n.name] = [x for x in names if x.startswith((snapshot_id, ".fetch"))]
+    return out
+
+
+def test_a_snapshot_starts_on_another_node_when_its_holder_is_drained(cluster: Cluster) -> None:
+    """Its holder drained, a sandbox from a (filesystem) snapshot starts on another node, which
+    fetched the capture from the holder and checked it against the checksum recorded at capture;
+    a corrupt or truncated capture is refused (nothing starts, no copy is kept); a snapshot
+    without a recorded checksum stays on its node, saying why. A paused sandbox resumes on its
+    drained node (its files are there)."""
+    import subprocess
+
+    from sandboxd.store.snapshots_db import Snapshots
+
+    a, b = cluster.apis
+    nodes, records = Nodes(cluster.db()), Snapshots(cluster.db())
+    source = Sandbox.create(timeout=300, **_opts(cluster, a))
+    made: list[Sandbox] = []
+    holder = _node_of(cluster, source.sandbox_id)
+    source.files.write("/home/user/moved.txt", "from the holder")
+    snap = Sandbox.create_snapshot(source.sandbox_id, **_opts(cluster, a))
+    snapshot_id = snap.snapshot_id.removesuffix(":default")
+    record = records.find(snapshot_id)
+    assert record is not None and record.node_id == holder.name and record.checksum
+    image = holder.settings.data_dir / "snapshots" / snapshot_id / "disk.img"
+    keep = image.with_name(".keep-disk.img")
+    nodes.set_state(holder.name, DRAINING)
+    try:
+        # a paused sandbox on the drained node resumes there (its files are there)
+        source.pause()
+        again = Sandbox.connect(source.sandbox_id, **_opts(cluster, b))
+        assert _node_of(cluster, source.sandbox_id) is holder
+        assert again.commands.run("cat /home/user/moved.txt").stdout == "from the holder"
+
+        def refused(match: str, error: type[Exception] = SandboxException) -> None:
+            with pytest.raises(error, match=match):
+                made.append(Sandbox.create(snap.snapshot_id, timeout=60, **_opts(cluster, b)))
+            assert not any(_copies(cluster, snapshot_id).values()), _copies(cluster, snapshot_id)
+            assert not [r for r in cluster.db().list_sandboxes() if r.template_id == snapshot_id]
+
+        records.put(snapshot_id=snapshot_id, checksum=None)  # as one taken before checksums were kept
+        refused(f"starts only on node {holder.name}, which is draining.*before snapshots recorded a checksum",
+                ServiceBusyException)
+        records.put(snapshot_id=snapshot_id, checksum=record.checksum)
+
+        with open(image, "r+b") as f:  # corrupt: 8 bytes of the image's boot block
+            first = f.read(8)
+            f.seek(0)
+            f.write(b"corrupt!")
+        refused(f"fetched from node {holder.name} was refused.*corrupt or partial")
+        with open(image, "r+b") as f:
+            f.write(first)
+
+        subprocess.run(["cp", "--sparse=always", str(image), str(keep)], check=True)  # partial: cut in half
+        os.truncate(image, image.stat().st_size // 2)
+        refused("was refused")
+        os.replace(keep, image)
+
+        s = Sandbox.create(snap.snapshot_id, timeout=120, **_opts(cluster, b))
+        made.append(s)
+        other = _node_of(cluster, s.sandbox_id)
+        assert other is not holder
+        assert s.files.read("/home/user/moved.txt") == "from the holder"
+        assert _copies(cluster, snapshot_id)[other.name] == [f"{snapshot_id}-{record.checksum}"]
+    finally:
+        nodes.set_state(holder.name, ACTIVE)
+        if keep.exists():
+            os.replace(keep, image)
+    try:
+        s = Sandbox.create(snap.snapshot_id, timeout=120, **_opts(cluster, a))  # the holder again, first
+        made.append(s)
+        assert _node_of(cluster, s.sandbox_id) is holder
+        assert Sandbox.delete_snapshot(snap.snapshot_id, **_opts(cluster, a)) is True
+        assert not any(_copies(cluster, snapshot_id).values())  # every node dropped its copies
+        assert made[-2].files.read("/home/user/moved.txt") == "from the holder"  # its own disk stays
+    finally:
+        for x in (source, *made):
+            x.kill()

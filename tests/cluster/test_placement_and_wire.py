@@ -4,6 +4,7 @@ tests run them for real)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from datetime import timedelta
 
@@ -106,3 +107,54 @@ def test_a_fetched_build_is_published_only_with_the_recorded_checksum(tmp_path) 
     _, good = unpacked("good")
     store.publish_fetched(build_id, good, good_sha, print)  # type: ignore[arg-type]
     assert store.verify(build_id)
+
+
+def test_a_capture_checksum_is_the_same_however_sparse_the_copy_and_catches_any_change(tmp_path) -> None:
+    """What a node fetching a snapshot checks its copy with: a sparse image, a dense copy of it
+    and its tar --sparse round trip sum alike; a changed byte, a cut file or a missing one do not."""
+    import shutil
+    import subprocess
+
+    from sandboxd.orchestrator.snapshots import capture_checksum
+
+    src = tmp_path / "src"
+    src.mkdir()
+    image = src / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(5 << 20)
+        f.write(b"data" * 5000)
+        f.seek(40 << 20)
+        f.write(b"\1")
+    (src / "guest.json").write_text("{}")
+    want = capture_checksum(src)
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    subprocess.run(["cp", "--sparse=never", str(image), str(dense / "disk.img")], check=True)
+    shutil.copy(src / "guest.json", dense)
+    untarred = tmp_path / "untarred"
+    untarred.mkdir()
+    subprocess.run(f"tar --sparse -C {src} -cf - . | tar -C {untarred} -xf -", shell=True, check=True)
+    assert capture_checksum(dense) == capture_checksum(untarred) == want
+    with open(untarred / "disk.img", "r+b") as f:
+        f.seek(30 << 20)  # inside a hole: a non-zero byte there is a change
+        f.write(b"x")
+    assert capture_checksum(untarred) != want
+    os.truncate(dense / "disk.img", 32 << 20)
+    assert capture_checksum(dense) != want
+    (src / "guest.json").unlink()
+    assert capture_checksum(src) != want
+
+
+def test_only_a_gvisor_capture_with_a_recorded_checksum_moves() -> None:
+    from sandboxd.cluster.snapshot_copies import movable, valid_id
+    from sandboxd.store.snapshots_db import SnapshotRow
+
+    def snap(runtime: str, checksum: str | None) -> SnapshotRow:
+        return SnapshotRow(snapshot_id="s1", sandbox_id="x", template_id="t", build_id="b", runtime=runtime,
+                           cpu_count=1, memory_mb=256, disk_size_mb=1024, node_id="n1", checksum=checksum)
+
+    assert movable(snap("gvisor", "ab" * 32)) is None
+    assert "before snapshots recorded a checksum" in (movable(snap("gvisor", None)) or "")
+    assert "microvm capture" in (movable(snap("microvm", "ab" * 32)) or "")
+    assert valid_id("abc-1_2") and not valid_id("../x") and not valid_id(".hidden")

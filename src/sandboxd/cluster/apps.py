@@ -35,6 +35,7 @@ from sandboxd.cluster.node_api import node_api
 from sandboxd.cluster.node_client import NodeClients
 from sandboxd.cluster.proxy import ClusterProxy
 from sandboxd.cluster.remote import ClusterOrchestrator, RemoteSamples
+from sandboxd.cluster.snapshot_copies import SnapshotCopies
 from sandboxd.cluster.snapshots import ClusterSnapshots
 from sandboxd.cluster.templates import ClusterTemplates
 from sandboxd.cluster.tls import cluster_tls
@@ -74,6 +75,8 @@ def build_node_app(settings: Settings) -> ASGIApp:
             yield
 
     app = node_api(orch, agent, samples, templates, lifespan)
+    # other nodes' snapshots, fetched verified when this node must start a sandbox from one
+    app.state.snapshot_copies = SnapshotCopies(app.state.snapshots, agent.nodes, agent.node_id, secret, tls)
     return RequireSecret(SandboxProxy(app, orch.upstream, orch.find_signed, orch.find_by_token, orch.wake), secret)
 
 

@@ -95,16 +95,20 @@ def create(body: dict[str, Any], request: Request) -> dict[str, str]:
     API placed by) refuses with 503, and the API tries another node."""
     orch = _orch(request)
     req = request_of(body)
-    if (snapshot := body.get("snapshot")) is not None:  # its capture is here (the API placed it so)
+    if (snapshot := body.get("snapshot")) is not None:
         seed = _snapshots(request).seed_for(str(snapshot))
-        if seed is None or not seed.captured.is_dir():
-            raise SandboxError(404, f"snapshot '{snapshot}' is not on node {orch.db.node_id}")
+        if seed is None:
+            raise SandboxError(404, f"snapshot '{snapshot}' not found")
         req = replace(req, seed=seed)
     need = req.seed.resources if req.seed is not None else orch.resources_for(req.template)
     free = usage_of(capacity_of(orch.settings), orch.db.list_sandboxes(), [])
     if need.cpu_count > free.free_vcpus or need.memory_mb > free.free_memory_mb:
         raise SandboxError(503, f"node {orch.db.node_id} is full ({free.free_vcpus} vCPUs, "
                                 f"{free.free_memory_mb} MiB free)", error_code="node_full")
+    if req.seed is not None and not req.seed.captured.is_dir():
+        # held by another node: a verified copy of it (fetched now if this node has none; never
+        # a partial one: cluster/snapshot_copies.py)
+        req = replace(req, seed=request.app.state.snapshot_copies.seed_for(str(snapshot)))
     return {"sandboxID": orch.create(req).sandbox_id}
 
 
@@ -120,7 +124,20 @@ def pause(sandbox_id: str, body: PauseBody, request: Request) -> dict[str, bool 
 
 @router.post("/sandboxes/{sandbox_id}/resume")
 def resume(sandbox_id: str, body: TimeoutBody, request: Request) -> JSONResponse:
-    return _found(_orch(request).resume(sandbox_id, body.timeout, memory=body.memory))
+    """Resumed here, where its disk (and memory) are, draining or not (a drain stops new
+    sandboxes; this one is the node's). One paused with its disk alone holds nothing while
+    paused: if the node has filled up since, 503 naming the node (try again later)."""
+    orch = _orch(request)
+    row = orch.db.get_sandbox(sandbox_id)
+    if row is not None and row.state == "paused" and not (row.paused_memory and body.memory):
+        others = [r for r in orch.db.list_sandboxes() if r.sandbox_id != sandbox_id]
+        free = usage_of(capacity_of(orch.settings), others, [])
+        if row.cpu_count > free.free_vcpus or row.memory_mb > free.free_memory_mb:
+            raise SandboxError(503, f"sandbox '{sandbox_id}' is paused on node {orch.db.node_id}, which is full "
+                                    f"({free.free_vcpus} vCPUs, {free.free_memory_mb} MiB free; it needs "
+                                    f"{row.cpu_count} and {row.memory_mb}): its files are on that node, so it "
+                                    "resumes there; try again later", headers={"Retry-After": "5"})
+    return _found(orch.resume(sandbox_id, body.timeout, memory=body.memory))
 
 
 @router.post("/sandboxes/{sandbox_id}/connect")
@@ -157,6 +174,24 @@ def fork(sandbox_id: str, body: ForkBody, request: Request) -> dict[str, list[di
 @router.delete("/snapshots/{snapshot_id}")
 def delete_snapshot(snapshot_id: str, request: Request) -> JSONResponse:
     return _found(_snapshots(request).delete(snapshot_id))
+
+
+@router.get("/snapshots/{snapshot_id}")
+def snapshot_capture(snapshot_id: str, request: Request) -> Response:
+    """A snapshot this node took, its capture dir as a sparse tar (another node fetches it and
+    checks it against the checksum recorded at capture: cluster/snapshot_copies.py)."""
+    from sandboxd.cluster.snapshot_copies import tar_stream, valid_id
+
+    captured = _snapshots(request).captured(snapshot_id) if valid_id(snapshot_id) else None
+    if captured is None or not captured.is_dir():
+        return JSONResponse({"code": 404, "message": f"snapshot {snapshot_id} is not on this node"}, status_code=404)
+    return StreamingResponse(tar_stream(captured), media_type="application/x-tar")
+
+
+@router.delete("/snapshot-copies/{snapshot_id}")
+def drop_snapshot_copies(snapshot_id: str, request: Request) -> dict[str, int]:
+    """The snapshot was deleted: this node's copies of it go too."""
+    return {"removed": request.app.state.snapshot_copies.prune(snapshot_id)}
 
 
 @router.post("/volumes", status_code=201)

@@ -114,6 +114,11 @@ class NodeClient:
     def delete_snapshot(self, snapshot_id: str) -> bool:
         return self._call("DELETE", f"/snapshots/{snapshot_id}") is not None
 
+    def drop_snapshot_copies(self, snapshot_id: str) -> int:
+        """The node removes its copies of a deleted snapshot (those it fetched); how many."""
+        data = self._call("DELETE", f"/snapshot-copies/{snapshot_id}")
+        return int((data or {}).get("removed", 0))
+
     def create_volume(self, name: str) -> str:
         data = self._call("POST", "/volumes", {"name": name}, none_if_missing=False)
         return str(data["volumeID"])

@@ -13,14 +13,15 @@ from typing import Any
 
 from sandboxd.cluster.node_client import NodeClient, NodeClients, NodeUnreachable
 from sandboxd.cluster.placement import order
+from sandboxd.cluster.snapshot_copies import final_error, movable
 from sandboxd.config import Settings
 from sandboxd.orchestrator.egress import EgressPolicy
 from sandboxd.orchestrator.logs import LogEntry
 from sandboxd.orchestrator.sandboxes import CreateRequest, Resources, SandboxError, resources_of
 from sandboxd.proxy.asgi import Upstream
 from sandboxd.store.db import Database, SandboxRow
-from sandboxd.store.nodes_db import GONE, NodeRow, Nodes
-from sandboxd.store.snapshots_db import Snapshots
+from sandboxd.store.nodes_db import ACTIVE, GONE, NodeRow, Nodes
+from sandboxd.store.snapshots_db import SnapshotRow, Snapshots
 from sandboxd.store.templates_db import TemplateBuilds
 
 log = logging.getLogger("sandboxd.cluster")
@@ -106,13 +107,28 @@ class ClusterOrchestrator:
         """On the best node with room; a node that is full or does not answer passes it on. All
         full: 503 with Retry-After, in E2B's error shape."""
         holder = self._holder_of_volumes(req.volume_mounts) if req.volume_mounts else None
+        bound = ""  # why the sandbox can start on its snapshot's node alone
         if req.seed is not None:
             need = req.seed.resources
-            of_snapshot = self._holder_of_snapshot(req.seed.template_id)
-            if holder is not None and holder.node_id != of_snapshot.node_id:
+            snap, of_snapshot = self._holder_of_snapshot(req.seed.template_id)
+            bound = movable(snap) or ""
+            name = snap.name or snap.snapshot_id
+            if holder is not None and holder.node_id != of_snapshot.node_id and bound:
                 raise SandboxError(400, f"volumeMounts: the volumes are on node {holder.node_id} and the snapshot "
-                                        f"on node {of_snapshot.node_id}; a sandbox starts where both are")
-            candidates = [of_snapshot]
+                                        f"on node {of_snapshot.node_id}; a sandbox starts where both are "
+                                        f"(snapshot '{name}' cannot move: {bound})")
+            if holder is not None:  # the volumes' node (it fetches the snapshot if it is not the holder)
+                candidates = [holder]
+            elif bound:
+                if of_snapshot.state != ACTIVE:
+                    raise final_error(503, f"snapshot '{name}' starts only on node {of_snapshot.node_id}, which is "
+                                            f"{of_snapshot.state}: {bound}")
+                candidates = [of_snapshot]
+            else:  # the holder if it can take it, else another node, which fetches the snapshot verified
+                placeable = order(self.nodes.active(), need.cpu_count, need.memory_mb, snap.build_id,
+                                  self.settings.placement_choices, self.settings.node_timeout_s, self.nodes.clock())
+                candidates = ([n for n in placeable if n.node_id == of_snapshot.node_id]
+                              + [n for n in placeable if n.node_id != of_snapshot.node_id])
         elif holder is not None:
             need = self.resources_for(req.template)
             candidates = [holder]
@@ -145,18 +161,22 @@ class ClusterOrchestrator:
             if row is None:  # killed (or its node given up) between its start and this read
                 raise SandboxError(500, f"sandbox {sandbox_id} ended right after it started on node {node.node_id}")
             return row
-        raise SandboxError(503, "no node could take the sandbox: " + "; ".join(refusals),
+        why = f" (the snapshot starts only on its node: {bound})" if bound else ""
+        raise SandboxError(503, "no node could take the sandbox: " + "; ".join(refusals) + why,
                            headers={"Retry-After": str(FULL_RETRY_AFTER_S)})
 
-    def _holder_of_snapshot(self, snapshot_id: str) -> NodeRow:
-        """The node whose data dir holds the snapshot: a sandbox from it can start there alone
-        (it refuses with node_full when it has no room: then 503, try again later)."""
+    def _holder_of_snapshot(self, snapshot_id: str) -> tuple[SnapshotRow, NodeRow]:
+        """The snapshot and the node whose data dir holds its capture. A holder that has left the
+        cluster (given up: no heartbeat) took the files with it: 503 naming it (it may come back)."""
         snap = Snapshots(self.db).find(snapshot_id)
-        node = self.nodes.get(snap.node_id) if snap is not None and snap.node_id else None
+        if snap is None:
+            raise SandboxError(404, f"snapshot '{snapshot_id}' not found")
+        node = self.nodes.get(snap.node_id) if snap.node_id else None
         if node is None or node.state == GONE:
-            raise SandboxError(503, f"snapshot '{snapshot_id}' is held by node {snap.node_id if snap else '?'}, "
-                                    "which is not in the cluster now")
-        return node
+            raise final_error(503, f"snapshot '{snap.name or snap.snapshot_id}' is held by node {snap.node_id}, "
+                                    "which is not in the cluster now (its files are on that node alone); it can "
+                                    "start again once that node is back")
+        return snap, node
 
     def _holder_of_volumes(self, mounts: tuple[dict[str, str], ...]) -> NodeRow:
         """The one node whose data dir holds every volume a create mounts (they are bound, not copied)."""

@@ -47,6 +47,13 @@ log = logging.getLogger("sandboxd.cluster")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
+def final_error(status: int, message: str) -> SandboxError:
+    """An error the SDK is told not to retry (``Should-Retry: false``): retrying cannot help."""
+    exc = SandboxError(status, message)
+    exc.final = True
+    return exc
+
+
 def movable(snap: SnapshotRow) -> str | None:
     """None if another node may start a sandbox from a copy of ``snap``; else why not."""
     if snap.runtime != "gvisor":
@@ -131,7 +138,7 @@ class SnapshotCopies:
     def _fetch(self, snap: SnapshotRow, dest: Path) -> None:
         holder = self.nodes.get(snap.node_id) if snap.node_id else None
         if holder is None or holder.state == GONE:
-            raise SandboxError(503, f"snapshot '{snap.name or snap.snapshot_id}' is held by node {snap.node_id}, "
+            raise final_error(503, f"snapshot '{snap.name or snap.snapshot_id}' is held by node {snap.node_id}, "
                                     "which is not in the cluster now: its files are on that node alone")
         assert snap.checksum is not None
         tmp = self.root / f".fetch-{snap.snapshot_id}-{secrets.token_hex(4)}"
@@ -146,8 +153,8 @@ class SnapshotCopies:
                                         f"node {holder.node_id}, which holds it: {exc}",
                                    headers={"Retry-After": "5"}) from exc
             actual = capture_checksum(tmp)
-            if actual != snap.checksum:
-                raise SandboxError(502, f"snapshot '{snap.name or snap.snapshot_id}': the copy fetched from node "
+            if actual != snap.checksum:  # final: a retry would fetch the same bytes (Should-Retry: false)
+                raise final_error(502, f"snapshot '{snap.name or snap.snapshot_id}': the copy fetched from node "
                                         f"{holder.node_id} was refused: its checksum {actual[:12]}… is not the "
                                         f"{snap.checksum[:12]}… recorded when it was taken (corrupt or partial); "
                                         "no sandbox was started from it")

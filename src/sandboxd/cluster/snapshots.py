@@ -5,12 +5,15 @@ sandbox or the snapshot.
 A capture lives in one node's data dir; its record in PostgreSQL names that node
 (``snapshots.node_id``). Taking and forking go to the sandbox's node (a fork's capture never
 leaves it: its sandboxes start there too); listing reads the records; deleting goes to the
-snapshot's node (the record alone, once that node is gone); a create naming a snapshot gets a
-:class:`Seed` that says which snapshot, and ``ClusterOrchestrator.create`` places it on that node.
+snapshot's node (the record alone, once that node is gone), then every other node drops the
+copies it fetched; a create naming a snapshot gets a :class:`Seed` that says which snapshot, and
+``ClusterOrchestrator.create`` places it on that node first, else (a filesystem snapshot) on
+another node, which fetches it verified (cluster/snapshot_copies.py).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sandboxd.cluster.node_client import NodeClient
@@ -20,6 +23,8 @@ from sandboxd.store.db import SandboxRow
 from sandboxd.store.nodes_db import GONE
 from sandboxd.store.snapshots_db import SnapshotRow, Snapshots
 from sandboxd.store.templates_db import split_name
+
+log = logging.getLogger("sandboxd.cluster")
 
 
 class ClusterSnapshots:
@@ -66,8 +71,19 @@ class ClusterSnapshots:
             return False
         node = self.orch.nodes.get(snap.node_id) if snap.node_id else None
         if node is None or node.state == GONE:  # its capture went with its node
-            return self.records.delete(snap.snapshot_id)
-        return self.orch.clients.get(node.node_id, node.address).delete_snapshot(snap.snapshot_id)
+            deleted = self.records.delete(snap.snapshot_id)
+        else:
+            deleted = self.orch.clients.get(node.node_id, node.address).delete_snapshot(snap.snapshot_id)
+        if deleted and snap.checksum:  # copies other nodes fetched (cluster/snapshot_copies.py)
+            for other in self.orch.nodes.all():
+                if other.state == GONE or other.node_id == snap.node_id:
+                    continue
+                try:  # a node missed here drops them at its start or its next fetch
+                    self.orch.clients.get(other.node_id, other.address).drop_snapshot_copies(snap.snapshot_id)
+                except SandboxError as exc:
+                    log.warning("snapshot %s: node %s kept its copies: %s", snap.snapshot_id, other.node_id,
+                                exc.message)
+        return deleted
 
     def seed_for(self, ref: str) -> Seed | None:
         """Which snapshot a create starts from (its capture is on ``node_of``'s node, which
