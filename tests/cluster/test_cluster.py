@@ -610,7 +610,7 @@ def test_a_snapshot_starts_on_another_node_when_its_holder_is_drained(cluster: C
     fetched the capture from the holder and checked it against the checksum recorded at capture;
     a corrupt or truncated capture is refused (nothing starts, no copy is kept); a snapshot
     without a recorded checksum stays on its node, saying why. A paused sandbox resumes on its
-    drained node (its files are there)."""
+    drained node (its files are there), and is refused with a 503 naming it when it has no room."""
     import subprocess
 
     from sandboxd.store.snapshots_db import Snapshots
@@ -634,6 +634,15 @@ def test_a_snapshot_starts_on_another_node_when_its_holder_is_drained(cluster: C
         again = Sandbox.connect(source.sandbox_id, **_opts(cluster, b))
         assert _node_of(cluster, source.sandbox_id) is holder
         assert again.commands.run("cat /home/user/moved.txt").stdout == "from the holder"
+        # paused with its disk alone it holds no room; if its node has none when it resumes: a
+        # 503 naming the node (as if the node had filled up: the sandbox asks for more than it has)
+        again.pause(mode="filesystem")
+        cluster.db().update_sandbox(source.sandbox_id, cpu_count=1000)
+        res = httpx.post(f"{b.url}/v2/sandboxes/{source.sandbox_id}/connect", json={"timeout": 120},
+                         headers={"X-API-Key": cluster.api_key})
+        assert res.status_code == 503 and res.headers["retry-after"], res.text
+        assert f"paused on node {holder.name}, which is full" in res.json()["message"]
+        cluster.db().update_sandbox(source.sandbox_id, cpu_count=record.cpu_count)  # (it stays paused)
 
         def refused(match: str, error: type[Exception] = SandboxException) -> None:
             with pytest.raises(error, match=match):
