@@ -2,32 +2,57 @@
 
 Unknown flags are logged and ignored: the template's init may be newer or older than this envd, and
 a sandbox must never fail to start over a flag. Logs go to stderr, which is the sandbox console.
+
+envd's start is most of a cold sandbox create: this module imports only what serving needs
+(:mod:`sandboxd.envd.lean`; no argparse for three flags).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import os
 import sys
-
-import uvicorn
+from dataclasses import dataclass
 
 from .contract import ENVD_PORT
+from .lean import skip_unused_imports
 
 KEEP_ALIVE_S = 330  # above the SDK's 300 s idle pool expiry, so the server never closes first (1.4)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="envd", description="sandboxd envd daemon")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("ENVD_PORT", ENVD_PORT)))
-    parser.add_argument("--host", default=os.environ.get("ENVD_HOST", "0.0.0.0"))
-    parser.add_argument("--log-level", default=os.environ.get("ENVD_LOG_LEVEL", "info"))
-    args, unknown = parser.parse_known_args(argv)
+@dataclass
+class Args:
+    port: int
+    host: str
+    log_level: str
+
+
+def parse_args(argv: list[str]) -> Args:
+    """``--port N``, ``--host H``, ``--log-level L`` (also ``--flag=value``); defaults from the
+    environment; anything else is reported and ignored, and so is a port that is not a number."""
+    values = {"--port": os.environ.get("ENVD_PORT", str(ENVD_PORT)),
+              "--host": os.environ.get("ENVD_HOST", "0.0.0.0"),
+              "--log-level": os.environ.get("ENVD_LOG_LEVEL", "info")}
+    unknown: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in values and (eq or i + 1 < len(argv)):
+            if not eq:
+                i += 1
+                value = argv[i]
+            values[flag] = value
+        else:
+            unknown.append(argv[i])
+        i += 1
+    try:
+        port = int(values["--port"])
+    except ValueError:
+        unknown.append(f"--port={values['--port']}")
+        port = ENVD_PORT
     if unknown:
         print(f"envd: ignoring unknown arguments {unknown}", file=sys.stderr)
-    return args
+    return Args(port=port, host=values["--host"], log_level=values["--log-level"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,9 +60,27 @@ def main(argv: list[str] | None = None) -> None:
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s envd %(levelname)s %(name)s: %(message)s")
 
+    skip_unused_imports()
+    from uvicorn.config import Config
+    from uvicorn.server import Server
+
     from .app import EnvdApp
 
-    config = uvicorn.Config(
+    class EnvdServer(Server):
+        """uvicorn's Server, waking once a second instead of ten times: an idle envd's wake-ups
+        are host CPU (gVisor intercepts each), and they decide how many idle sandboxes a host
+        holds. Its ticks only refresh the Date header (one-second resolution) and notice an exit
+        request (a signal: envd then exits within a second)."""
+
+        async def main_loop(self) -> None:
+            import asyncio
+
+            counter = 0
+            while not await self.on_tick(counter):
+                counter += 10  # on_tick refreshes the Date header when counter % 10 == 0
+                await asyncio.sleep(1.0)
+
+    config = Config(
         EnvdApp(),
         host=args.host,
         port=args.port,
@@ -54,19 +97,6 @@ def main(argv: list[str] | None = None) -> None:
         server_header=False,
     )
     EnvdServer(config).run()
-
-
-class EnvdServer(uvicorn.Server):
-    """uvicorn's Server, waking once a second instead of ten times: an idle envd's wake-ups are
-    host CPU (gVisor intercepts each), and they decide how many idle sandboxes a host holds.
-    Its ticks only refresh the Date header (one-second resolution) and notice an exit request
-    (a signal: envd then exits within a second)."""
-
-    async def main_loop(self) -> None:
-        counter = 0
-        while not await self.on_tick(counter):
-            counter += 10  # on_tick refreshes the Date header when counter % 10 == 0
-            await asyncio.sleep(1.0)
 
 
 if __name__ == "__main__":
