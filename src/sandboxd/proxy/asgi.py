@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl
 import httpx
 
 from sandboxd.envd.contract import ENVD_PORT
+from sandboxd.proxy.upstream import SandboxConnections, UpstreamConnectError, UpstreamError
 from sandboxd.proxy.websocket import relay_websocket
 
 log = logging.getLogger("sandboxd.proxy")
@@ -167,27 +168,23 @@ class SandboxProxy:
         self.wake = wake  # blocking: resumes a paused sandbox created with autoResume
         self.find_signed = find_signed
         self.find_by_token = find_by_token
-        self._pools: dict[str, tuple[Upstream, httpx.AsyncClient]] = {}
+        self._pools: dict[str, tuple[Upstream, SandboxConnections]] = {}
         self._last_sweep = 0.0
         self._closing: set[asyncio.Future[None]] = set()  # pools being closed, kept until they are
 
-    def _pool(self, sandbox_id: str, upstream: Upstream) -> httpx.AsyncClient:
+    def _pool(self, sandbox_id: str, upstream: Upstream) -> SandboxConnections:
         """One connection pool per boot of a sandbox. Addresses are reused when a slot is, and a
         kept-alive connection to a dead sandbox would be black-holed or reset: a pool dies with
-        the boot it was made for."""
+        the boot it was made for. No read timeout: process streams stay open as long as the
+        process runs."""
         entry = self._pools.get(sandbox_id)
         if entry is None or entry[0] != upstream:
             if entry is not None:
                 self._close_later(entry[1])
-            # No read timeout: process streams stay open as long as the process runs.
-            # verify=False: only ``httpsPorts`` use TLS, to the sandbox's own (self-signed) server
-            client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), verify=False,
-                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
-                                       follow_redirects=False)
-            entry = self._pools[sandbox_id] = (upstream, client)
+            entry = self._pools[sandbox_id] = (upstream, SandboxConnections(upstream.address, ENVD_PORT))
         return entry[1]
 
-    def _close_later(self, client: httpx.AsyncClient) -> None:
+    def _close_later(self, client: SandboxConnections) -> None:
         """Close a pool in the background; the task is referenced until done (the loop holds
         tasks only weakly)."""
         task = asyncio.ensure_future(client.aclose())
@@ -230,9 +227,7 @@ class SandboxProxy:
         if (denied := traffic_denied(upstream, port, scope["headers"])) is not None:
             return await _error(send, 403, denied, sandbox_id=sandbox_id, port=port)
         self._sweep()
-        scheme = "https" if port in upstream.https_ports else "http"
-        await self._forward(scope, receive, send, self._pool(sandbox_id, upstream),
-                            f"{scheme}://{upstream.address}:{port}", sandbox_id, port,
+        await self._forward(scope, receive, send, self._pool(sandbox_id, upstream), sandbox_id, port,
                             upstream_headers(upstream, port, scope["headers"]), upstream)
 
     async def _upstream(self, sandbox_id: str) -> Upstream | None:
@@ -268,35 +263,34 @@ class SandboxProxy:
 
         await self.app(scope, receive, send_wrapper)
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, client: httpx.AsyncClient,
-                       base: str, sandbox_id: str, port: int, headers: list[tuple[bytes, bytes]],
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, conns: SandboxConnections,
+                       sandbox_id: str, port: int, headers: list[tuple[bytes, bytes]],
                        upstream: Upstream) -> None:
         if not any(k.lower() == b"accept-encoding" for k, _ in headers):
-            # else httpx adds its default ("gzip, deflate"), envd compresses, and a client that
-            # never asked for it gets gzip (SDK 1.x's Connect client does not decode it)
+            # a client that never asked for compression must not get it (SDK 1.x's Connect
+            # client does not decode gzip): say so to servers that compress by default
             headers.append((b"accept-encoding", b"identity"))
         has_body = any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
         body_done = asyncio.Event()
         content = _request_body(receive, body_done) if has_body else None
         if content is None:
             body_done.set()
-        url = base + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
-        request = client.build_request(scope["method"], url, headers=headers, content=content)
+            target += "?" + scope["query_string"].decode("latin-1")
         try:
-            response = await client.send(request, stream=True)
+            response = await conns.send(port, port in upstream.https_ports, scope["method"], target, headers, content)
         except ClientDisconnected:
             return
-        except httpx.ConnectError:
+        except UpstreamConnectError:
             return await _error(send, 502, "The sandbox is running but port is not open",
                                 sandbox_id=sandbox_id, port=port)
-        except httpx.HTTPError as exc:
+        except (UpstreamError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             return await _error(send, 502, f"error reaching port {port} of the sandbox: {exc}",
                                 sandbox_id=sandbox_id, port=port)
         try:
-            await _stream_response(response, receive, send, body_done,
-                                   lambda: self.resolve(sandbox_id) == upstream)
+            await _relay(response.status_code, response.raw_headers, response.aiter_raw(), receive, send,
+                         body_done, lambda: self.resolve(sandbox_id) == upstream)
         finally:
             await response.aclose()
 
@@ -316,16 +310,23 @@ async def _request_body(receive: Receive, done: asyncio.Event) -> AsyncIterator[
 
 async def _stream_response(response: httpx.Response, receive: Receive, send: Send,
                            body_done: asyncio.Event, still_routed: Callable[[], bool]) -> None:
+    """:func:`_relay` of an httpx response (the cluster's proxy to its nodes)."""
+    await _relay(response.status_code, response.headers.raw, response.aiter_raw(), receive, send,
+                 body_done, still_routed)
+
+
+async def _relay(status: int, raw_headers: list[tuple[bytes, bytes]], chunks: AsyncIterator[bytes],
+                 receive: Receive, send: Send, body_done: asyncio.Event, still_routed: Callable[[], bool]) -> None:
     """Send the upstream response as it arrives; stop as soon as the client disconnects, or the
     sandbox is killed or paused (``still_routed`` turns False): a killed sandbox's network is
     deleted without a reset, so its streams would otherwise hang. The response is then left
     unfinished, which closes the client's connection: the SDK probes the sandbox, finds it gone
     and reports E2B's "killed or reached its end of life" error."""
-    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    headers = [(k, v) for k, v in raw_headers if k.lower() not in HOP_BY_HOP]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def pump() -> None:
-        async for chunk in response.aiter_raw():
+        async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
