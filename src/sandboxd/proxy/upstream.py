@@ -214,18 +214,19 @@ class _PortPool:
                         chunked: bool) -> UpstreamResponse:
         try:
             writer = conn.writer
-            writer.write(head)
             sent = False
             try:
-                if body is not None:
+                if body is None:
+                    writer.write(head)
+                else:
+                    # the head goes out with the body's first chunk: one segment for a small
+                    # request instead of two, each a wake-up and a read for the sandbox's server
+                    pending = head
                     async for chunk in body:
-                        if chunked:
-                            writer.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                        else:
-                            writer.write(chunk)
+                        writer.write(pending + (b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk))
+                        pending = b""
                         await writer.drain()
-                    if chunked:
-                        writer.write(b"0\r\n\r\n")
+                    writer.write(pending + b"0\r\n\r\n" if chunked else pending)
                 await writer.drain()
                 sent = True
             except (ConnectionResetError, BrokenPipeError):
