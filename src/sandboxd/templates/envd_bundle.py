@@ -41,7 +41,7 @@ from sandboxd.envd.contract import BUNDLE_PATH_IN_SANDBOX, LOADER_NAME
 
 TINI_SOURCE = Path("/usr/bin/tini-static")
 AS_USER_SOURCE = Path(__file__).with_name("as_user.c")
-FORMAT_VERSION = "envd-bundle-1"
+FORMAT_VERSION = "envd-bundle-2"  # 2: bytecode compiled for -OO
 
 #: Distributions envd imports; their runtime requirements are added by :func:`resolve_distributions`.
 ENVD_DISTRIBUTIONS: tuple[str, ...] = (
@@ -345,15 +345,16 @@ def tree_hash(root: Path) -> str:
 
 def _compile(dest: Path) -> None:
     """Precompile everything once at build time; unchecked-hash pycs are never re-validated at
-    import (the bundle is immutable), which keeps envd's start fast on a read-only lower layer."""
+    import (the bundle is immutable), which keeps envd's start fast on a read-only lower layer.
+    Compiled for ``-OO`` (``*.opt-2.pyc``), the level every bundle python runs at (contract)."""
     ok = compileall.compile_dir(
         str(dest / _pylib_rel()), quiet=2, workers=0, ddir=f"{BUNDLE_PATH_IN_SANDBOX}/{_pylib_rel()}",
-        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH, optimize=2,
     )
     if not ok:
         # Some stdlib/site files are templates or py2 leftovers; only envd itself must compile.
         envd = dest / _pylib_rel() / "site-packages" / "sandboxd"
-        if not compileall.compile_dir(str(envd), quiet=1, force=True):
+        if not compileall.compile_dir(str(envd), quiet=1, force=True, optimize=2):
             raise RuntimeError("sandboxd.envd does not compile")
 
 
