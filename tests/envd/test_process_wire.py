@@ -236,6 +236,16 @@ def test_stdin_false_gives_dev_null(envd: Envd) -> None:
     assert stdout_of(events(frames)) == b"rc=0\n"
 
 
+def test_output_closed_before_exit_still_ends_with_the_exit_code(envd: Envd) -> None:
+    """envd looks for the exit as soon as every output is at EOF; a command that closes its
+    stdout and stderr and runs on must still end with its own exit code, after it exits."""
+    with httpx.Client() as c:
+        _, frames = start_stream(c, envd.url, bash("echo before; exec >&- 2>&-; sleep 0.5; exit 3"))
+    evs = events(frames)
+    assert stdout_of(evs) == b"before\n"
+    assert evs[-1]["end"]["exitCode"] == 3, evs[-1]
+
+
 def test_grandchild_holding_stdout_does_not_block_end(envd: Envd) -> None:
     t0 = time.monotonic()
     with httpx.Client() as c:

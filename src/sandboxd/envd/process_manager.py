@@ -183,6 +183,7 @@ class ProcessManager:
         #: called just before each spawn (the OOM guard's ``wake``: it slows down while idle)
         self.before_spawn: Callable[[], object] = lambda: None
         self._children: _ChildWatcher | None = None  # made on the first start, on its loop
+        self._draining: set[asyncio.Task[None]] = set()
 
     def get(self, pid: int) -> ManagedProcess | None:
         return self._procs.get(pid)
@@ -224,10 +225,19 @@ class ProcessManager:
         queue = mp.subscribe()
         self._procs[mp.pid] = mp
         log.info("started pid=%d user=%s cmd=%r args=%r", mp.pid, user.name, spec.cmd, list(spec.args))
-        done = [_FdReader(loop, fd, name, mp.publish) for name, fd in readers]
+        children = self._children
+        done: list[_FdReader] = []
+
+        def on_eof() -> None:
+            # every output at EOF: the child has most likely exited; look now instead of after
+            # SIGCHLD's trip through the loop's signal handling
+            if all(r.closed.done() for r in done):
+                children.poll(mp.pid)
+
+        done.extend(_FdReader(loop, fd, name, mp.publish, on_eof) for name, fd in readers)
         if timeout_s is not None:
             mp.deadline = loop.call_later(max(timeout_s, 0.0), self._deadline, mp)
-        self._children.watch(mp.pid, lambda status: loop.create_task(self._finish(mp, status, done)))
+        children.watch(mp.pid, lambda status: self._exited(mp, status, done))
         return mp, queue
 
     def _deadline(self, mp: ManagedProcess) -> None:
@@ -237,11 +247,24 @@ class ProcessManager:
             mp.timed_out = True
             mp.signal(signal.SIGKILL)
 
-    async def _finish(self, mp: ManagedProcess, status: int, readers: list[_FdReader]) -> None:
-        """After exit: let readers drain (bounded), then publish the end and forget the pid."""
+    def _exited(self, mp: ManagedProcess, status: int, readers: list[_FdReader]) -> None:
+        """The child exited: publish its end now if its output is all read (the usual case),
+        else once the readers drained (bounded: a grandchild may hold the pipes)."""
+        if all(r.closed.done() for r in readers):
+            self._finish(mp, status, readers)
+        else:
+            task = asyncio.get_running_loop().create_task(self._drain_then_finish(mp, status, readers))
+            self._draining.add(task)  # the loop holds tasks only weakly
+            task.add_done_callback(self._draining.discard)
+
+    async def _drain_then_finish(self, mp: ManagedProcess, status: int, readers: list[_FdReader]) -> None:
         pending = [r.closed for r in readers if not r.closed.done()]
         if pending:
             await asyncio.wait(pending, timeout=DRAIN_GRACE_S)
+        self._finish(mp, status, readers)
+
+    def _finish(self, mp: ManagedProcess, status: int, readers: list[_FdReader]) -> None:
+        """Publish the end and forget the pid (output read or given up on)."""
         for r in readers:
             r.close()
         for fd in (mp.stdin_fd, mp.pty_fd):
@@ -388,8 +411,9 @@ def _spawn_pty(
 class _FdReader:
     """Reads an fd on the event loop and publishes chunks until EOF (EIO on a PTY is EOF too)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, name: str, publish: Callable[[Event], None]) -> None:
-        self._loop, self._fd, self._name, self._publish = loop, fd, name, publish
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, name: str, publish: Callable[[Event], None],
+                 on_eof: Callable[[], None] = lambda: None) -> None:
+        self._loop, self._fd, self._name, self._publish, self._on_eof = loop, fd, name, publish, on_eof
         self.closed: asyncio.Future[None] = loop.create_future()
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_readable)
@@ -405,6 +429,7 @@ class _FdReader:
             data = b""
         if not data:
             self.close()
+            self._on_eof()
             return
         self._publish(OutputEvent(self._name, data))
 
@@ -450,14 +475,22 @@ class _ChildWatcher:
         self._watched[pid] = on_exit
         self._loop.call_soon(self._reap)  # it may be gone already (its SIGCHLD came first)
 
+    def poll(self, pid: int) -> None:
+        """Look at ``pid`` alone now (its SIGCHLD still comes: the next ``_reap`` skips it)."""
+        if pid in self._watched:
+            self._reap_one(pid)
+
     def _reap(self) -> None:
         for pid in list(self._watched):
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, 255 << 8  # someone else reaped it; report a failure rather than hang
-            if done:
-                self._watched.pop(pid)(status)
+            self._reap_one(pid)
+
+    def _reap_one(self, pid: int) -> None:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, 255 << 8  # someone else reaped it; report a failure rather than hang
+        if done:
+            self._watched.pop(pid)(status)
 
 
 def _wait_in_thread(loop: asyncio.AbstractEventLoop, pid: int, on_exit: Callable[[int], object]) -> None:
