@@ -15,7 +15,7 @@ from gvisor_helpers import Sandbox, assert_no_traces, processes_mentioning, wait
 from sandboxd.orchestrator.network import NetworkError, SlotPool
 from sandboxd.orchestrator.rootfs import mount_overlay, unmount_overlay
 from sandboxd.runtimes.base import CONSOLE_TAIL_BYTES, RuntimeSpec, RuntimeStartError
-from sandboxd.runtimes.gvisor import GVisorRuntime
+from sandboxd.runtimes.gvisor import GVisorRuntime, build_statx_shim, statx_failure
 from sandboxd.templates.store import Build, TemplateStore
 
 
@@ -132,9 +132,23 @@ def test_console_log_is_the_tail(runtime: GVisorRuntime, tmp_path: Path) -> None
     assert runtime.console_log(tmp_path / "missing") == ""
 
 
-def test_statx_shim_is_built_without_libc(runtime: GVisorRuntime) -> None:
-    assert runtime.shim is not None
-    dynamic = subprocess.run(["readelf", "-d", str(runtime.shim)], capture_output=True, text=True).stdout
+def test_the_statx_shim_is_preloaded_only_under_a_runsc_that_refuses_the_flag(runtime: GVisorRuntime) -> None:
+    """Debian's 2022 runsc refuses statx(AT_NO_AUTOMOUNT) (coreutils' ls -l, stat); the 2024 one
+    answers it, and a preload would cost every exec and hide a template's own ld.so.preload.
+    Whichever runsc is here, the runtime preloads the shim exactly when `stat` fails without it
+    (and test_base_template_coreutils_limits_and_writes checks `ls -l` and `stat` work)."""
+    needed = statx_failure(runtime.platform) is not None
+    assert (runtime.shim is not None) == needed
+    spec = RuntimeSpec(sandbox_id="shim-test", rootfs=Path("/nonexistent"), sandbox_dir=Path("/nonexistent"),
+                       netns_path="/nonexistent", argv=["/bin/true"])
+    mounts = {m["destination"] for m in runtime.oci_config(spec)["mounts"]}
+    assert ("/etc/ld.so.preload" in mounts) == needed
+
+
+def test_statx_shim_is_built_without_libc(tmp_path: Path) -> None:
+    shim = build_statx_shim(tmp_path)
+    assert shim is not None
+    dynamic = subprocess.run(["readelf", "-d", str(shim)], capture_output=True, text=True).stdout
     assert "NEEDED" not in dynamic  # loads harmlessly in any template, libc or not
-    symbols = subprocess.run(["nm", "-D", str(runtime.shim)], capture_output=True, text=True).stdout
+    symbols = subprocess.run(["nm", "-D", str(shim)], capture_output=True, text=True).stdout
     assert " T statx" in symbols and "w __errno_location" in symbols

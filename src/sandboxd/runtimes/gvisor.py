@@ -64,7 +64,7 @@ class GVisorRuntime:
         self._platform = platform
         self.template_root = Path(template_root).resolve() if template_root else None
         raise_pid_max()
-        self.shim = build_statx_shim(self.state_dir.parent / "lib")
+        self._shim: Path | bool | None = False  # False: not resolved yet
         self.sudo_wrapper = write_sudo_wrapper(self.state_dir.parent / "lib")
 
     # -- runsc ---------------------------------------------------------------------------------
@@ -76,6 +76,14 @@ class GVisorRuntime:
         if self._platform == "auto":
             self._platform = choose_platform()
         return self._platform
+
+    @property
+    def shim(self) -> Path | None:
+        """The statx shim to preload, if this runsc needs it (probed with the platform, on
+        first use)."""
+        if self._shim is False:
+            self._shim = statx_shim_for(self.state_dir.parent / "lib", self.platform)
+        return self._shim if isinstance(self._shim, Path) else None
 
     def _flags(self) -> list[str]:
         return ["runsc", "--root", str(self.state_dir), f"--platform={self.platform}", "--network=sandbox",
@@ -392,6 +400,36 @@ def memory_cgroup_limit_file(pid: int) -> Path:
         if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
             return Path("/sys/fs/cgroup", path.lstrip("/"), "memory.max")
     raise OSError(f"no memory cgroup for pid {pid}")
+
+
+_statx_refused: dict[str, bool] = {}
+
+
+def statx_shim_for(lib_dir: Path, platform: str) -> Path | None:
+    """The statx shim if this runsc refuses ``statx(AT_NO_AUTOMOUNT)`` (Debian's 2022 runsc),
+    else None: the 2024 runsc answers it, and a preloaded library costs every exec in a sandbox
+    1-1.5 ms and hides a template's own /etc/ld.so.preload."""
+    with _choose_lock:
+        if platform not in _statx_refused:
+            why = statx_failure(platform)
+            _statx_refused[platform] = why is not None
+            log.info("statx shim: %s", f"preloaded ({why})" if why else "not needed (runsc answers statx as Linux does)")
+    return build_statx_shim(lib_dir) if _statx_refused[platform] else None
+
+
+def statx_failure(platform: str, timeout_s: float = 20.0) -> str | None:
+    """Why coreutils' ``stat`` (statx with AT_NO_AUTOMOUNT) fails under this runsc, or None."""
+    with tempfile.TemporaryDirectory(prefix="sandboxd-probe-") as root:
+        try:
+            proc = subprocess.run(["runsc", "--root", root, f"--platform={platform}", "--network=none",
+                                   "do", "/usr/bin/stat", "-c", "%n", "/"], cwd="/", stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
+        except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+            return f"probe failed: {exc}"[:300]
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return f"stat exit code {proc.returncode}: {lines[-1] if lines else ''}"[:300]
+    return None
 
 
 def build_statx_shim(lib_dir: Path) -> Path | None:

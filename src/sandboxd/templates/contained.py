@@ -40,7 +40,7 @@ from typing import Any
 from sandboxd.config import Settings
 from sandboxd.orchestrator.egress import OPEN_EGRESS
 from sandboxd.orchestrator.network import NETNS_DIR, NetworkError, NetworkSlot, SlotPool
-from sandboxd.runtimes.gvisor import HOST_TASKS_PER_PROCESS, build_statx_shim, choose_platform, raise_pid_max
+from sandboxd.runtimes.gvisor import HOST_TASKS_PER_PROCESS, choose_platform, raise_pid_max, statx_shim_for
 from sandboxd.templates.stepns import StepResult, cgroup_dirs, run_step
 
 #: Build slots a pool holds (concurrent RUN steps on one host, across processes).
@@ -101,7 +101,7 @@ class StepSandbox:
 
     def _prepare(self) -> None:
         """Once: the pool's host table (NAT out, the host and private ranges denied), the slots
-        a crashed builder left, the platform probe, the statx shim the sandboxes get too, and a
+        a crashed builder left, the platform probe, the statx shim the sandboxes get too (if this runsc needs it), and a
         pid_max gVisor can live with."""
         with self._lock:
             if self._ready:
@@ -111,7 +111,7 @@ class StepSandbox:
             if self._platform == "auto":
                 self._platform = choose_platform()
             raise_pid_max()
-            self._shim = build_statx_shim(self.lib_dir)
+            self._shim = statx_shim_for(self.lib_dir, self._platform)
             self._ready = True
 
     def remove_stale_slots(self, now: float | None = None) -> list[int]:
