@@ -48,8 +48,14 @@ def checksums_of(store: TemplateStore, skip: set[str]) -> dict[str, str]:
 
 def tar_stream(store: TemplateStore, build_id: str) -> Iterator[bytes]:
     """A published build as a tar (numeric owners, modes, devices kept), streamed."""
-    proc = subprocess.Popen(["tar", "--numeric-owner", "-C", str(store.path(build_id)), "-cf", "-",
-                             "meta.json", "build.log", "rootfs"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return stream_tar(["--numeric-owner", "-C", str(store.path(build_id)), "-cf", "-", "meta.json", "build.log",
+                       "rootfs"], f"build {build_id}")
+
+
+def stream_tar(args: list[str], what: str) -> Iterator[bytes]:
+    """``tar <args>``'s output in chunks, for a node sending ``what`` to another (a failed tar
+    is logged: the receiver's checksum refuses the partial copy)."""
+    proc = subprocess.Popen(["tar", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     try:
         while chunk := proc.stdout.read(CHUNK):
@@ -57,7 +63,7 @@ def tar_stream(store: TemplateStore, build_id: str) -> Iterator[bytes]:
     finally:
         proc.stdout.close()
         if proc.wait() != 0:
-            log.warning("sending build %s: tar exited with %s", build_id, proc.returncode)
+            log.warning("sending %s: tar exited with %s", what, proc.returncode)
 
 
 class BuildFetcher:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from sandboxd.cluster.auth import SECRET_HEADER
-from sandboxd.cluster.builds import CHUNK, _download_into
+from sandboxd.cluster.builds import _download_into, stream_tar
 from sandboxd.cluster.node_api import PREFIX
 from sandboxd.cluster.tls import ClusterTls
 from sandboxd.orchestrator.sandboxes import Resources, SandboxError, Seed
@@ -67,16 +66,8 @@ def movable(snap: SnapshotRow) -> str | None:
 
 def tar_stream(captured: Path) -> Iterator[bytes]:
     """A capture dir as a tar (sparse: a disk image's holes are not sent), streamed."""
-    proc = subprocess.Popen(["tar", "--sparse", "--numeric-owner", "-C", str(captured), "-cf", "-", "."],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    try:
-        while chunk := proc.stdout.read(CHUNK):
-            yield chunk
-    finally:
-        proc.stdout.close()
-        if proc.wait() != 0:
-            log.warning("sending capture %s: tar exited with %s", captured.name, proc.returncode)
+    return stream_tar(["--sparse", "--numeric-owner", "-C", str(captured), "-cf", "-", "."],
+                      f"capture {captured.name}")
 
 
 class SnapshotCopies:
