@@ -107,7 +107,7 @@ def test_request_bodies_fixed_length_as_given_else_chunked() -> None:
         conns = SandboxConnections("127.0.0.1", envd_port=port)
         resp = await conns.send(port, False, "POST", "/a", [(b"content-length", b"6")], _body([b"abc", b"def"]))
         assert await _all(resp) == b""
-        resp = await conns.send(port, False, "POST", "/b", [], _body([b"x" * 70_000, b"yz"]))
+        resp = await conns.send(port, False, "POST", "/b", [], _body([b"x" * 70_000, b"", b"yz"]))
         assert await _all(resp) == b""
         resp = await conns.send(port, False, "POST", "/c", [], None)
         assert await _all(resp) == b""

@@ -223,6 +223,8 @@ class _PortPool:
                     # request instead of two, each a wake-up and a read for the sandbox's server
                     pending = head
                     async for chunk in body:
+                        if not chunk:
+                            continue  # an empty chunk would read as chunked framing's last one
                         writer.write(pending + (b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk))
                         pending = b""
                         await writer.drain()
