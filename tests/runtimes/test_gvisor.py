@@ -6,6 +6,7 @@ import json
 import re
 import secrets
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from gvisor_helpers import Sandbox, assert_no_traces, processes_mentioning, wait
 from sandboxd.orchestrator.network import NetworkError, SlotPool
 from sandboxd.orchestrator.rootfs import mount_overlay, unmount_overlay
 from sandboxd.runtimes.base import CONSOLE_TAIL_BYTES, RuntimeSpec, RuntimeStartError
-from sandboxd.runtimes.gvisor import GVisorRuntime, build_statx_shim, statx_failure
+from sandboxd.runtimes.gvisor import GVisorRuntime, build_statx_shim, platform_failure, probe_platform
 from sandboxd.templates.store import Build, TemplateStore
 
 
@@ -137,12 +138,25 @@ def test_the_statx_shim_is_preloaded_only_under_a_runsc_that_refuses_the_flag(ru
     answers it, and a preload would cost every exec and hide a template's own ld.so.preload.
     Whichever runsc is here, the runtime preloads the shim exactly when `stat` fails without it
     (and test_base_template_coreutils_limits_and_writes checks `ls -l` and `stat` work)."""
-    needed = statx_failure(runtime.platform) is not None
+    with tempfile.TemporaryDirectory(prefix="statx-test-") as root:  # runsc's own answer, not the probe's
+        stat = subprocess.run(["runsc", "--root", root, f"--platform={runtime.platform}", "--network=none",
+                               "do", "/usr/bin/stat", "-c", "%n", "/"], capture_output=True, timeout=60)
+    needed = stat.returncode != 0
     assert (runtime.shim is not None) == needed
     spec = RuntimeSpec(sandbox_id="shim-test", rootfs=Path("/nonexistent"), sandbox_dir=Path("/nonexistent"),
                        netns_path="/nonexistent", argv=["/bin/true"])
     mounts = {m["destination"] for m in runtime.oci_config(spec)["mounts"]}
     assert ("/etc/ld.so.preload" in mounts) == needed
+
+
+def test_one_probe_answers_both_the_platform_and_the_statx_question() -> None:
+    """The platform probe and the statx probe are one runsc start (each is ~0.6 s, paid by the
+    first sandbox a server boots); an unknown platform is a failure naming runsc's complaint."""
+    probe = probe_platform("ptrace")
+    assert probe.failure is None
+    assert probe_platform("ptrace") is probe  # cached: asked again, runsc is not run again
+    bogus = platform_failure("no-such-platform")
+    assert bogus is not None and "exit code" in bogus
 
 
 def test_statx_shim_is_built_without_libc(tmp_path: Path) -> None:

@@ -29,12 +29,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -327,49 +329,77 @@ def host_memory_limit_mb(memory_mb: int) -> int:
 #: Platforms ``auto`` tries, fastest first (kvm is left out: it hangs under nested virtualization).
 AUTO_PLATFORMS = ("systrap", "ptrace")
 _chosen: dict[str, str] = {}
+_probed: dict[str, PlatformProbe] = {}
 _choose_lock = threading.Lock()
+
+#: What the probe runs in a sandbox: coreutils' ``stat`` (statx with AT_NO_AUTOMOUNT, which
+#: Debian's 2022 runsc refuses), then a marker that says the sandbox itself ran.
+_PROBE_SCRIPT = "/usr/bin/stat -c %n / >/dev/null 2>&1; echo sandboxd-probe statx=$?"
+
+
+@dataclass(frozen=True)
+class PlatformProbe:
+    """One ``runsc do`` on a platform: why the platform fails (None: it runs), and whether
+    that runsc refuses ``statx(AT_NO_AUTOMOUNT)`` (then every exec needs the statx shim)."""
+
+    failure: str | None
+    statx_refused: bool = False
+
+
+def probe_platform(platform: str, timeout_s: float = 20.0) -> PlatformProbe:
+    """The platform's probe, run once per process (~0.6 s) for both questions: one runsc start
+    instead of one per question."""
+    with _choose_lock:
+        if platform not in _probed:
+            _probed[platform] = _run_probe(platform, timeout_s)
+        return _probed[platform]
 
 
 def choose_platform(candidates: tuple[str, ...] = AUTO_PLATFORMS, timeout_s: float = 20.0) -> str:
-    """The first platform in ``candidates`` on which ``runsc do /bin/true`` succeeds, probed
-    once per process (~0.6 s each) and logged. A runsc too old for systrap ("unknown platform")
-    falls through to ptrace."""
+    """The first platform in ``candidates`` on which a probe sandbox runs, chosen once per
+    process and logged. A runsc too old for systrap ("unknown platform") falls through to ptrace."""
     key = ",".join(candidates)
-    with _choose_lock:
-        if key in _chosen:
-            return _chosen[key]
-        failures: list[str] = []
-        for platform in candidates:
-            why = platform_failure(platform, timeout_s)
-            if why is None:
-                log.info("gVisor platform: %s (probed; %s)", platform,
-                         "; ".join(failures) if failures else "the fastest candidate")
-                _chosen[key] = platform
-                return platform
-            failures.append(f"{platform} failed: {why}")
-        raise RuntimeError("no gVisor platform works here: " + "; ".join(failures))
+    if key in _chosen:
+        return _chosen[key]
+    failures: list[str] = []
+    for platform in candidates:
+        why = probe_platform(platform, timeout_s).failure
+        if why is None:
+            with _choose_lock:
+                if key not in _chosen:
+                    log.info("gVisor platform: %s (probed; %s)", platform,
+                             "; ".join(failures) if failures else "the fastest candidate")
+                    _chosen[key] = platform
+                return _chosen[key]
+        failures.append(f"{platform} failed: {why}")
+    raise RuntimeError("no gVisor platform works here: " + "; ".join(failures))
 
 
-def platform_failure(platform: str, timeout_s: float) -> str | None:
-    """Why ``runsc --platform=<platform> do /bin/true`` fails here, or None if it runs."""
+def platform_failure(platform: str, timeout_s: float = 20.0) -> str | None:
+    """Why a sandbox does not run on ``platform`` here, or None if it runs."""
+    return probe_platform(platform, timeout_s).failure
+
+
+def _run_probe(platform: str, timeout_s: float) -> PlatformProbe:
     with tempfile.TemporaryDirectory(prefix="sandboxd-probe-") as root:
         try:
             proc = subprocess.Popen(["runsc", "--root", root, f"--platform={platform}", "--network=none",
-                                     "do", "/bin/true"], cwd="/", stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                                     "do", "/bin/sh", "-c", _PROBE_SCRIPT], cwd="/", stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError:
-            return "runsc not found"
+            return PlatformProbe("runsc not found")
         try:
-            _, err = proc.communicate(timeout=timeout_s)
+            out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return f"no answer within {timeout_s:.0f}s"
-    if proc.returncode != 0:
+            return PlatformProbe(f"no answer within {timeout_s:.0f}s")
+    marker = re.search(rb"sandboxd-probe statx=(\d+)", out)
+    if proc.returncode != 0 or marker is None:
         lines = err.decode(errors="replace").strip().splitlines()
-        return f"exit code {proc.returncode}: {lines[-1] if lines else ''}"[:300]
-    return None
+        return PlatformProbe(f"exit code {proc.returncode}: {lines[-1] if lines else ''}"[:300])
+    return PlatformProbe(None, statx_refused=marker.group(1) != b"0")
 
 
 #: What systemd sets on 64-bit hosts; Linux's own default is 32768.
@@ -402,34 +432,21 @@ def memory_cgroup_limit_file(pid: int) -> Path:
     raise OSError(f"no memory cgroup for pid {pid}")
 
 
-_statx_refused: dict[str, bool] = {}
+_statx_logged: set[str] = set()
 
 
 def statx_shim_for(lib_dir: Path, platform: str) -> Path | None:
     """The statx shim if this runsc refuses ``statx(AT_NO_AUTOMOUNT)`` (Debian's 2022 runsc),
     else None: the 2024 runsc answers it, and a preloaded library costs every exec in a sandbox
-    1-1.5 ms and hides a template's own /etc/ld.so.preload."""
-    with _choose_lock:
-        if platform not in _statx_refused:
-            why = statx_failure(platform)
-            _statx_refused[platform] = why is not None
-            log.info("statx shim: %s", f"preloaded ({why})" if why else "not needed (runsc answers statx as Linux does)")
-    return build_statx_shim(lib_dir) if _statx_refused[platform] else None
-
-
-def statx_failure(platform: str, timeout_s: float = 20.0) -> str | None:
-    """Why coreutils' ``stat`` (statx with AT_NO_AUTOMOUNT) fails under this runsc, or None."""
-    with tempfile.TemporaryDirectory(prefix="sandboxd-probe-") as root:
-        try:
-            proc = subprocess.run(["runsc", "--root", root, f"--platform={platform}", "--network=none",
-                                   "do", "/usr/bin/stat", "-c", "%n", "/"], cwd="/", stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
-        except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-            return f"probe failed: {exc}"[:300]
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        return f"stat exit code {proc.returncode}: {lines[-1] if lines else ''}"[:300]
-    return None
+    1-1.5 ms and hides a template's own /etc/ld.so.preload. Known from the platform's probe."""
+    probe = probe_platform(platform)
+    if probe.failure is not None:
+        raise RuntimeError(f"gVisor platform {platform} does not run here: {probe.failure}")
+    if platform not in _statx_logged:
+        _statx_logged.add(platform)
+        log.info("statx shim: %s", "preloaded (runsc refuses statx with AT_NO_AUTOMOUNT)" if probe.statx_refused
+                 else "not needed (runsc answers statx as Linux does)")
+    return build_statx_shim(lib_dir) if probe.statx_refused else None
 
 
 def build_statx_shim(lib_dir: Path) -> Path | None:
