@@ -47,16 +47,29 @@ def pss_kib(pid: int) -> int:
 
 
 def sandbox_pids(ids: set[str]) -> list[int]:
-    """Host processes whose command line names one of the sandbox ids (gVisor's sandbox and gofer)."""
-    pids = []
+    """Host processes of these sandboxes: those whose command line names a sandbox id (gVisor's
+    sandbox and gofer) and all their descendants. The descendants are gVisor's stub processes
+    (ptrace and systrap), which have no command line but map the guest's memory and run its
+    code: leaving them out would hide most of a sandbox's memory and CPU."""
+    children: dict[int, list[int]] = {}
+    named: list[int] = []
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
+        children.setdefault(ppid, []).append(pid)
         if any(i in cmdline for i in ids):
-            pids.append(pid)
-    return pids
+            named.append(pid)
+    found: set[int] = set()
+    todo = list(named)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return sorted(found)
 
 
 def cpu_seconds(pids: list[int]) -> float:
