@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from load import cpu_seconds, pss_kib, sandbox_pids  # benchmarks/load.py: the same accounting
+from load import cpu_seconds, pss_total_kib, sandbox_pids  # benchmarks/load.py: the same accounting
 
 from sandboxd.runtimes.gvisor import choose_platform
 from sandboxd.testing.server import Server, running_server, sdk_pointed_at
@@ -133,7 +133,7 @@ def idle_cost(platform: str, n: int = 8, window_s: float = 10.0) -> tuple[float,
         cpu0 = cpu_seconds(pids)
         time.sleep(window_s)
         cpu = (cpu_seconds(pids) - cpu0) / window_s / n * 100
-        pss = sum(pss_kib(pid) for pid in pids) / 1024 / n
+        pss = pss_total_kib(pids) / 1024 / n
         for s in sandboxes:
             s.kill()
     return cpu, pss
@@ -154,7 +154,7 @@ def main() -> None:
         ids = {s.sandbox_id for s in sandboxes}  # type: ignore[attr-defined]
         time.sleep(5)  # start-up garbage settles
         pids = sandbox_pids(ids)
-        pss = sum(pss_kib(pid) for pid in pids) / 1024
+        pss = pss_total_kib(pids) / 1024
         used = free_before - mem_available_mib()
         cpu0 = cpu_seconds(pids)
         time.sleep(10)

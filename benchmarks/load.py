@@ -10,6 +10,7 @@ Usage: benchmarks/run load [TOTAL] [IN_FLIGHT]   (default 50 8; needs root)
 
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import sys
@@ -44,6 +45,27 @@ def pss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+_SYS_KCMP, _KCMP_VM = 312, 1  # x86_64
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def same_address_space(a: int, b: int) -> bool:
+    """Whether two processes share one memory map (``kcmp(KCMP_VM)``): systrap's stub processes
+    are clones sharing their address space, and each reports the whole of it as its PSS."""
+    return _libc.syscall(_SYS_KCMP, a, b, _KCMP_VM, 0, 0) == 0
+
+
+def pss_total_kib(pids: list[int]) -> int:
+    """PSS of these processes, each address space counted once."""
+    counted: list[int] = []
+    total = 0
+    for pid in pids:
+        if not any(same_address_space(pid, other) for other in counted):
+            counted.append(pid)
+            total += pss_kib(pid)
+    return total
 
 
 def sandbox_pids(ids: set[str]) -> list[int]:
@@ -92,7 +114,7 @@ def idle_sandboxes(n: int = 10, window_s: float = 10.0) -> tuple[float, float]:
     try:
         time.sleep(3)  # let start-up garbage settle
         pids = sandbox_pids({s.sandbox_id for s in sandboxes})
-        pss = sum(pss_kib(pid) for pid in pids) / 1024 / n
+        pss = pss_total_kib(pids) / 1024 / n
         cpu0 = cpu_seconds(pids)
         time.sleep(window_s)
         cpu = (cpu_seconds(pids) - cpu0) / window_s / n * 100
