@@ -4,7 +4,8 @@ Unknown flags are logged and ignored: the template's init may be newer or older 
 a sandbox must never fail to start over a flag. Logs go to stderr, which is the sandbox console.
 
 envd's start is most of a cold sandbox create: this module imports only what serving needs
-(:mod:`sandboxd.envd.lean`; no argparse for three flags).
+(:mod:`sandboxd.envd.lean`; no argparse for three flags) and serves HTTP with its own small
+server (:mod:`sandboxd.envd.server`), not uvicorn.
 """
 
 from __future__ import annotations
@@ -61,42 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s envd %(levelname)s %(name)s: %(message)s")
 
     skip_unused_imports()
-    from uvicorn.config import Config
-    from uvicorn.server import Server
-
     from .app import EnvdApp
+    from .server import run
 
-    class EnvdServer(Server):
-        """uvicorn's Server, waking once a second instead of ten times: an idle envd's wake-ups
-        are host CPU (gVisor intercepts each), and they decide how many idle sandboxes a host
-        holds. Its ticks only refresh the Date header (one-second resolution) and notice an exit
-        request (a signal: envd then exits within a second)."""
-
-        async def main_loop(self) -> None:
-            import asyncio
-
-            counter = 0
-            while not await self.on_tick(counter):
-                counter += 10  # on_tick refreshes the Date header when counter % 10 == 0
-                await asyncio.sleep(1.0)
-
-    config = Config(
-        EnvdApp(),
-        host=args.host,
-        port=args.port,
-        http="h11",
-        ws="none",
-        loop="asyncio",
-        lifespan="on",
-        interface="asgi3",
-        timeout_keep_alive=KEEP_ALIVE_S,
-        timeout_graceful_shutdown=2,
-        access_log=False,
-        log_config=None,
-        log_level=level,
-        server_header=False,
-    )
-    EnvdServer(config).run()
+    run(EnvdApp(), args.host, args.port, keep_alive_s=KEEP_ALIVE_S, graceful_s=2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What envd's process does not import: the client side of connectrpc and uvicorn's command line.
+"""What envd's process does not import: the client side of connectrpc, and ``ssl``.
 
 envd's start is most of a cold sandbox create, and every module it imports stays in the guest's
 memory for the sandbox's life (gVisor keeps envd's heap in the host's shared memory). Two imports
@@ -9,11 +9,8 @@ serve no request of envd's:
   native library) for names only its client half uses, and the generated ``*_connect.py`` import
   ``connectrpc.client`` for the stubs' client classes.
 - ``ssl`` (and the OpenSSL state it sets up): envd serves plain HTTP (TLS ends at the host's
-  proxy). asyncio is imported with ``ssl`` absent, its own supported no-TLS path; ``uvicorn.config``
-  gets a stand-in with the two constants its defaults name; later ``import ssl`` fails loudly.
-- ``uvicorn``'s package ``__init__`` imports its command line (``uvicorn.main``: click, argparse-
-  like option tables, the reloader/supervisor machinery); envd needs ``uvicorn.config`` and
-  ``uvicorn.server``.
+  proxy). asyncio is imported with ``ssl`` absent, its own supported no-TLS path; a later
+  ``import ssl`` fails loudly.
 
 :func:`skip_unused_imports` is called by envd's ``__main__`` only (the envd process of a
 sandbox); it puts stand-ins for those modules in ``sys.modules`` before anything imports them, so
@@ -25,7 +22,6 @@ from __future__ import annotations
 
 import sys
 import types
-from importlib.machinery import PathFinder
 from typing import Any
 
 #: modules envd's process never loads (the client half of connectrpc)
@@ -66,50 +62,13 @@ def skip_client_side() -> None:
               ConnectClientSync=type("ConnectClientSync", (NotInEnvd,), {}))
 
 
-#: what ``uvicorn.config`` reads of ``ssl`` when no TLS is configured (its defaults' values)
-_SSL_DEFAULTS = {"PROTOCOL_TLS_SERVER": 17, "CERT_NONE": 0}
-
-
 def skip_tls() -> None:
     """Import asyncio without ``ssl`` (see the module doc); needs to run before asyncio's import."""
     if "ssl" in sys.modules or "asyncio" in sys.modules:
         return
     sys.modules["ssl"] = None  # type: ignore[assignment]  # asyncio: ``except ImportError: ssl = None``
-    import asyncio  # noqa: F401
-    _stand_in("ssl", __getattr__=_no_tls, **_SSL_DEFAULTS)
-
-
-def _no_tls(name: str) -> Any:
-    raise AttributeError(f"ssl.{name}: TLS is not loaded in envd (sandboxd.envd.lean)")
-
-
-def skip_uvicorn_cli() -> None:
-    """Register the ``uvicorn`` package without running its ``__init__`` (which imports the command
-    line), then give it the two names its own modules import from it (``Config``, ``Server``)."""
-    if "uvicorn" in sys.modules:
-        return
-    spec = PathFinder.find_spec("uvicorn")
-    if spec is None or not spec.submodule_search_locations:
-        return  # let the ordinary import report it
-    pkg = types.ModuleType("uvicorn")
-    pkg.__spec__ = spec
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__file__ = spec.origin
-    pkg.__package__ = "uvicorn"
-    sys.modules["uvicorn"] = pkg
-    try:
-        import uvicorn.config
-        import uvicorn.server
-    except BaseException:
-        del sys.modules["uvicorn"]
-        raise
-    pkg.Config = uvicorn.config.Config  # type: ignore[attr-defined]
-    pkg.Server = uvicorn.server.Server  # type: ignore[attr-defined]
 
 
 def skip_unused_imports() -> None:
     skip_client_side()
     skip_tls()
-    skip_uvicorn_cli()
-    if getattr(sys.modules.get("ssl"), "__getattr__", None) is _no_tls:
-        sys.modules["ssl"] = None  # type: ignore[assignment]  # uvicorn.config holds the stand-in; nothing else may
