@@ -36,7 +36,7 @@ def test_tiny_has_no_python_and_no_libc(tiny: Build):
 
 def test_bundled_python_runs_in_tiny(tiny: Build):
     code = ("import sys, ssl, json, asyncio, threading, subprocess, pwd; "
-            "import uvicorn, h11, click, connectrpc, protobuf, protobuf_ext, typing_extensions; "
+            "import h11, connectrpc, protobuf, protobuf_ext, typing_extensions; "
             "print(sys.prefix); print(sys.flags.isolated, sys.flags.dont_write_bytecode)")
     res = run_in_rootfs(tiny.rootfs, contract.python_argv("-c", code))
     assert res.returncode == 0, res.stderr
@@ -85,8 +85,10 @@ def test_bundle_hash_is_reproducible_and_matches_tree(tmp_path: Path):
                    "site-packages/pip", "site-packages/fastapi"):
         assert not (lib / pruned).exists(), pruned
     for needed in ("asyncio/__init__.py", "lib-dynload", "site-packages/sandboxd/__init__.py",
-                   "site-packages/uvicorn", "site-packages/protobuf_ext"):
+                   "site-packages/h11", "site-packages/protobuf_ext"):
         assert (lib / needed).exists(), needed
+    for dropped in ("site-packages/uvicorn", "site-packages/click"):  # envd serves HTTP itself
+        assert not (lib / dropped).exists(), dropped
     assert (lib / "site-packages/sandboxd/__pycache__").is_dir()  # precompiled
     assert (b / "lib" / contract.LOADER_NAME).is_file() and (b / "bin" / "tini").is_file()
     assert (b / "lib" / "libgcc_s.so.1").is_file()  # dlopen()ed by glibc for pthread_exit
@@ -115,30 +117,28 @@ def test_envd_answers_health_in_tiny(store: TemplateStore, log):
 
 
 STUB_ENVD_MAIN = '''
-"""Stand-in for sandboxd.envd used only by this test: uvicorn + a raw ASGI /health."""
-import sys
-import uvicorn
+"""Stand-in for sandboxd.envd used only by this test: asyncio streams answering /health 204."""
+import asyncio
 
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    status = 204 if scope["path"] == "/health" else 404
-    await send({"type": "http.response.start", "status": status, "headers": []})
-    await send({"type": "http.response.body", "body": b""})
+async def handle(reader, writer):
+    head = await reader.readuntil(b"\\r\\n\\r\\n")
+    status = b"204 No Content" if head.split(b" ", 2)[1] == b"/health" else b"404 Not Found"
+    writer.write(b"HTTP/1.1 " + status + b"\\r\\ncontent-length: 0\\r\\nconnection: close\\r\\n\\r\\n")
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(handle, "0.0.0.0", 49983)
+    async with server:
+        await server.serve_forever()
 
 print("stub envd starting", flush=True)
-uvicorn.run(app, host="0.0.0.0", port=49983, log_level="info")
+asyncio.run(main())
 '''
 
 
 def test_health_gate_passes_with_stand_in_envd_and_fails_without(tmp_path: Path, monkeypatch):
-    """Proves the gate itself (tini + loader + bundled uvicorn + /health, in a no-libc rootfs)
+    """Proves the gate itself (tini + loader + bundled python + /health, in a no-libc rootfs)
     with a stand-in envd package, independent of the real envd's progress; and that a rootfs whose
     envd cannot start is rejected."""
     from sandboxd.templates.base import make_tiny_rootfs

@@ -3,7 +3,7 @@
 It speaks the E2B envd wire protocol (plain HTTP ``/health``, ``/init``, ``/envs``, ``/files`` plus
 Connect RPC ``process.Process`` and ``filesystem.Filesystem`` with the JSON codec over HTTP/1.1), so
 the unmodified ``e2b`` SDK drives it. It runs from the self-contained bundle at /opt/sandboxd, so it
-depends only on the stdlib, uvicorn (h11), connectrpc and protobuf-py. What the host side may assume
+depends only on the stdlib, h11, connectrpc and protobuf-py. What the host side may assume
 about it (port, paths, argv, env, default user) is :mod:`sandboxd.envd.contract`.
 """
 

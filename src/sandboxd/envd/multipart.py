@@ -1,6 +1,6 @@
 """A streaming ``multipart/form-data`` parser: parts are handed on as they arrive.
 
-Why our own: envd depends on nothing but the stdlib, uvicorn and connectrpc, and uploads can be
+Why our own: envd depends on nothing but the stdlib, h11 and connectrpc, and uploads can be
 large; :mod:`email` would buffer the whole body. Feed it chunks, get events back.
 """
 

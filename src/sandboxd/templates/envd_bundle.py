@@ -11,7 +11,7 @@ Layout (POSIX prefix layout, so CPython finds its stdlib from bin/python3 alone,
 
     bin/python3  bin/tini  bin/as-user
     lib/ld-linux-x86-64.so.2  lib/libc.so.6  lib/libpython3.11.so.1.0 ...
-    lib/python3.11/{stdlib..., lib-dynload/, site-packages/{sandboxd/, uvicorn/, ...}}
+    lib/python3.11/{stdlib..., lib-dynload/, site-packages/{sandboxd/, h11/, ...}}
 
 The bundle's identity (:func:`bundle_hash`) is a sha256 over sorted paths, modes and bytes of every
 file except ``*.pyc`` (bytecode is derived from the hashed sources; marshal output is not
@@ -45,9 +45,7 @@ FORMAT_VERSION = "envd-bundle-2"  # 2: bytecode compiled for -OO
 
 #: Distributions envd imports; their runtime requirements are added by :func:`resolve_distributions`.
 ENVD_DISTRIBUTIONS: tuple[str, ...] = (
-    "uvicorn",
     "h11",
-    "click",
     "connectrpc",
     "protobuf-py",
     "protobuf-py-ext",
