@@ -4,7 +4,8 @@ tests/envd/test_server.py: ``python server_app.py PORT KEEP_ALIVE_S MARKER_FILE`
 Routes: ``/whoami`` (the client's address and HTTP version), ``/count`` (reads the body, answers
 its size and the largest body message), ``/echo`` (streams each body message back at once),
 ``/hold`` (one chunk, then waits for ``http.disconnect`` and records it), ``/events`` (what was
-recorded), ``/boom`` and ``/boom-late`` (raise before / after starting the response). The
+recorded), ``/boom`` and ``/boom-late`` (raise before / after starting the response), ``/bad-header``
+(a header h11 refuses to send). The
 lifespan shutdown appends ``shutdown`` to MARKER_FILE.
 """
 
@@ -67,6 +68,8 @@ async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         await _json(send, EVENTS)
     elif path == "/boom":
         raise RuntimeError("boom before the response")
+    elif path == "/bad-header":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-bad", b"a\r\nb")]})
     elif path == "/boom-late":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"partial", "more_body": True})

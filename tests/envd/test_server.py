@@ -240,6 +240,14 @@ def test_app_exception_is_500_then_close_mid_response(served: Served) -> None:
     assert served.get_json("/whoami")  # the server keeps serving
 
 
+def test_response_h11_refuses_closes_the_connection(served: Served) -> None:
+    s = served.sock()
+    s.sendall(b"GET /bad-header HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_all(s) == b""  # nothing half-written: the head never left, the connection closed
+    s.close()
+    assert served.get_json("/whoami")
+
+
 def test_idle_connection_is_closed_after_keep_alive(tmp_path: Path) -> None:
     for srv in _serve(tmp_path, 0.5):
         s = srv.sock()

@@ -96,24 +96,28 @@ class _Cycle:
             raise
         except BaseException as exc:
             log.error("Exception in ASGI application", exc_info=exc)
-            if not self.response_started and not self.disconnected:
-                await self._send_500()
-            else:
-                self.conn.close()
+            await self._fail()
             if not isinstance(exc, Exception):
                 raise
         else:
             if not self.response_started and not self.disconnected:
                 log.error("ASGI callable returned without starting response")
-                await self._send_500()
+                await self._fail()
             elif not self.response_complete and not self.disconnected:
                 log.error("ASGI callable returned without completing response")
                 self.conn.close()
 
-    async def _send_500(self) -> None:
-        await self.send({"type": "http.response.start", "status": 500,
-                         "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]})
-        await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+    async def _fail(self) -> None:
+        """A 500 if nothing was sent yet (then close: ``connection: close``), else just close."""
+        if not self.response_started and not self.disconnected:
+            try:
+                await self.send({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]})
+                await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+                return
+            except Exception:  # noqa: BLE001 - h11 refused (its state after an error): close instead
+                pass
+        self.conn.close()
 
     async def receive(self) -> Message:
         conn = self.conn
