@@ -1,7 +1,8 @@
 """The envd ASGI application: plain HTTP routes next to the two Connect services.
 
-Routing is a dict lookup, no framework. The connectrpc ASGI apps match on the full request path
-(``/process.Process/Start``), so they receive the untouched scope. The access-token check runs here,
+Routing is a dict lookup, no framework. The Connect services are served by :mod:`.connect` (JSON,
+what the SDKs send; binary protobuf and gRPC load protobuf-py then, :mod:`.rpc_binary`), which
+matches on the full request path (``/process.Process/Start``). The access-token check runs here,
 before dispatch, for everything but ``GET /health``, ``POST /init`` and ``/files`` (own check).
 """
 
@@ -15,12 +16,9 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from connectrpc.code import Code
-from connectrpc.codec import proto_binary_codec
-from connectrpc.errors import ConnectError
-
 from . import ENVD_VERSION
 from .auth import needs_token, tokens_equal
+from .connect import ConnectApp, Method
 from .contract import INIT_ENTROPY_FIELD, SUDO
 from .entropy import reseed
 from .files_http import FilesHandler
@@ -41,8 +39,6 @@ from .metrics import Metrics
 from .oom_guard import OomGuard
 from .process_manager import ProcessManager
 from .process_service import ProcessService
-from .rpc.filesystem.filesystem_connect import FilesystemASGIApplication
-from .rpc.process.process_connect import ProcessASGIApplication
 from .state import EnvdState
 from .streams import DISCONNECTED
 from .sudo_broker import SudoBroker, setuid_blocked
@@ -51,25 +47,6 @@ log = logging.getLogger("envd")
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 RPC_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
-
-
-class _JSONCodec:
-    """connectrpc's JSON codec, but a malformed request is ``invalid_argument``, not ``unknown``."""
-
-    def name(self) -> str:
-        return "json"
-
-    def encode(self, message: Any) -> bytes:
-        return message.to_json().encode()
-
-    def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
-        try:
-            return message_class.from_json(data, ignore_unknown_fields=True)
-        except Exception as e:  # the parser raises various types
-            raise ConnectError(Code.INVALID_ARGUMENT, f"invalid {message_class.__name__} JSON: {e}") from e
-
-
-CODECS = (_JSONCodec(), proto_binary_codec())
 
 
 def _watch_disconnect(receive: Receive) -> Receive:
@@ -94,10 +71,8 @@ class EnvdApp:
         self.processes = ProcessManager()
         self._files = FilesHandler(self.state)
         self._metrics_source = Metrics()
-        self._rpc: dict[str, Handler] = {
-            "/process.Process/": ProcessASGIApplication(ProcessService(self.state, self.processes), codecs=CODECS),
-            "/filesystem.Filesystem/": FilesystemASGIApplication(FilesystemService(self.state), codecs=CODECS),
-        }
+        methods = ProcessService(self.state, self.processes).methods() + FilesystemService(self.state).methods()
+        self._rpc = ConnectApp(methods, lambda: _binary_app(methods))
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): self._health,
             ("POST", "/init"): self._init,
@@ -124,8 +99,7 @@ class EnvdApp:
                 await send_error(send, 401, "invalid or missing access token")
             return
         if is_rpc:
-            prefix = path[: path.index("/", 1) + 1]
-            await self._rpc[prefix](scope, _watch_disconnect(receive), send)
+            await self._rpc(scope, _watch_disconnect(receive), send)
             return
         route = self._routes.get((method, path))
         if route is None:
@@ -184,6 +158,14 @@ class EnvdApp:
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, await self._metrics_source.snapshot())
+
+
+def _binary_app(methods: list[Method]) -> Handler:
+    """Binary protobuf and gRPC: protobuf-py and connectrpc, loaded at the first such request."""
+    log.info("loading protobuf-py for a binary or gRPC request")
+    from .rpc_binary import binary_app
+
+    return binary_app(methods)
 
 
 def _entropy_of(body: dict[str, Any]) -> bytes:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import stat
 
-from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
-
 from . import file_metadata
-from .rpc.filesystem import filesystem_pb as fpb
+from . import filesystem_messages as fpb
+from .messages import Timestamp
 from .users import group_name, user_name
 
 
-def file_type(mode: int) -> fpb.FileType:
+def file_type(mode: int) -> int:
     """Map st_mode to FileType; anything not a directory (sockets, fifos...) counts as a file."""
     if stat.S_ISDIR(mode):
         return fpb.FileType.DIRECTORY

@@ -15,16 +15,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
-from connectrpc.request import RequestContext
-
 from . import file_metadata
+from . import filesystem_messages as fpb
+from .connect import SERVER_STREAM, UNARY, Code, ConnectError, Method, RequestContext
 from .entries import entry_info
 from .identity import rpc_user
 from .process_service import keepalive_interval
-from .rpc.filesystem import filesystem_pb as fpb
-from .rpc.filesystem.filesystem_connect import Filesystem
 from .state import EnvdState
 from .users import InvalidPathError, User, makedirs_owned, resolve_path
 from .watchers import PolledWatchers, stream_watch
@@ -77,14 +73,26 @@ def list_dir(root: str, depth: int) -> list[fpb.EntryInfo]:
     return out
 
 
-class FilesystemService(Filesystem):
+class FilesystemService:
     """Implements filesystem.Filesystem."""
 
     def __init__(self, state: EnvdState) -> None:
         self._state = state
         self._watchers = PolledWatchers()
 
-    def _path(self, ctx: RequestContext[Any, Any], path: str) -> tuple[User, str]:
+    def methods(self) -> list[Method]:
+        """The service's RPCs, as :class:`.connect.ConnectApp` serves them."""
+        def m(name: str, handler: Any, kind: str = UNARY) -> Method:
+            return Method("filesystem.Filesystem", name, kind, getattr(fpb, f"{name}Request"),
+                          getattr(fpb, f"{name}Response"), handler)
+        return [
+            m("Stat", self.stat), m("MakeDir", self.make_dir), m("Move", self.move), m("ListDir", self.list_dir),
+            m("Remove", self.remove), m("WatchDir", self.watch_dir, SERVER_STREAM),
+            m("CreateWatcher", self.create_watcher), m("GetWatcherEvents", self.get_watcher_events),
+            m("RemoveWatcher", self.remove_watcher),
+        ]
+
+    def _path(self, ctx: RequestContext, path: str) -> tuple[User, str]:
         user = rpc_user(ctx, self._state)
         if not path:
             raise ConnectError(Code.INVALID_ARGUMENT, "path is required")
@@ -93,12 +101,12 @@ class FilesystemService(Filesystem):
         except InvalidPathError as e:
             raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from e
 
-    async def stat(self, request: fpb.StatRequest, ctx: RequestContext[Any, Any]) -> fpb.StatResponse:
+    async def stat(self, request: fpb.StatRequest, ctx: RequestContext) -> fpb.StatResponse:
         _, path = self._path(ctx, request.path)
         with os_errors(f"stat '{path}'"):
             return fpb.StatResponse(entry=entry_info(path))
 
-    async def list_dir(self, request: fpb.ListDirRequest, ctx: RequestContext[Any, Any]) -> fpb.ListDirResponse:
+    async def list_dir(self, request: fpb.ListDirRequest, ctx: RequestContext) -> fpb.ListDirResponse:
         _, path = self._path(ctx, request.path)
         depth = max(request.depth, 1)
         with os_errors(f"list '{path}'"):
@@ -113,7 +121,7 @@ class FilesystemService(Filesystem):
                 e.path = path + e.path[len(real) :]
         return fpb.ListDirResponse(entries=entries)
 
-    async def make_dir(self, request: fpb.MakeDirRequest, ctx: RequestContext[Any, Any]) -> fpb.MakeDirResponse:
+    async def make_dir(self, request: fpb.MakeDirRequest, ctx: RequestContext) -> fpb.MakeDirResponse:
         user, path = self._path(ctx, request.path)
         with os_errors(f"make directory '{path}'"):
             if os.path.lexists(path):
@@ -123,7 +131,7 @@ class FilesystemService(Filesystem):
             makedirs_owned(path, user)
             return fpb.MakeDirResponse(entry=entry_info(path))
 
-    async def move(self, request: fpb.MoveRequest, ctx: RequestContext[Any, Any]) -> fpb.MoveResponse:
+    async def move(self, request: fpb.MoveRequest, ctx: RequestContext) -> fpb.MoveResponse:
         user, source = self._path(ctx, request.source)
         _, destination = self._path(ctx, request.destination)
         with os_errors(f"move '{source}' to '{destination}'"):
@@ -139,7 +147,7 @@ class FilesystemService(Filesystem):
             file_metadata.STORE.moved(source, destination)
             return fpb.MoveResponse(entry=entry_info(destination))
 
-    async def remove(self, request: fpb.RemoveRequest, ctx: RequestContext[Any, Any]) -> fpb.RemoveResponse:
+    async def remove(self, request: fpb.RemoveRequest, ctx: RequestContext) -> fpb.RemoveResponse:
         _, path = self._path(ctx, request.path)
         with os_errors(f"remove '{path}'"):
             if os.path.isdir(path) and not os.path.islink(path):
@@ -150,7 +158,7 @@ class FilesystemService(Filesystem):
         file_metadata.STORE.removed(path)
         return fpb.RemoveResponse()
 
-    async def watch_dir(self, request: fpb.WatchDirRequest, ctx: RequestContext[Any, Any]) -> AsyncIterator[fpb.WatchDirResponse]:
+    async def watch_dir(self, request: fpb.WatchDirRequest, ctx: RequestContext) -> AsyncIterator[fpb.WatchDirResponse]:
         _, path = self._path(ctx, request.path)
         async for message in stream_watch(
             path, request.recursive, request.include_entry, keepalive_interval(ctx), lambda: ctx.timeout_ms
@@ -158,20 +166,20 @@ class FilesystemService(Filesystem):
             yield message
 
     async def create_watcher(
-        self, request: fpb.CreateWatcherRequest, ctx: RequestContext[Any, Any]
+        self, request: fpb.CreateWatcherRequest, ctx: RequestContext
     ) -> fpb.CreateWatcherResponse:
         _, path = self._path(ctx, request.path)
         watcher_id = self._watchers.create(path, request.recursive, request.include_entry)
         return fpb.CreateWatcherResponse(watcher_id=watcher_id)
 
     async def get_watcher_events(
-        self, request: fpb.GetWatcherEventsRequest, ctx: RequestContext[Any, Any]
+        self, request: fpb.GetWatcherEventsRequest, ctx: RequestContext
     ) -> fpb.GetWatcherEventsResponse:
         rpc_user(ctx, self._state)
         return fpb.GetWatcherEventsResponse(events=self._watchers.drain(request.watcher_id))
 
     async def remove_watcher(
-        self, request: fpb.RemoveWatcherRequest, ctx: RequestContext[Any, Any]
+        self, request: fpb.RemoveWatcherRequest, ctx: RequestContext
     ) -> fpb.RemoveWatcherResponse:
         rpc_user(ctx, self._state)
         self._watchers.remove(request.watcher_id)

@@ -6,18 +6,13 @@ query parameter. Without either, the ``/init`` default user applies.
 
 from __future__ import annotations
 
-from typing import Any
-
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
-from connectrpc.request import RequestContext
-
 from .auth import basic_auth_user
+from .connect import Code, ConnectError, RequestContext
 from .state import EnvdState
 from .users import UnknownUserError, User, lookup_user
 
 
-def rpc_user(ctx: RequestContext[Any, Any], state: EnvdState) -> User:
+def rpc_user(ctx: RequestContext, state: EnvdState) -> User:
     """The user of an RPC; unknown or malformed → Connect ``unauthenticated`` (as upstream)."""
     try:
         name = basic_auth_user(ctx.request_headers.get("authorization"))

@@ -1,4 +1,4 @@
-"""The ``process.Process`` Connect service: protobuf in, :mod:`process_manager` calls, protobuf out.
+"""The ``process.Process`` Connect service: messages in, :mod:`process_manager` calls, messages out.
 
 Stream semantics the SDK relies on (e2b-protocol.md 3.5): the first message is a ``start`` event with
 the pid, then ``data`` chunks, then one ``end``; ``keepalive`` after each idle
@@ -13,11 +13,8 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
-from connectrpc.request import RequestContext
-from protobuf import Oneof
-
+from . import process_messages as pb
+from .connect import CLIENT_STREAM, SERVER_STREAM, UNARY, Code, ConnectError, Method, RequestContext
 from .contract import DEFAULT_PATH
 from .identity import rpc_user
 from .process_manager import (
@@ -29,8 +26,7 @@ from .process_manager import (
     ProcessSpec,
     SpawnError,
 )
-from .rpc.process import process_pb as pb
-from .rpc.process.process_connect import Process
+from .process_messages import Oneof
 from .state import EnvdState
 from .streams import ClientGone, next_event
 from .users import InvalidPathError, User, resolve_path
@@ -47,7 +43,7 @@ def process_env(user: User, init_env: dict[str, str], request_env: dict[str, str
     return env
 
 
-def keepalive_interval(ctx: RequestContext[Any, Any]) -> float:
+def keepalive_interval(ctx: RequestContext) -> float:
     """Seconds of idleness before a keepalive event (header ``Keepalive-Ping-Interval``)."""
     raw = ctx.request_headers.get("keepalive-ping-interval")
     try:
@@ -59,12 +55,12 @@ def keepalive_interval(ctx: RequestContext[Any, Any]) -> float:
 
 def _event(**kw: object) -> pb.ProcessEvent:
     ((name, value),) = kw.items()
-    return pb.ProcessEvent(event=Oneof(name, value))  # type: ignore[arg-type]  # the field is checked at run time
+    return pb.ProcessEvent(event=Oneof(name, value))
 
 
 def _to_pb(event: Event) -> pb.ProcessEvent:
     if isinstance(event, OutputEvent):
-        return _event(data=pb.ProcessEvent.DataEvent(output=Oneof(event.stream, event.data)))  # type: ignore[arg-type]
+        return _event(data=pb.ProcessEvent.DataEvent(output=Oneof(event.stream, event.data)))
     end = pb.ProcessEvent.EndEvent(exit_code=event.exit_code, exited=event.exited, status=event.status)
     if event.error is not None:
         end.error = event.error
@@ -72,7 +68,7 @@ def _to_pb(event: Event) -> pb.ProcessEvent:
 
 
 async def _events(
-    mp: ManagedProcess, queue: asyncio.Queue[Event], ctx: RequestContext[Any, Any], fail_on_deadline: bool
+    mp: ManagedProcess, queue: asyncio.Queue[Event], ctx: RequestContext, fail_on_deadline: bool
 ) -> AsyncIterator[pb.ProcessEvent]:
     """Start event, then the process's events with keepalives, until the end event."""
     interval = keepalive_interval(ctx)
@@ -102,12 +98,24 @@ async def _events(
         mp.unsubscribe(queue)
 
 
-class ProcessService(Process):
+class ProcessService:
     """Implements process.Process on top of a ProcessManager."""
 
     def __init__(self, state: EnvdState, manager: ProcessManager) -> None:
         self._state = state
         self._manager = manager
+
+    def methods(self) -> list[Method]:
+        """The service's RPCs, as :class:`.connect.ConnectApp` serves them."""
+        def m(name: str, kind: str, handler: Any) -> Method:
+            return Method("process.Process", name, kind, getattr(pb, f"{name}Request"),
+                          getattr(pb, f"{name}Response"), handler)
+        return [
+            m("List", UNARY, self.list), m("Connect", SERVER_STREAM, self.connect),
+            m("Start", SERVER_STREAM, self.start), m("Update", UNARY, self.update),
+            m("StreamInput", CLIENT_STREAM, self.stream_input), m("SendInput", UNARY, self.send_input),
+            m("SendSignal", UNARY, self.send_signal), m("CloseStdin", UNARY, self.close_stdin),
+        ]
 
     def _select(self, selector: pb.ProcessSelector | None) -> ManagedProcess:
         """The process a ProcessSelector names; ``not_found`` if it is not running."""
@@ -134,7 +142,7 @@ class ProcessService(Process):
             return resolve_path(self._state.default_workdir, user)
         return user.home
 
-    async def start(self, request: pb.StartRequest, ctx: RequestContext[Any, Any]) -> AsyncIterator[pb.StartResponse]:
+    async def start(self, request: pb.StartRequest, ctx: RequestContext) -> AsyncIterator[pb.StartResponse]:
         user = rpc_user(ctx, self._state)
         cfg = request.process
         if cfg is None or not cfg.cmd:
@@ -143,15 +151,15 @@ class ProcessService(Process):
             cmd=cfg.cmd,
             args=tuple(cfg.args),
             envs=dict(cfg.envs),
-            cwd=cfg.cwd if cfg.has_field("cwd") else None,
-            tag=request.tag if request.has_field("tag") else None,
+            cwd=cfg.cwd,
+            tag=request.tag,
         )
         pty_size = None
         if request.pty is not None:
             size = request.pty.size
             pty_size = (size.cols or 80, size.rows or 24) if size is not None else (80, 24)
         # The stdin field is optional: upstream defaults it to true for old SDKs.
-        stdin = request.stdin if request.has_field("stdin") else True
+        stdin = request.stdin if request.stdin is not None else True
         timeout_ms = ctx.timeout_ms
         try:
             mp, queue = self._manager.start(
@@ -168,24 +176,19 @@ class ProcessService(Process):
         async for event in _events(mp, queue, ctx, fail_on_deadline=True):
             yield pb.StartResponse(event=event)
 
-    async def connect(self, request: pb.ConnectRequest, ctx: RequestContext[Any, Any]) -> AsyncIterator[pb.ConnectResponse]:
+    async def connect(self, request: pb.ConnectRequest, ctx: RequestContext) -> AsyncIterator[pb.ConnectResponse]:
         rpc_user(ctx, self._state)
         mp = self._select(request.process)
         queue = mp.subscribe()
         async for event in _events(mp, queue, ctx, fail_on_deadline=False):
             yield pb.ConnectResponse(event=event)
 
-    async def list(self, request: pb.ListRequest, ctx: RequestContext[Any, Any]) -> pb.ListResponse:
+    async def list(self, request: pb.ListRequest, ctx: RequestContext) -> pb.ListResponse:
         rpc_user(ctx, self._state)
         infos = []
         for mp in self._manager.all():
-            cfg = pb.ProcessConfig(cmd=mp.spec.cmd, args=list(mp.spec.args), envs=dict(mp.spec.envs))
-            if mp.spec.cwd is not None:
-                cfg.cwd = mp.spec.cwd
-            info = pb.ProcessInfo(config=cfg, pid=mp.pid)
-            if mp.spec.tag is not None:
-                info.tag = mp.spec.tag
-            infos.append(info)
+            cfg = pb.ProcessConfig(cmd=mp.spec.cmd, args=list(mp.spec.args), envs=dict(mp.spec.envs), cwd=mp.spec.cwd)
+            infos.append(pb.ProcessInfo(config=cfg, pid=mp.pid, tag=mp.spec.tag))
         return pb.ListResponse(processes=infos)
 
     async def _write(self, mp: ManagedProcess, data: pb.ProcessInput | None) -> None:
@@ -203,13 +206,13 @@ class ProcessService(Process):
         except OSError as e:
             raise ConnectError(Code.FAILED_PRECONDITION, f"write to process {mp.pid}: {e.strerror or e}") from e
 
-    async def send_input(self, request: pb.SendInputRequest, ctx: RequestContext[Any, Any]) -> pb.SendInputResponse:
+    async def send_input(self, request: pb.SendInputRequest, ctx: RequestContext) -> pb.SendInputResponse:
         rpc_user(ctx, self._state)
         await self._write(self._select(request.process), request.input)
         return pb.SendInputResponse()
 
     async def stream_input(
-        self, request: AsyncIterator[pb.StreamInputRequest], ctx: RequestContext[Any, Any]
+        self, request: AsyncIterator[pb.StreamInputRequest], ctx: RequestContext
     ) -> pb.StreamInputResponse:
         rpc_user(ctx, self._state)
         mp: ManagedProcess | None = None
@@ -225,7 +228,7 @@ class ProcessService(Process):
                     pass  # keepalive
         return pb.StreamInputResponse()
 
-    async def close_stdin(self, request: pb.CloseStdinRequest, ctx: RequestContext[Any, Any]) -> pb.CloseStdinResponse:
+    async def close_stdin(self, request: pb.CloseStdinRequest, ctx: RequestContext) -> pb.CloseStdinResponse:
         rpc_user(ctx, self._state)
         mp = self._select(request.process)
         try:
@@ -234,7 +237,7 @@ class ProcessService(Process):
             raise ConnectError(Code.FAILED_PRECONDITION, str(e)) from e
         return pb.CloseStdinResponse()
 
-    async def send_signal(self, request: pb.SendSignalRequest, ctx: RequestContext[Any, Any]) -> pb.SendSignalResponse:
+    async def send_signal(self, request: pb.SendSignalRequest, ctx: RequestContext) -> pb.SendSignalResponse:
         rpc_user(ctx, self._state)
         mp = self._select(request.process)
         sig = _SIGNALS.get(request.signal)
@@ -243,7 +246,7 @@ class ProcessService(Process):
         mp.signal(sig)
         return pb.SendSignalResponse()
 
-    async def update(self, request: pb.UpdateRequest, ctx: RequestContext[Any, Any]) -> pb.UpdateResponse:
+    async def update(self, request: pb.UpdateRequest, ctx: RequestContext) -> pb.UpdateResponse:
         rpc_user(ctx, self._state)
         mp = self._select(request.process)
         if request.pty is not None and request.pty.size is not None:

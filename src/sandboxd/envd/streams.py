@@ -1,9 +1,10 @@
 """Server-stream plumbing: notice a client disconnect while a stream is idle.
 
-connectrpc only notices a disconnect when the handler yields its next message, so an idle stream
-(a quiet background command, a watch) would linger until the next keepalive. The app wraps each
-RPC's ASGI ``receive`` and flags ``http.disconnect`` in a context variable that the stream handlers
-(same task, or tasks copied from it) wait on next to their event queue.
+The Connect layer (connect.py) notices a disconnect only when the handler yields its next
+message, so an idle stream (a quiet background command, a watch) would linger until the next
+keepalive. The app wraps each RPC's ASGI ``receive`` and flags ``http.disconnect`` in a context
+variable that the stream handlers (same task, or tasks copied from it) wait on next to their event
+queue.
 """
 
 from __future__ import annotations

@@ -11,13 +11,11 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
-from protobuf import Oneof
-
+from . import filesystem_messages as fpb
+from .connect import Code, ConnectError
 from .entries import entry_info
+from .filesystem_messages import Oneof
 from .inotify import CHMOD, CREATE, REMOVE, RENAME, WRITE, DirWatcher
-from .rpc.filesystem import filesystem_pb as fpb
 from .streams import ClientGone, next_event
 
 _KINDS = {
@@ -73,7 +71,7 @@ async def stream_watch(
     """The WatchDir stream; it ends at the Connect deadline, and closing it removes the watch."""
     watcher, queue = open_watch(path, recursive, include_entry)
     try:
-        yield fpb.WatchDirResponse(event=Oneof("start", fpb.WatchDirResponse.StartEvent()))  # type: ignore[arg-type]  # mypy widens the name to str
+        yield fpb.WatchDirResponse(event=Oneof("start", fpb.WatchDirResponse.StartEvent()))
         while True:
             wait_s = keepalive_s
             left = remaining_ms()
@@ -87,9 +85,9 @@ async def stream_watch(
                 return
             if event is None:
                 if wait_s == keepalive_s:
-                    yield fpb.WatchDirResponse(event=Oneof("keepalive", fpb.WatchDirResponse.KeepAlive()))  # type: ignore[arg-type]  # mypy widens the name to str
+                    yield fpb.WatchDirResponse(event=Oneof("keepalive", fpb.WatchDirResponse.KeepAlive()))
                 continue
-            yield fpb.WatchDirResponse(event=Oneof("filesystem", event))  # type: ignore[arg-type]  # mypy widens the name to str
+            yield fpb.WatchDirResponse(event=Oneof("filesystem", event))
     finally:
         watcher.close()
 
